@@ -1,0 +1,109 @@
+"""Writing files people and hosts read: never half a file, never over someone else's file.
+
+A file is written to a hidden temporary name in the target folder, flushed to disk, and only then
+given its real name. `publish_new` links it under a name that does not exist yet (`os.link` fails
+rather than replace), so a host's Lora folder never shows a partial file and nothing in it is
+overwritten; ComfyUI caches LoRAs by path, so reusing a name would also serve stale weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _temp_name(target: Path) -> Path:
+    return target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+
+
+def _write_temp(target: Path, write: Callable[[Path], None]) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(target)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return tmp
+
+
+def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write via `write(tmp_path)`, then atomically replace `target` (for files the trainer owns)."""
+    target = Path(target)
+    tmp = _write_temp(target, write)
+    os.replace(tmp, target)
+    return target
+
+
+def _link_new(tmp: Path, target: Path) -> bool:
+    """Give `tmp` the name `target` unless that exists. True on success."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        return False
+    except OSError:
+        # No hard links here (some network or FAT file systems): reserve the name with O_EXCL.
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        os.replace(tmp, target)
+        return True
+    tmp.unlink()
+    return True
+
+
+def candidate_stems(stem: str):
+    yield stem
+    n = 2
+    while True:
+        yield f"{stem}_{n}"
+        n += 1
+
+
+def publish_new(
+    folder: Path,
+    stem: str,
+    main_suffix: str,
+    write_main: Callable[[Path, str], None],
+    sidecars: dict[str, Callable[[Path, str], None]] | None = None,
+) -> Path:
+    """Write `stem<main_suffix>` (or `stem_2`, `stem_3`, ... if taken) into `folder`.
+
+    `write_main(tmp_path, final_stem)` writes the file; it learns the final stem so the file can
+    carry its own name (the LoRA alias). Sidecars (suffix -> writer) take the same stem and appear
+    before the main file, so a host that sees the LoRA also sees its preview and notes.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sidecars = sidecars or {}
+    for candidate in candidate_stems(stem):
+        suffixes = [main_suffix, *sidecars]
+        if any((folder / f"{candidate}{s}").exists() for s in suffixes):
+            continue
+        placed: list[Path] = []
+        ok = True
+        for suffix, writer in sidecars.items():
+            target = folder / f"{candidate}{suffix}"
+            tmp = _write_temp(target, lambda p, w=writer, c=candidate: w(p, c))
+            if not _link_new(tmp, target):
+                tmp.unlink()
+                ok = False
+                break
+            placed.append(target)
+        if ok:
+            target = folder / f"{candidate}{main_suffix}"
+            tmp = _write_temp(target, lambda p, c=candidate: write_main(p, c))
+            if _link_new(tmp, target):
+                return target
+            tmp.unlink()
+        for path in placed:  # lost a race for this name: take back our sidecars, try the next
+            path.unlink()
+    raise AssertionError("unreachable")

@@ -1,0 +1,84 @@
+"""How a training run talks to whoever runs it: log lines, structured events, and stop requests.
+
+The CLI uses `ConsoleReporter` (log lines and a tqdm bar); the daemon's worker passes its own
+reporter that turns events into websocket messages and answers `stop_requested` from the job queue.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class Reporter:
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def event(self, kind: str, **data) -> None:
+        """kinds: started(total), progress(step, total, loss, lr, it_s, eta_s), checkpoint(step, path),
+        sample(step, paths), finished(outputs)."""
+
+    def stop_requested(self) -> bool:
+        """True asks the trainer to save what it has trained and finish at the next step boundary."""
+        return False
+
+
+class ConsoleReporter(Reporter):
+    def __init__(self, stream=None, show_bar: bool = True):
+        self.stream = stream or sys.stdout
+        self.show_bar = show_bar
+        self._bar = None
+
+    def log(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def event(self, kind: str, **data) -> None:
+        if not self.show_bar:
+            return
+        if kind == "started":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=data["total"], desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+        elif kind == "progress" and self._bar is not None:
+            self._bar.n = data["step"]
+            self._bar.set_postfix(loss=f"{data['loss']:.4f}", lr=f"{data['lr']:.2e}", refresh=False)
+            self._bar.refresh()
+            if data["step"] >= data["total"]:
+                self._bar.close()
+                self._bar = None
+        elif kind == "finished" and self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@dataclass
+class TrainResult:
+    output_path: Path
+    deployed_path: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class Throughput:
+    """Steps per second over the recent window, and the time left."""
+
+    def __init__(self, total: int, window: int = 20):
+        self.total = total
+        self.window = window
+        self.times: list[float] = []
+
+    def tick(self, step: int) -> tuple[float, float]:
+        now = time.perf_counter()
+        self.times.append(now)
+        self.times = self.times[-self.window :]
+        if len(self.times) < 2:
+            return 0.0, 0.0
+        rate = (len(self.times) - 1) / (self.times[-1] - self.times[0])
+        return rate, max(0, self.total - step) / rate

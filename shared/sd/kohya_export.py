@@ -1,0 +1,66 @@
+"""LoRA files in the kohya layout that AUTOMATIC1111, Forge and ComfyUI load (FIELD-NOTES §3).
+
+Key = prefix + module path with "." -> "_", then `.lora_down.weight` (PEFT's A), `.lora_up.weight`
+(B) and a 0-dim `.alpha` holding lora_alpha (scale = alpha / rank). SD1/SD2 use diffusers module
+names; the header metadata tells the hosts which base models the LoRA belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shared.sd.base_model import ARCHITECTURES
+from shared.sd.lora import lora_modules
+
+NETWORK_MODULE = "networks.lora"
+
+
+def kohya_state_dict(model, prefix: str, alpha: float, name_map=None) -> dict:
+    """The LoRA weights of `model` (fp16, contiguous) under kohya keys with `prefix`."""
+    import torch
+
+    out = {}
+    for name, down, up in lora_modules(model):
+        key = prefix + "_" + (name_map(name) if name_map else name).replace(".", "_")
+        out[f"{key}.lora_down.weight"] = down.detach().to("cpu", torch.float16).contiguous()
+        out[f"{key}.lora_up.weight"] = up.detach().to("cpu", torch.float16).contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float16)
+    return out
+
+
+def lora_metadata(
+    *,
+    arch: str,
+    output_name: str,
+    rank: int,
+    alpha: float,
+    base_model: Path,
+    resolution: int,
+    training: dict,
+) -> dict[str, str]:
+    """Header metadata A1111/Forge read. Every value must be a string."""
+    family = ARCHITECTURES[arch]
+    meta = {
+        "ss_output_name": output_name,
+        "ss_base_model_version": family["ss_base_model_version"],
+        "ss_v2": family["ss_v2"],
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_sd_model_name": Path(base_model).name,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": family["modelspec"],
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+    }
+    for key, value in training.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def save_lora_file(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
