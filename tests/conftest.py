@@ -36,6 +36,11 @@ def _loopback_only_connect(self, address):
 
 socket.socket.connect = _loopback_only_connect
 
+# Tiny models on a 2-core machine: one thread each is faster than threads fighting (FIELD-NOTES §1)
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> dict[str, Path]:
