@@ -226,8 +226,8 @@ class JobManager:
             raise ProtocolError("bad_state", f"job {job_id} is {job['state']}; only queued or running jobs can be "
                                 "cancelled", "job")
         worker = self.workers.get(job_id)
-        if worker is None:  # between recovery and scheduling; should not happen
-            return self._cancel_queued(job, "cancelled")
+        if worker is None:  # its process is being started: _launch sees the state and kills it
+            return self._cancel_queued(job, "cancelled while starting")
         worker.cancelled = True
         with contextlib.suppress(ProcessLookupError):
             worker.process.kill()  # discard: no save, the process and its GPU memory go away at once
@@ -282,6 +282,8 @@ class JobManager:
         (job_dir / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
+        # "running" before the spawn awaits, so a cancel meanwhile cannot see it as still queued
+        self.store.update(job["id"], state="running", pid=None, attempts=attempt, started_at=time.time())
         with open(job_dir / "job.log", "ab") as log:
             log.write(f"--- attempt {attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
             log.flush()
@@ -292,7 +294,11 @@ class JobManager:
             )
         worker = Worker(job["id"], process)
         self.workers[job["id"]] = worker
-        self.store.update(job["id"], state="running", pid=process.pid, attempts=attempt, started_at=time.time())
+        if self.store.get(job["id"])["state"] != "running":  # cancelled while the process started
+            worker.cancelled = True
+            process.kill()
+        else:
+            self.store.update(job["id"], pid=process.pid)
         if job["stop_requested"]:  # asked to stop before the daemon went down: still honour it
             process.stdin.write(b"stop\n")
         asyncio.create_task(self._supervise(worker, attempt), name=f"worker-{job['id']}")
@@ -330,6 +336,8 @@ class JobManager:
     def _finish(self, worker: Worker, code: int) -> None:
         now = time.time()
         job_id = worker.job_id
+        if self.store.get(job_id)["state"] in FINAL_STATES:  # already cancelled while it was starting
+            return
         if worker.cancelled:
             self.emit(job_id, "cancelled", {"reason": "cancelled while running"}, state="cancelled",
                       pid=None, finished_at=now)

@@ -30,10 +30,11 @@ def test_submit_follow_and_deploy_with_subscribers_that_miss_nothing(daemon, sd_
     lora_dir.mkdir()
     existing = lora_dir / "e2e.safetensors"  # someone's file with our name: must survive untouched
     existing.write_bytes(b"not ours")
+    comfy_dir = tmp_path / "comfy_loras"  # a second host's folder, named in the request
     config = sd_config(max_train_steps=8, save_steps=4, output_name="e2e", deploy_dir=lora_dir)
 
     with daemon.client() as a, daemon.client() as b, daemon.client() as c:
-        job = submit_yaml(a, config)
+        job = submit_yaml(a, config, deploy_dirs=[str(comfy_dir)])
         assert job["state"] == "queued" and job["name"] == "e2e"
 
         # b follows the whole job live; c drops its connection after a few events and comes back
@@ -86,6 +87,11 @@ def test_submit_follow_and_deploy_with_subscribers_that_miss_nothing(daemon, sd_
     assert len(state) == 72 * 2
     with safe_open(str(deployed), "pt") as f:
         assert f.metadata()["ss_output_name"] == "e2e_2"
+    # the copy in the second folder carries the name it got there
+    assert result["deployed"][1] == str(comfy_dir / "e2e.safetensors")
+    with safe_open(result["deployed"][1], "pt") as f, safe_open(str(deployed), "pt") as g:
+        assert f.metadata()["ss_output_name"] == "e2e" and set(f.keys()) == set(g.keys())
+    assert sorted(p.name for p in comfy_dir.iterdir()) == ["e2e.safetensors"]
 
     # the job's folder: config snapshot (absolute paths) and log
     job_dir = Path(final["job_dir"])
@@ -136,3 +142,10 @@ def test_stop_saves_cancel_discards_and_priority_orders_the_queue(daemon, sd_con
         assert client.info()["queue"] == {"running": [], "queued": []}
         states = {j["name"]: j["state"] for j in client.jobs()}
         assert states == {"first": "finished", "low": "cancelled", "high": "cancelled"}
+
+        # delete forgets a job and its folder; outputs elsewhere stay
+        job_dir = Path(client.get(first["id"])["job_dir"])
+        assert (job_dir / "job.log").is_file()
+        client.delete(first["id"])
+        assert not job_dir.exists() and (lora_dir / "first.safetensors").is_file()
+        assert {j["id"] for j in client.jobs()} == {low["id"], high["id"]}
