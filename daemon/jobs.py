@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,20 +27,23 @@ import yaml
 from daemon.protocol import ProtocolError
 from daemon.settings import Settings, confine
 from daemon.store import FINAL_STATES, Store
+from daemon.worker import RESULT_FILE  # the worker module itself imports nothing heavy
 
-READ_KEYS = ("base_model", "model_config", "train_data_dir", "metadata_path")
+# Config keys the job writes into; every other path-typed key of TrainConfig is something it reads
+# (so a key added later is confined as a read until it is listed here).
 WRITE_KEYS = ("output_dir", "log_dir", "deploy_dir")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding `daemon/` and `shared/`
 
 
-def _path_keys() -> set[str]:
+@functools.cache
+def _path_keys() -> frozenset[str]:
     from shared.config import TrainConfig
 
     keys = set()
     for name, hint in typing.get_type_hints(TrainConfig).items():
         if hint is Path or Path in typing.get_args(hint):
             keys.add(name)
-    return keys
+    return frozenset(keys)
 
 
 def validate_config(config: dict, source: str, base_dir: Path | None) -> tuple[Any, str]:
@@ -91,6 +95,12 @@ class JobManager:
         """Jobs left "running" by a daemon that died: note the interruption, re-queue (or fail) them."""
         recovered = []
         for job in self.store.list(["running"], limit=10_000):
+            done = Path(job["job_dir"]) / RESULT_FILE
+            if done.is_file():  # the worker finished; the daemon died before it heard the result
+                result = json.loads(done.read_text(encoding="utf-8"))
+                self.emit(job["id"], "finished", result, state="finished", result=result, pid=None,
+                          finished_at=time.time())
+                continue
             self.emit(job["id"], "interrupted", {"reason": "the daemon stopped while the job ran",
                                                  "attempt": job["attempts"]}, pid=None)
             if self.settings.resume_interrupted:
@@ -190,7 +200,8 @@ class JobManager:
     def _check_paths(self, cfg: Any, deploy_dirs: list[str]) -> None:
         read_roots = self.settings.read_roots
         write_roots = [*self.settings.write_roots, self.settings.jobs_dir]
-        checks = [(key, getattr(cfg, key), read_roots, "read") for key in READ_KEYS]
+        read_keys = sorted(_path_keys() - set(WRITE_KEYS))
+        checks = [(key, getattr(cfg, key), read_roots, "read") for key in read_keys]
         checks += [(key, getattr(cfg, key), write_roots, "write") for key in WRITE_KEYS]
         checks += [("deploy_dirs", Path(d), write_roots, "write") for d in deploy_dirs]
         for key, value, roots, kind in checks:
@@ -279,6 +290,7 @@ class JobManager:
         job_dir.mkdir(parents=True, exist_ok=True)
         attempt = job["attempts"] + 1
         spec = {**job["spec"], "resume": attempt > 1}
+        (job_dir / RESULT_FILE).unlink(missing_ok=True)
         (job_dir / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
@@ -308,6 +320,10 @@ class JobManager:
         try:
             async for line in worker.process.stdout:
                 self._handle_line(worker, attempt, line)
+        except (ValueError, asyncio.LimitOverrunError):  # a line over 1 MiB: not a worker of ours talking
+            worker.error = {"error": "the worker sent an unreadable message; see the job log", "cause": "crash"}
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
         finally:
             code = await worker.process.wait()
             self.workers.pop(job_id, None)

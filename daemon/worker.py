@@ -26,6 +26,7 @@ from pathlib import Path
 RESUME_KEY = "resume"
 RESUME_LATEST = "latest"
 DAEMON_GONE_EXIT = 75
+RESULT_FILE = "result.json"
 
 
 class Channel:
@@ -111,6 +112,7 @@ def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
 
 def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
     from shared.errors import UserError
+    from shared.files import atomic_write
 
     spec = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
     try:
@@ -124,7 +126,7 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             print(f"Deployed to {path} (use it as <lora:{path.stem}:0.8>)", flush=True)
             deployed.append(str(path))
         name_source = Path(deployed[0]) if deployed else result.output_path
-        channel.send(result={
+        outcome = {
             "lora": str(result.output_path),
             "deployed": deployed,
             "lora_name": name_source.stem,
@@ -132,7 +134,11 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             "stopped_early": result.stopped_early,
             "final_loss": result.losses[-1] if result.losses else None,
             "checkpoints": [str(p) for p in result.checkpoints],
-        })
+        }
+        # on disk first: if the daemon dies before it hears this, its next start finishes the job
+        # from this file instead of training (and deploying) a second copy
+        atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
+        channel.send(result=outcome)
         return 0
     except UserError as exc:
         print(f"error: {exc}", flush=True)

@@ -100,3 +100,29 @@ def test_store_numbers_events_per_job_and_survives_reopening(tmp_path):
     assert [e["kind"] for e in store.events(a["id"], after=1)] == ["started", "progress"]
     assert store.get(b["id"])["state"] == "running" and store.get(b["id"])["last_seq"] == 1
     assert [j["id"] for j in store.queue()] == [a["id"]]
+
+
+def test_recovery_requeues_running_jobs_and_finishes_those_with_a_result(tmp_path):
+    from daemon.jobs import JobManager
+    from daemon.settings import Settings
+
+    settings = Settings(state_dir=tmp_path)
+    store = Store(settings.db_path)
+    cut = store.create_job(name="cut", task="sd", priority=0, spec={}, jobs_dir=settings.jobs_dir)
+    done = store.create_job(name="done", task="sd", priority=0, spec={}, jobs_dir=settings.jobs_dir)
+    for job in (cut, done):
+        store.add_event(job["id"], "queued", {}, state="running", attempts=1, pid=12345)
+    Path(done["job_dir"]).mkdir(parents=True)
+    result = {"lora": "/x/done.safetensors", "deployed": [], "lora_name": "done", "steps": 4}
+    (Path(done["job_dir"]) / "result.json").write_text(json.dumps(result))
+
+    JobManager(settings, store).recover()
+    assert [e["kind"] for e in store.events(cut["id"])] == ["queued", "interrupted", "queued"]
+    assert store.get(cut["id"])["state"] == "queued" and store.get(cut["id"])["pid"] is None
+    assert [e["kind"] for e in store.events(done["id"])] == ["queued", "finished"]
+    assert store.get(done["id"])["state"] == "finished" and store.get(done["id"])["result"] == result
+
+    settings.resume_interrupted = False
+    store.update(cut["id"], state="running")
+    JobManager(settings, store).recover()
+    assert store.get(cut["id"])["state"] == "failed" and store.get(cut["id"])["error_cause"] == "interrupted"
