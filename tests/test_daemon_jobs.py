@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
-from daemon_harness import DaemonProcess, collect, pid_alive, wait_until
+from daemon_harness import REPO, DaemonProcess, collect, pid_alive, wait_until
 
 from shared.client import DaemonClient
 
@@ -18,6 +21,13 @@ def daemon(tmp_path, tmp_path_factory):
     proc = DaemonProcess(tmp_path / "state", [tmp_path_factory.getbasetemp()], [tmp_path]).start()
     yield proc
     proc.stop()
+
+
+def cli_for(daemon):
+    def cli(*args):
+        return [sys.executable, "-m", "daemon", *args, "--state-dir", str(daemon.state_dir), "--port", str(daemon.port)]
+
+    return cli
 
 
 def submit_yaml(client: DaemonClient, config: Path, **fields) -> dict:
@@ -33,6 +43,7 @@ def test_submit_follow_and_deploy_with_subscribers_that_miss_nothing(daemon, sd_
     comfy_dir = tmp_path / "comfy_loras"  # a second host's folder, named in the request
     config = sd_config(max_train_steps=8, save_steps=4, output_name="e2e", deploy_dir=lora_dir)
 
+    cli = cli_for(daemon)
     with daemon.client() as a, daemon.client() as b, daemon.client() as c:
         job = submit_yaml(a, config, deploy_dirs=[str(comfy_dir)])
         assert job["state"] == "queued" and job["name"] == "e2e"
@@ -54,11 +65,19 @@ def test_submit_follow_and_deploy_with_subscribers_that_miss_nothing(daemon, sd_
         threads = [threading.Thread(target=follow_b), threading.Thread(target=follow_c)]
         for t in threads:
             t.start()
+        cli_follow = subprocess.Popen(cli("follow", job["id"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         seen_a = collect(a, job["id"])
         for t in threads:
             t.join(120)
         final = a.get(job["id"])
         log = a.logs(job["id"])
+    followed_out = cli_follow.communicate(timeout=60)[0]
+    assert cli_follow.returncode == 0, followed_out
+    assert "] 8/8 loss " in followed_out and "use it as <lora:e2e_2:0.8>" in followed_out
+    status = subprocess.run(cli("status", job["id"]), capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert "state:     finished" in status.stdout and "use as:    <lora:e2e_2:0.8>" in status.stdout
 
     assert final["state"] == "finished", final
     history = list(range(1, final["last_seq"] + 1))
