@@ -24,6 +24,8 @@ def _write_temp(target: Path, write: Callable[[Path], None]) -> Path:
     tmp = _temp_name(target)
     try:
         write(tmp)
+        # Some writers (safetensors) create 0600 files; a host running as another user must read it.
+        os.chmod(tmp, 0o644)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
     except BaseException:

@@ -54,3 +54,17 @@ def test_network_guard_blocks_outside_addresses():
             sock.connect(("93.184.216.34", 443))
     finally:
         sock.close()
+
+
+def test_published_files_are_readable_by_other_users(tmp_path):
+    import os
+
+    from safetensors.torch import save_file
+
+    from shared.files import publish_new
+
+    path = publish_new(tmp_path, "x", ".safetensors", lambda t, name: save_file({"a": torch.zeros(1)}, str(t)))
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    again = publish_new(tmp_path, "x", ".safetensors", lambda t, name: save_file({"a": torch.ones(1)}, str(t)))
+    assert again.name == "x_2.safetensors"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
