@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the bundled tiny SD model on the bundled images")
     demo.add_argument("--workdir", default="demo_output", help="where the demo writes (default: ./demo_output)")
     demo.set_defaults(func=_cmd_demo)
+
+    from shared.autolabel.cli import add_label_command
+
+    add_label_command(sub)
     return parser
 
 
