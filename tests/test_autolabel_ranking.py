@@ -117,3 +117,15 @@ def test_top_k_threshold_and_category_order():
     assert choose_phrases(ranked[1], vocab, top_k=2, threshold=0.6) == ["a cat", "soft light"]
     assert compose_caption(["anime", "a cat"], trigger=" sks ") == "sks, anime, a cat"
     assert compose_caption(["anime"], trigger=None) == "anime"
+
+
+def test_text_features_computed_up_to_the_end_token_equal_open_clips(tmp_path):
+    from shared.autolabel.clip_model import _encode_text_trimmed
+    from shared.autolabel.vocab import builtin_vocabulary
+    from shared.fixtures.tiny_clip import create_random, write_tiny_config
+
+    model, _, tokenizer = create_random(write_tiny_config(tmp_path), seed=5)
+    tokens = tokenizer(builtin_vocabulary().prompts())
+    assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # there is padding to cut off
+    with torch.no_grad():
+        assert torch.allclose(_encode_text_trimmed(model, tokens), model.encode_text(tokens), atol=1e-5)

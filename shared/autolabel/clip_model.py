@@ -228,7 +228,8 @@ class ClipModel:
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(prompts), batch_size):
                 tokens = self.tokenizer(prompts[start : start + batch_size]).to(self.device)
-                out.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+                features = _encode_text_trimmed(self.model, tokens)
+                out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
         self._text_cache = {key: torch.cat(out)}  # one vocabulary at a time is all a run needs
         return self._text_cache[key]
 
@@ -247,6 +248,32 @@ class ClipModel:
 
         scale = getattr(self.model, "logit_scale", None)
         return min(100.0, math.exp(float(scale.detach()))) if scale is not None else 100.0
+
+
+def _encode_text_trimmed(model, tokens):
+    """`model.encode_text(tokens)`, computed only up to the last end-of-text token of the batch.
+
+    A caption phrase is a handful of tokens padded to 77. With CLIP's causal attention mask, the
+    positions after a prompt's end-of-text token cannot change the features read at that token, so
+    cutting them off gives the same features for a fraction of the work (3x less for ViT-B-32 on a
+    CPU). Models this does not hold for (no causal mask, other pooling, custom text towers) run in full.
+    """
+    import open_clip
+    import torch
+
+    pool = getattr(model, "text_pool_type", None)
+    if not isinstance(model, open_clip.CLIP) or getattr(model, "attn_mask", None) is None or pool != "argmax":
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max()) + 1  # argmax pooling: the end-of-text token has the top id
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[range(x.shape[0]), tokens.argmax(dim=-1)]
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection if model.text_projection is not None else x
 
 
 @contextmanager
