@@ -181,6 +181,7 @@ def test_stop_request_writes_what_was_labelled(tmp_path, tiny_clip):
     result = label_folder(folder, model=str(tiny_clip["config"]), weights=tiny_clip["weights"], device="cpu",
                           batch_size=2, reporter=StopAfterFirstBatch())
     assert result.stopped and len(result.captions) == 2
+    json.dumps(result.as_dict())  # what a daemon job sends back
     assert [r[0] for r in read_rows(folder / "metadata.csv")[1:]] == ["000_red_circle.png", "001_green_square.png"]
 
 

@@ -46,7 +46,8 @@ def _register_config_file(path: Path) -> str:
         raise ModelError(f"--model: {path} is not a readable model config JSON ({exc})") from None
     if not all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
         raise ModelError(f"--model: {path} needs the keys embed_dim, vision_cfg and text_cfg (an open_clip model config)")
-    open_clip.add_model_config(path)
+    if open_clip.get_model_config(path.stem) != cfg:  # registering again would only grow open_clip's list
+        open_clip.add_model_config(path)
     return path.stem
 
 

@@ -33,6 +33,14 @@ class LabelResult:
     stopped: bool = False
     model_source: str = ""
 
+    def as_dict(self) -> dict:
+        """Plain JSON types, for a daemon job's result message."""
+        return {
+            "output": str(self.output), "format": self.format, "captions": dict(self.captions),
+            "kept": list(self.kept), "unreadable": [{"file": n, "why": w} for n, w in self.unreadable],
+            "backup": str(self.backup) if self.backup else None, "stopped": self.stopped, "model": self.model_source,
+        }
+
     def summary(self) -> str:
         text = f"Labelled {len(self.captions)} images"
         if self.kept:

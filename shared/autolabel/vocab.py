@@ -8,7 +8,9 @@ caption. The built-in lists live as text files in `vocabularies/`; `categories.j
 A user vocabulary is either a `.txt` file (one phrase a line, `# comments`, optional `[category]`
 lines; phrases before any such line go to the category `custom`) or a `.json` file
 (`{"category": ["phrase", ...]}` or `{"categories": [{"name", "phrases", "template", "always_keep"}]}`).
-Phrases for a built-in category join it; new categories are placed right after `subjects`.
+Phrases for a built-in category join it; new categories are placed right after `subjects`. Phrases
+only compete within their category, so a category of one phrase puts it in every caption: give a
+category alternatives for CLIP to choose among.
 """
 
 from __future__ import annotations
