@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     from daemon.remote import add_client_commands
 
     add_client_commands(sub)
+
+    from shared.autolabel.cli import add_label_command
+
+    add_label_command(sub)
     return parser
 
 
