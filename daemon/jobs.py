@@ -162,13 +162,17 @@ class JobManager:
         return job
 
     async def submit(self, config: dict, *, base_dir: str | None, source: str | None, priority: int,
-                     deploy_dirs: list[str]) -> dict:
+                     deploy_dirs: list[str], kind: str = "train") -> dict:
         from shared.errors import UserError
 
         source = source or "submit"
         if base_dir is not None and not Path(base_dir).is_absolute():
             raise ProtocolError("bad_message", f"submit: base_dir must be an absolute path, got {base_dir!r}",
                                 "base_dir")
+        if kind == "label":
+            return await self._submit_label(config, base_dir=base_dir, source=source, priority=priority)
+        if kind != "train":
+            raise ProtocolError("bad_message", f"submit: kind must be train or label, got {kind!r}", "kind")
         config = dict(config)
         default_output = config.get("output_dir") in (None, "")
         if default_output:  # keep the files in the job's own folder (a placeholder until the id exists)
@@ -194,6 +198,30 @@ class JobManager:
         self.store.update(job["id"], spec=spec)
         position = len(self.store.queue())
         self.emit(job["id"], "queued", {"priority": priority, "position": position})
+        self._wake.set()
+        return self.get(job["id"])
+
+    async def _submit_label(self, config: dict, *, base_dir: str | None, source: str, priority: int) -> dict:
+        """An auto-label job: caption a folder with CLIP in a worker, queued like training."""
+        from shared.autolabel.job import READ_PATHS, label_options, write_target
+        from shared.errors import UserError
+
+        try:
+            options = label_options(config, source=source, base_dir=Path(base_dir) if base_dir else None)
+        except UserError as exc:
+            raise ProtocolError("invalid_config", str(exc), "config") from None
+        checks = [(key, options[key], self.settings.read_roots, "read") for key in READ_PATHS]
+        checks.append(("output", write_target(options), self.settings.write_roots, "write"))
+        for key, value, roots, access in checks:
+            problem = value is not None and confine(Path(value), roots, key, access)
+            if problem:
+                raise ProtocolError("path_not_allowed", problem, f"config.{key}")
+        label = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+        spec = {"kind": "label", "source": source, "base_dir": base_dir, "label": label, "deploy_dirs": []}
+        job = self.store.create_job(name=f"label-{Path(options['input_dir']).name}", task="label",
+                                    priority=priority, spec=spec, jobs_dir=self.settings.jobs_dir)
+        Path(job["job_dir"]).mkdir(parents=True, exist_ok=True)
+        self.emit(job["id"], "queued", {"priority": priority, "position": len(self.store.queue())})
         self._wake.set()
         return self.get(job["id"])
 

@@ -20,7 +20,9 @@ CLIENT_MESSAGES: dict[str, dict[str, dict[str, Any]]] = {
     "info": {},
     "ping": {},
     "submit": {
-        "config": {"type": "object", "required": True, "help": "training config keys, as in a `train --config` YAML"},
+        "config": {"type": "object", "required": True,
+                   "help": "training config keys, as in a `train --config` YAML (for kind label: label options)"},
+        "kind": {"type": "string", "help": "train (default) or label (caption a folder of images with CLIP)"},
         "base_dir": {"type": "string", "help": "absolute folder that relative paths in config are relative to"},
         "source": {"type": "string", "help": "name of the config (file) used in error messages"},
         "priority": {"type": "integer", "help": "higher runs first; default 0"},

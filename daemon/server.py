@@ -146,7 +146,8 @@ class Daemon:
             return await self.info()
         if kind == "submit":
             job = await jobs.submit(msg["config"], base_dir=msg.get("base_dir"), source=msg.get("source"),
-                                    priority=msg.get("priority", 0), deploy_dirs=msg.get("deploy_dirs", []))
+                                    priority=msg.get("priority", 0), deploy_dirs=msg.get("deploy_dirs", []),
+                                    kind=msg.get("kind", "train"))
             return {"type": "submitted", "job": job}
         if kind == "list":
             return {"type": "jobs", "jobs": self.store.list(msg.get("states"), msg.get("limit", 100))}

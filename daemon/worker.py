@@ -69,8 +69,12 @@ def make_reporter(channel: Channel, stop: threading.Event):
             print(message, flush=True)  # the job's log file
 
         def event(self, kind: str, **data) -> None:
-            if kind == "finished":
+            if kind in ("finished", "label_finished"):
                 return  # the worker reports the final result itself, after any extra deploys
+            if kind == "label_started":  # auto-label jobs use the same progress events as training
+                kind = "started"
+            elif kind == "label_progress":
+                kind, data = "progress", {"step": data["done"], "total": data["total"]}
             channel.send(event=kind, data=data)
 
         def stop_requested(self) -> bool:
@@ -116,6 +120,13 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
 
     spec = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
     try:
+        if spec.get("kind") == "label":
+            from shared.autolabel.labeller import label_folder
+
+            outcome = label_folder(**spec["label"], reporter=make_reporter(channel, stop)).as_dict()
+            atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
+            channel.send(result=outcome)
+            return 0
         cfg = job_config(spec)
         from shared.train import run_training
 

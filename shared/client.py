@@ -179,8 +179,11 @@ class DaemonClient:
         return self.request("info")
 
     def submit(self, config: dict, *, base_dir: str | Path | None = None, source: str | None = None,
-               priority: int = 0, deploy_dirs: list[str] | None = None) -> dict:
+               priority: int = 0, deploy_dirs: list[str] | None = None, kind: str = "train") -> dict:
+        """Queue a job: a training config (kind "train") or auto-label options (kind "label")."""
         fields: dict[str, Any] = {"config": config, "priority": priority}
+        if kind != "train":
+            fields["kind"] = kind
         if base_dir is not None:
             fields["base_dir"] = str(base_dir)
         if source is not None:

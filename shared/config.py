@@ -295,3 +295,7 @@ def detect_task(cfg: TrainConfig) -> str:
         f"base_model: cannot tell what {base} is: expected an SD checkpoint file, a diffusers folder "
         "(model_index.json) or a Transformers causal-LM folder (config.json); set `task: sd` or `task: llm`"
     )
+
+
+# Other option sets (e.g. auto-label jobs) check their values with the same rules and messages.
+coerce_value = _coerce
