@@ -29,22 +29,24 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv")
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 
-# Named templates for tokenizers without one (`chat_template: chatml`). They end every assistant turn
-# with the tokenizer's EOS token so the model learns to stop where generation stops.
+# Named templates for tokenizers without one (`chat_template: chatml`). Every assistant turn ends
+# with the tokenizer's EOS token and nothing after it (separators open the next turn instead), so
+# the model learns to stop exactly where generation stops.
 BUILTIN_TEMPLATES = {
     "chatml": (
         "{% for message in messages %}"
+        "{% if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' %}{{ '\n' }}{% endif %}"
         "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
-        "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|im_end|>' }}{% endif %}"
-        "{{ '\n' }}"
+        "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|im_end|>\n' }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
     "alpaca": (
         "{% for message in messages %}"
+        "{% if not loop.first and messages[loop.index0 - 1]['role'] == 'assistant' %}{{ '\n\n' }}{% endif %}"
         "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
         "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-        "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
+        "{% else %}{{ '### Response:\n' + message['content'] + eos_token }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
     ),

@@ -222,8 +222,11 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
 
     pad_id = tokenizer.pad_token_id
     order = EpochShuffle(len(data.train), cfg.seed)
+    # Its own generator: starting an epoch then draws no numbers from the global RNG, which the
+    # dropout masks use, so a resumed run's masks match an unbroken run's.
     loader = DataLoader(
-        data.train, batch_size=cfg.batch_size, sampler=order, collate_fn=lambda b: collate(b, pad_id)
+        data.train, batch_size=cfg.batch_size, sampler=order, collate_fn=lambda b: collate(b, pad_id),
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
@@ -247,6 +250,9 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
             ) from None
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         reporter.log(f"Resumed from {resume_from} at step {step}")
     elif cfg.resume == "latest":
         reporter.log(f"resume: latest: no checkpoint in {output_dir / 'checkpoints'} yet, starting at step 0")
@@ -269,10 +275,15 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
     def checkpoint(at: int) -> Path:
         def write(folder: Path) -> None:
             save_adapter(folder)
-            torch.save(
-                {"step": at, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                folder / STATE_FILE,
-            )
+            state = {
+                "step": at,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),  # dropout masks continue as in an unbroken run
+            }
+            if torch.cuda.is_available():
+                state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            torch.save(state, folder / STATE_FILE)
 
         return replace_folder(output_dir / "checkpoints" / f"step-{at:06d}", write)
 
@@ -300,8 +311,13 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
     epoch = step // max(steps_per_epoch, 1)
     skip = (step % max(steps_per_epoch, 1)) * cfg.gradient_accumulation_steps
     while step < total_steps and not result.stopped_early:
-        order.set_epoch(epoch)
+        # accelerate's loader counts its own epochs (one per pass over *that* loader object) and
+        # passes the count to our sampler: tell it the real epoch, or a resumed run reshuffles wrongly.
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        order.set_epoch(epoch)
+        for each in (loader, batches):
+            if hasattr(each, "set_epoch"):
+                each.set_epoch(epoch)
         skip = 0
         for batch in batches:
             with accelerator.accumulate(model):
