@@ -81,6 +81,7 @@ def test_training_teaches_answers_and_eos_and_the_adapter_reloads(tiny_llama, ti
     assert f"Sample at step 100: {PAIRS[0][0]!r} -> " in log  # samples at each checkpoint, in the log
     assert (tmp_path / "out" / "facts" / "checkpoints" / "step-000100" / "adapter_model.safetensors").is_file()
     assert [k for k, _ in rec.events].count("checkpoint") == 1
+    assert list((tmp_path / "out" / "facts" / "logs").glob("events.out.tfevents.*"))  # TensorBoard
 
 
 def test_resume_matches_an_unbroken_run_and_nothing_is_replaced(tiny_llama, chat_data, tmp_path):
@@ -114,9 +115,12 @@ def test_merged_export_matches_the_adapter(tiny_llama, chat_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = llm_config(tiny_llama, chat_data, tmp_path / "out", max_train_steps=5, merge_output=True,
-                     use_rslora=True, sample_prompts=None)
+                     use_rslora=True, sample_prompts=None, deploy_dir=tmp_path / "loras")
     rec = Recorder()
     result = run_training(cfg, rec)
+    assert result.deployed_path == tmp_path / "loras" / "out"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (result.deployed_path / name).read_bytes() == (result.output_path / name).read_bytes()
     assert any(line.startswith("Sample at step 5: ") for line in rec.lines)  # default prompts from the data
     merged_dir = tmp_path / "out" / "out-merged"
     assert (merged_dir / "model.safetensors").is_file()
