@@ -30,6 +30,22 @@ def test_default_targets_are_all_linear_layers_but_the_head(tiny_llama, tiny_glm
     assert "transformer.output_layer" not in targets
 
 
+def test_gpt2_style_conv1d_layers_are_targets(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    model = load_causal_lm(folder)
+    targets = default_targets(model)
+    assert leaves(targets) == {"c_attn", "c_proj", "c_fc"} and len(targets) == 8  # c_proj: attention and MLP
+    peft_model = add_lora(model, llm_config(folder, tmp_path, tmp_path / "out"), targets)
+    assert peft_model.peft_config["default"].fan_in_fan_out
+    peft_model(input_ids=torch.arange(10).view(1, 10)).logits.sum().backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_A" in n]
+    assert len(grads) == 8 and all(g is not None for g in grads)
+
+
 def test_peft_wraps_exactly_the_chosen_modules(tiny_glm, tmp_path):
     model = load_causal_lm(tiny_glm, trust_remote_code=True)
     cfg = llm_config(tiny_glm, tmp_path, tmp_path / "out", use_rslora=True, use_dora=True)

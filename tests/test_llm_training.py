@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.errors import DatasetError
+from shared.errors import ConfigError, DatasetError
 from shared.llm.model import load_causal_lm, load_tokenizer
 from shared.reporting import Reporter
 from shared.train import run_training
@@ -108,6 +108,8 @@ def test_resume_matches_an_unbroken_run_and_nothing_is_replaced(tiny_llama, chat
     assert second.output_path == out / "b_2"
     assert (first.output_path / "adapter_model.safetensors").read_bytes() == first_bytes
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    with pytest.raises(ConfigError, match="resume: .*step-000009 is not a checkpoint of this trainer"):
+        run_training(llm_config(tiny_llama, chat_data, out, resume="step-000009", **common))
 
 
 def test_merged_export_matches_the_adapter(tiny_llama, chat_data, tmp_path):

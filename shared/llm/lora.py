@@ -108,7 +108,9 @@ def peft_target_spec(model, targets: list[str]) -> list[str] | str:
 def add_lora(model, cfg, targets: list[str]):
     """Wrap `model` in a PeftModel with LoRA on `targets`; only LoRA parameters train."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    modules = dict(model.named_modules())
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.lora_rank,
@@ -118,6 +120,8 @@ def add_lora(model, cfg, targets: list[str]):
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         target_modules=peft_target_spec(model, targets),
+        # GPT-2's Conv1D stores its weight as [in, out]
+        fan_in_fan_out=all(isinstance(modules[t], Conv1D) for t in targets),
     )
     peft_model = get_peft_model(model, config)
     return peft_model

@@ -95,13 +95,14 @@ def find_checkpoint(cfg: TrainConfig, output_dir: Path) -> Path | None:
     if cfg.resume == "latest":
         found = sorted((output_dir / "checkpoints").glob("step-*/" + STATE_FILE))
         return found[-1].parent if found else None
-    folder = Path(cfg.resume).expanduser()
-    if not folder.is_absolute():
-        folder = output_dir / "checkpoints" / folder if (output_dir / "checkpoints" / folder).is_dir() else folder
+    # A bare name is a checkpoint of this output_dir; anything else must be an absolute path (the
+    # config's folder is not known here, and the process's cwd is never used for paths).
+    named = Path(cfg.resume).expanduser()
+    folder = named if named.is_absolute() else output_dir / "checkpoints" / named
     if not (folder / STATE_FILE).is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise ConfigError(
             f"resume: {folder} is not a checkpoint of this trainer (needs adapter_model.safetensors and {STATE_FILE}); "
-            "use `latest` or a folder under <output_dir>/checkpoints"
+            "use `latest`, a checkpoint name like step-000200, or an absolute path"
         )
     return folder
 
