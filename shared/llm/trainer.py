@@ -242,12 +242,15 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
         state = torch.load(resume_from / STATE_FILE, map_location="cpu", weights_only=True)
         try:
             loaded = set_peft_model_state_dict(unwrapped, load_file(str(resume_from / "adapter_model.safetensors")))
-            if getattr(loaded, "unexpected_keys", None):
-                raise ValueError(f"unexpected keys {loaded.unexpected_keys[:3]}")
+            unexpected = list(getattr(loaded, "unexpected_keys", None) or [])
+            missing = [k for k in getattr(loaded, "missing_keys", None) or [] if ".lora_" in k]
+            if unexpected or missing:
+                raise ValueError(f"checkpoint has {unexpected[:2]} extra and lacks {missing[:2]}")
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
+            detail = " ".join(str(exc).split())[:200]
             raise ConfigError(
-                f"resume: {resume_from} does not fit this config (rank, target modules or model differ: {str(exc)[:200]})"
+                f"resume: {resume_from} does not fit this config (rank, target modules or model differ: {detail})"
             ) from None
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
