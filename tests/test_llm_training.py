@@ -165,27 +165,24 @@ def test_cli_trains_an_llm_adapter(tiny_llama, chat_data, tmp_path):
     assert config_json["peft_type"] == "LORA" and config_json["base_model_name_or_path"] == str(tiny_llama)
 
 
-@pytest.mark.parametrize(
-    ("case", "expected"),
-    [
-        ("not_a_causal_lm", "holds a clip_text_model model (CLIPTextModel), not a causal language model"),
-        ("bad_target", "target_modules: no module named 'qkv' in this model"),
-    ],
-)
-def test_cli_bad_llm_inputs_give_one_clear_line(tiny_llama, chat_data, tmp_path, case, expected):
-    values = llm_values(tiny_llama, chat_data, tmp_path / "out")
-    if case == "not_a_causal_lm":
-        from transformers import CLIPTextConfig, CLIPTextModel
+def test_cli_folder_that_is_not_a_causal_lm_gives_one_clear_line(tiny_llama, chat_data, tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-        clip = tmp_path / "clip"
-        tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-        CLIPTextModel(CLIPTextConfig(**tiny)).save_pretrained(clip)
-        values["base_model"] = clip
-    else:
-        values["target_modules"] = ["qkv"]
+    clip = tmp_path / "clip"
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100)
+    CLIPTextModel(CLIPTextConfig(**tiny)).save_pretrained(clip)
+    values = llm_values(clip, chat_data, tmp_path / "out")
     proc = run_cli("train", str(write_config(tmp_path / "llm.yaml", **values)))
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    expected = "holds a clip_text_model model (CLIPTextModel), not a causal language model"
     assert len(errors) == 1 and expected in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_target_module_that_does_not_exist_stops_the_job_before_writing(tiny_llama, chat_data, tmp_path):
+    cfg = llm_config(tiny_llama, chat_data, tmp_path / "out", target_modules=["q_proj", "qkv"])
+    with pytest.raises(ConfigError, match="target_modules: no module named 'qkv' in this model"):
+        run_training(cfg)
     assert not (tmp_path / "out").exists()
