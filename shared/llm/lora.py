@@ -137,7 +137,11 @@ def enable_gradient_checkpointing(model) -> None:
             f"gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; "
             "set gradient_checkpointing: false"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
 
 
