@@ -89,6 +89,28 @@ def test_multi_turn_chat_trains_every_assistant_turn(tmp_path, llm_tokenizer):
     assert trained_text(tok, sample) == "Green.</s>Ada Quill.</s>"
 
 
+def test_template_that_refuses_a_conversation_names_the_row(tmp_path, llm_tokenizer):
+    tok = llm_tokenizer
+    saved = tok.chat_template
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello."}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:  # like the templates that insist on user/assistant alternation
+        tok.chat_template = (
+            "{% for m in messages %}{% if loop.first and m['role'] != 'user' %}"
+            "{{ raise_exception('Conversations must start with a user message') }}{% endif %}"
+            "{{ m['content'] }}{% endfor %}"
+        )
+        with pytest.raises(DatasetError, match=r"chat.jsonl line 2: the chat template refused this conversation "
+                                               r"\(Conversations must start with a user message\)"):
+            build_data(path, tok, max_seq_len=64)
+    finally:
+        tok.chat_template = saved
+
+
 def test_folder_of_mixed_files_and_validation_split(tmp_path, llm_tokenizer):
     folder = tmp_path / "data"
     write_instruction_data(folder / "a.json", "alpaca", PAIRS[:4])

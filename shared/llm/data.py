@@ -303,15 +303,19 @@ class Renderer:
         # Raw text gets the BOS only where the tokenizer itself adds one (LLaMA does, GPT-2 does not).
         self.raw_prefix = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
 
-    def _chat(self, messages, *, generation_prompt: bool) -> str:
+    def _chat(self, messages, *, generation_prompt: bool, where: str = "sample_prompts") -> str:
         if self.template is None:
             raise DatasetError(
                 f"the tokenizer has no chat template for chat/alpaca rows{self.template_hint}; "
                 f"set chat_template to one of: {', '.join(BUILTIN_TEMPLATES)}"
             )
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as exc:  # templates raise their own errors (e.g. "roles must alternate")
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise DatasetError(f"{where}: the chat template refused this conversation ({detail})") from None
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
@@ -329,8 +333,8 @@ class Renderer:
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
-            before = self._chat(messages[:i], generation_prompt=True) if i else self._chat([], generation_prompt=True)
-            after = self._chat(messages[: i + 1], generation_prompt=False)
+            before = self._chat(messages[:i], generation_prompt=True, where=where)
+            after = self._chat(messages[: i + 1], generation_prompt=False, where=where)
             if not (before.startswith(done) and after.startswith(before)):
                 raise DatasetError(
                     f"{where}: the chat template does not render this conversation turn by turn "
