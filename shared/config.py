@@ -90,8 +90,8 @@ class TrainConfig:
     )
     resume: str | None = _key(
         None,
-        "LLM: continue from a checkpoint: `latest` (the newest in <output_dir>/checkpoints, or a fresh "
-        "start when there is none) or a checkpoint folder.",
+        "LLM: continue from a checkpoint in <output_dir>/checkpoints: `latest` (the newest, or a fresh "
+        "start when there is none) or a checkpoint's name (step-000200).",
     )
     # --- LLM (task llm) ------------------------------------------------------------------------
     max_seq_len: int = _key(1024, "LLM: tokens per sample; longer samples are cut (and counted in the log).")

@@ -3,6 +3,7 @@ the adapter with PEFT, resume, never replace an earlier adapter, and the CLI."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,8 @@ def test_resume_matches_an_unbroken_run_and_nothing_is_replaced(tiny_llama, chat
     first = run_training(llm_config(tiny_llama, chat_data, out, **common), rec)
     assert first.stopped_early and first.steps == 3 and first.output_path == out / "b"
     assert any(line.startswith("Eval at step 3: loss") and "perplexity" in line for line in rec.lines)
+    [checkpoint] = [data for kind, data in rec.events if kind == "checkpoint"]
+    assert checkpoint["step"] == 3 and checkpoint["eval_loss"] > 0 and checkpoint["perplexity"] > 1
     first_bytes = (first.output_path / "adapter_model.safetensors").read_bytes()
 
     rec = Recorder()
@@ -108,8 +111,9 @@ def test_resume_matches_an_unbroken_run_and_nothing_is_replaced(tiny_llama, chat
     assert second.output_path == out / "b_2"
     assert (first.output_path / "adapter_model.safetensors").read_bytes() == first_bytes
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
-    with pytest.raises(ConfigError, match="resume: .*step-000009 is not a checkpoint of this trainer"):
-        run_training(llm_config(tiny_llama, chat_data, out, resume="step-000009", **common))
+    for bad in ("step-000009", str(out / "checkpoints" / "step-000003"), "../b/checkpoints/step-000003"):
+        with pytest.raises(ConfigError, match=re.escape(f"resume: '{bad}' is not a checkpoint in ")):
+            run_training(llm_config(tiny_llama, chat_data, out, resume=bad, **common))
 
 
 def test_merged_export_matches_the_adapter(tiny_llama, chat_data, tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, ModelError
 
 # Output heads and similar non-trainable projections by model_type, beyond get_output_embeddings().
 ARCH_EXCLUDED = {
@@ -123,15 +123,12 @@ def add_lora(model, cfg, targets: list[str]):
         # GPT-2's Conv1D stores its weight as [in, out]
         fan_in_fan_out=all(isinstance(modules[t], Conv1D) for t in targets),
     )
-    peft_model = get_peft_model(model, config)
-    return peft_model
+    return get_peft_model(model, config)
 
 
 def enable_gradient_checkpointing(model) -> None:
     """Checkpoint activations without cutting the gradient path into LoRA: non-reentrant
     checkpointing, plus inputs that require grad for models that still use the reentrant kind."""
-    from shared.errors import ModelError
-
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ModelError(
             f"gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; "

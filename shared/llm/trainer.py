@@ -95,14 +95,14 @@ def find_checkpoint(cfg: TrainConfig, output_dir: Path) -> Path | None:
     if cfg.resume == "latest":
         found = sorted((output_dir / "checkpoints").glob("step-*/" + STATE_FILE))
         return found[-1].parent if found else None
-    # A bare name is a checkpoint of this output_dir; anything else must be an absolute path (the
-    # config's folder is not known here, and the process's cwd is never used for paths).
-    named = Path(cfg.resume).expanduser()
-    folder = named if named.is_absolute() else output_dir / "checkpoints" / named
-    if not (folder / STATE_FILE).is_file() or not (folder / "adapter_model.safetensors").is_file():
+    # Only a checkpoint of this output_dir: a path elsewhere would be a read outside the folders
+    # the daemon confines a job to (it checks path-typed keys, and `resume` is a name).
+    name = cfg.resume
+    folder = output_dir / "checkpoints" / name
+    if "/" in name or "\\" in name or name in (".", "..") or not (folder / STATE_FILE).is_file():
         raise ConfigError(
-            f"resume: {folder} is not a checkpoint of this trainer (needs adapter_model.safetensors and {STATE_FILE}); "
-            "use `latest`, a checkpoint name like step-000200, or an absolute path"
+            f"resume: {name!r} is not a checkpoint in {output_dir / 'checkpoints'}; "
+            "use `latest` or a checkpoint folder name like step-000200"
         )
     return folder
 
@@ -291,16 +291,18 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
 
         return replace_folder(output_dir / "checkpoints" / f"step-{at:06d}", write)
 
-    def run_eval(at: int) -> None:
+    def run_eval(at: int) -> dict:
+        """Eval loss and perplexity on the held-out samples ({} without a validation split). They
+        travel in the checkpoint event's data: the daemon protocol has no event kind of their own."""
         if not data.val:
-            return
+            return {}
         loss, ppl = evaluate(model, data.val, cfg.batch_size, pad_id, device)
         reporter.log(f"Eval at step {at}: loss {loss:.4f}, perplexity {ppl:.2f} ({len(data.val)} held-out samples)")
         if writer is not None:
             writer.add_scalar("eval/loss", loss, at)
             writer.add_scalar("eval/perplexity", ppl, at)
-        reporter.event("eval", step=at, loss=loss, perplexity=ppl)
         eval_losses.append(loss)
+        return {"eval_loss": loss, "perplexity": ppl}
 
     reporter.log(
         f"Training started... total steps: {total_steps} ({len(data.train)} sequences, "
@@ -352,8 +354,7 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
                     path = checkpoint(step)
                     result.checkpoints.append(path)
                     reporter.log(f"Saved checkpoint {path}")
-                    reporter.event("checkpoint", step=step, path=str(path))
-                    run_eval(step)
+                    reporter.event("checkpoint", step=step, path=str(path), **run_eval(step))
                     samples.run(model, step, reporter, writer)
             if step >= total_steps:
                 break
