@@ -1,4 +1,9 @@
-"""`python -m daemon COMMAND`: train in-process, run the bundled demo."""
+"""`python -m daemon COMMAND`: train in-process, run the demo, run the daemon, and talk to it.
+
+`train` and `demo` work without a daemon. `serve` runs the daemon; `submit`, `jobs`, `status`,
+`follow`, `stop`, `cancel`, `logs`, `delete` and `info` are its command-line client (they need only
+`websockets` and PyYAML, never torch).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from shared.client import DaemonError, DaemonUnavailable
 from shared.errors import UserError
 
 
@@ -29,6 +35,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from daemon.server import serve
+    from daemon.settings import load_settings
+
+    settings = load_settings(
+        args.state_dir, host=args.host, port=args.port,
+        read_roots=args.allow_read or None, write_roots=args.allow_write or None,
+        max_parallel_jobs=args.max_parallel_jobs, heartbeat_s=args.heartbeat,
+    )
+    return serve(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m daemon",
@@ -45,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the bundled tiny SD model on the bundled images")
     demo.add_argument("--workdir", default="demo_output", help="where the demo writes (default: ./demo_output)")
     demo.set_defaults(func=_cmd_demo)
+
+    serve = sub.add_parser("serve", help="run the trainer daemon (websocket server and job queue)")
+    serve.add_argument("--state-dir", help="state folder (default $LORA_DAEMON_HOME, else "
+                       "$XDG_STATE_HOME/lora-daemon, else ~/.local/state/lora-daemon)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 7861; 0 picks a free one, written to daemon.json)")
+    serve.add_argument("--allow-read", action="append", metavar="DIR",
+                       help="folder jobs may read models and data from (repeatable; default: your home)")
+    serve.add_argument("--allow-write", action="append", metavar="DIR",
+                       help="folder jobs may write outputs and deploy into (repeatable; default: your home)")
+    serve.add_argument("--max-parallel-jobs", type=int, help="jobs running at once (default 1)")
+    serve.add_argument("--heartbeat", type=float, help="seconds between heartbeat messages (default 15)")
+    serve.set_defaults(func=_cmd_serve)
+
+    from daemon.remote import add_client_commands
+
+    add_client_commands(sub)
     return parser
 
 
@@ -59,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DaemonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, DaemonUnavailable) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,367 @@
+"""The job queue: accept jobs, run them one at a time in worker processes, number and fan out events.
+
+Lives in the server process and runs on its event loop, so it must never import torch: each job's
+training happens in `python -m daemon.worker`. A worker sends its events as JSON lines on its
+stdout; the queue stores each in SQLite with the job's next sequence number (in the same
+transaction as the job's new state) and then pushes it to every subscribed connection. Storing
+before sending is what lets a client that reconnects ask for "everything after seq N".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon.protocol import ProtocolError
+from daemon.settings import Settings, confine
+from daemon.store import FINAL_STATES, Store
+from daemon.worker import RESULT_FILE  # the worker module itself imports nothing heavy
+
+# Config keys the job writes into; every other path-typed key of TrainConfig is something it reads
+# (so a key added later is confined as a read until it is listed here).
+WRITE_KEYS = ("output_dir", "log_dir", "deploy_dir")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding `daemon/` and `shared/`
+
+
+@functools.cache
+def _path_keys() -> frozenset[str]:
+    from shared.config import TrainConfig
+
+    keys = set()
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        if hint is Path or Path in typing.get_args(hint):
+            keys.add(name)
+    return frozenset(keys)
+
+
+def validate_config(config: dict, source: str, base_dir: Path | None) -> tuple[Any, str]:
+    """The same checks `train --config` makes before anything heavy loads (no torch here)."""
+    from shared.config import config_from_dict, detect_task
+    from shared.errors import ConfigError
+
+    if base_dir is None:
+        for key in sorted(_path_keys() & set(config)):
+            value = config[key]
+            if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
+                raise ConfigError(
+                    f"{source}: {key}: {value!r} is a relative path; send absolute paths or base_dir "
+                    "(the folder the config's paths are relative to)"
+                )
+    cfg = config_from_dict(config, source=source, base_dir=base_dir)
+    task = detect_task(cfg)
+    if task == "sd":
+        from shared.sd.dataset import scan_dataset  # reads captions and image headers only (PIL, no torch)
+
+        scan_dataset(cfg.train_data_dir, cfg.metadata_path)
+    return cfg, task
+
+
+class Worker:
+    def __init__(self, job_id: str, process: asyncio.subprocess.Process):
+        self.job_id = job_id
+        self.process = process
+        self.result: dict | None = None
+        self.error: dict | None = None
+        self.cancelled = False
+        self.done = asyncio.Event()
+
+
+class JobManager:
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self.workers: dict[str, Worker] = {}
+        # job id -> callbacks that deliver an event to one connection (called in seq order)
+        self.subscribers: dict[str, set[Callable[[dict], None]]] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        self.shutting_down = False
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Jobs left "running" by a daemon that died: note the interruption, re-queue (or fail) them."""
+        recovered = []
+        for job in self.store.list(["running"], limit=10_000):
+            done = Path(job["job_dir"]) / RESULT_FILE
+            if done.is_file():  # the worker finished; the daemon died before it heard the result
+                result = json.loads(done.read_text(encoding="utf-8"))
+                self.emit(job["id"], "finished", result, state="finished", result=result, pid=None,
+                          finished_at=time.time())
+                continue
+            self.emit(job["id"], "interrupted", {"reason": "the daemon stopped while the job ran",
+                                                 "attempt": job["attempts"]}, pid=None)
+            if self.settings.resume_interrupted:
+                self.emit(job["id"], "queued", {"priority": job["priority"], "resume": True}, state="queued")
+            else:
+                self.emit(job["id"], "failed", {"error": "interrupted: the daemon stopped while the job ran",
+                                                "cause": "interrupted"},
+                          state="failed", error="interrupted: the daemon stopped while the job ran",
+                          error_cause="interrupted", finished_at=time.time())
+            recovered.append(job["id"])
+        return recovered
+
+    def start(self) -> None:
+        self._scheduler = asyncio.create_task(self._schedule(), name="scheduler")
+        self._wake.set()
+
+    async def shutdown(self) -> None:
+        """Stop the workers and leave their jobs "running": the next start re-queues them."""
+        self.shutting_down = True
+        if self._scheduler:
+            self._scheduler.cancel()
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+        for worker in list(self.workers.values()):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(worker.process.wait(), 10)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def emit(self, job_id: str, kind: str, data: dict, **job_updates: Any) -> dict:
+        event = self.store.add_event(job_id, kind, data, **job_updates)
+        for deliver in list(self.subscribers.get(job_id, ())):
+            deliver(event)
+        return event
+
+    def subscribe(self, job_id: str, after: int, deliver: Callable[[dict], None]) -> int:
+        """Deliver the stored events after `after`, then every new one. No await happens between
+        reading the backlog and registering, so no event can slip between the two."""
+        backlog = self.store.events(job_id, after)
+        for event in backlog:
+            deliver(event)
+        self.subscribers.setdefault(job_id, set()).add(deliver)
+        return backlog[-1]["seq"] if backlog else after
+
+    def unsubscribe(self, job_id: str, deliver: Callable[[dict], None]) -> None:
+        subs = self.subscribers.get(job_id)
+        if subs:
+            subs.discard(deliver)
+            if not subs:
+                del self.subscribers[job_id]
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> dict:
+        job = self.store.get(job_id)
+        if job is None:
+            raise ProtocolError("not_found", f"no job {job_id!r} (see `python -m daemon jobs`)", "job")
+        return job
+
+    async def submit(self, config: dict, *, base_dir: str | None, source: str | None, priority: int,
+                     deploy_dirs: list[str]) -> dict:
+        from shared.errors import UserError
+
+        source = source or "submit"
+        if base_dir is not None and not Path(base_dir).is_absolute():
+            raise ProtocolError("bad_message", f"submit: base_dir must be an absolute path, got {base_dir!r}",
+                                "base_dir")
+        config = dict(config)
+        default_output = config.get("output_dir") in (None, "")
+        if default_output:  # keep the files in the job's own folder (a placeholder until the id exists)
+            if not config.get("output_name"):
+                raise ProtocolError("invalid_config", f"{source}: missing required key 'output_dir' (or give "
+                                    "output_name and the daemon keeps the files in the job's folder)", "config")
+            config["output_dir"] = str(self.settings.jobs_dir / "_pending" / "output")
+        try:
+            cfg, task = await asyncio.to_thread(validate_config, config, source,
+                                                Path(base_dir) if base_dir else None)
+        except UserError as exc:
+            raise ProtocolError("invalid_config", str(exc), "config") from None
+        self._check_paths(cfg, deploy_dirs)
+        spec = {"source": source, "base_dir": base_dir, "deploy_dirs": [str(Path(d).resolve()) for d in deploy_dirs]}
+        job = self.store.create_job(name=cfg.resolved_output_name, task=task, priority=priority, spec=spec,
+                                    jobs_dir=self.settings.jobs_dir)
+        job_dir = Path(job["job_dir"])
+        if default_output:
+            cfg.output_dir = job_dir / "output"
+        spec["config"] = cfg.to_dict()
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "config.yaml").write_text(yaml.safe_dump(spec["config"], sort_keys=False), encoding="utf-8")
+        self.store.update(job["id"], spec=spec)
+        position = len(self.store.queue())
+        self.emit(job["id"], "queued", {"priority": priority, "position": position})
+        self._wake.set()
+        return self.get(job["id"])
+
+    def _check_paths(self, cfg: Any, deploy_dirs: list[str]) -> None:
+        read_roots = self.settings.read_roots
+        write_roots = [*self.settings.write_roots, self.settings.jobs_dir]
+        read_keys = sorted(_path_keys() - set(WRITE_KEYS))
+        checks = [(key, getattr(cfg, key), read_roots, "read") for key in read_keys]
+        checks += [(key, getattr(cfg, key), write_roots, "write") for key in WRITE_KEYS]
+        checks += [("deploy_dirs", Path(d), write_roots, "write") for d in deploy_dirs]
+        for key, value, roots, kind in checks:
+            if value is None:
+                continue
+            if key == "deploy_dirs" and not Path(value).is_absolute():
+                raise ProtocolError("bad_message", f"deploy_dirs: {value} must be an absolute path", key)
+            problem = confine(Path(value), roots, key, kind)
+            if problem:
+                raise ProtocolError("path_not_allowed", problem, key if key == "deploy_dirs" else f"config.{key}")
+
+    def stop(self, job_id: str) -> dict:
+        job = self.get(job_id)
+        if job["state"] == "queued":  # nothing trained yet: there is nothing to save
+            return self._cancel_queued(job, "stopped before it started")
+        if job["state"] != "running":
+            raise ProtocolError("bad_state", f"job {job_id} is {job['state']}; only queued or running jobs stop",
+                                "job")
+        if not job["stop_requested"]:
+            worker = self.workers.get(job_id)
+            if worker and worker.process.stdin:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    worker.process.stdin.write(b"stop\n")
+            self.emit(job_id, "stopping", {"reason": "stop requested: saving what was trained"},
+                      stop_requested=1)
+        return self.get(job_id)
+
+    def cancel(self, job_id: str) -> dict:
+        job = self.get(job_id)
+        if job["state"] == "queued":
+            return self._cancel_queued(job, "cancelled while queued")
+        if job["state"] != "running":
+            raise ProtocolError("bad_state", f"job {job_id} is {job['state']}; only queued or running jobs can be "
+                                "cancelled", "job")
+        worker = self.workers.get(job_id)
+        if worker is None:  # its process is being started: _launch sees the state and kills it
+            return self._cancel_queued(job, "cancelled while starting")
+        worker.cancelled = True
+        with contextlib.suppress(ProcessLookupError):
+            worker.process.kill()  # discard: no save, the process and its GPU memory go away at once
+        return job
+
+    def _cancel_queued(self, job: dict, reason: str) -> dict:
+        self.emit(job["id"], "cancelled", {"reason": reason}, state="cancelled", finished_at=time.time())
+        return self.get(job["id"])
+
+    def delete(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job["state"] not in FINAL_STATES:
+            raise ProtocolError("bad_state", f"job {job_id} is {job['state']}; cancel it before deleting", "job")
+        self.store.delete(job_id)
+        job_dir = Path(job["job_dir"]).resolve()
+        if job_dir.is_relative_to(self.settings.jobs_dir.resolve()) and job_dir.is_dir():
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    def read_log(self, job_id: str, offset: int, max_bytes: int) -> dict:
+        job = self.get(job_id)
+        path = Path(job["job_dir"]) / "job.log"
+        size = path.stat().st_size if path.is_file() else 0
+        text = ""
+        if path.is_file() and offset < size:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(max_bytes)
+            offset += len(data)
+            text = data.decode("utf-8", "replace")
+        return {"job": job_id, "text": text, "offset": min(offset, size), "size": size}
+
+    def queue_summary(self) -> dict:
+        return {"running": list(self.workers), "queued": [j["id"] for j in self.store.queue()]}
+
+    # --- running jobs ---------------------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while len(self.workers) < self.settings.max_parallel_jobs and not self.shutting_down:
+                queue = self.store.queue()
+                if not queue:
+                    break
+                await self._launch(queue[0])
+
+    async def _launch(self, job: dict) -> None:
+        job_dir = Path(job["job_dir"])
+        job_dir.mkdir(parents=True, exist_ok=True)
+        attempt = job["attempts"] + 1
+        spec = {**job["spec"], "resume": attempt > 1}
+        (job_dir / RESULT_FILE).unlink(missing_ok=True)
+        (job_dir / "job.json").write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
+                                                                         os.environ.get("PYTHONPATH")]))}
+        # "running" before the spawn awaits, so a cancel meanwhile cannot see it as still queued
+        self.store.update(job["id"], state="running", pid=None, attempts=attempt, started_at=time.time())
+        with open(job_dir / "job.log", "ab") as log:
+            log.write(f"--- attempt {attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+            log.flush()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daemon.worker", str(job_dir),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
+                cwd=str(job_dir), env=env, limit=1 << 20,
+            )
+        worker = Worker(job["id"], process)
+        self.workers[job["id"]] = worker
+        if self.store.get(job["id"])["state"] != "running":  # cancelled while the process started
+            worker.cancelled = True
+            process.kill()
+        else:
+            self.store.update(job["id"], pid=process.pid)
+        if job["stop_requested"]:  # asked to stop before the daemon went down: still honour it
+            process.stdin.write(b"stop\n")
+        asyncio.create_task(self._supervise(worker, attempt), name=f"worker-{job['id']}")
+
+    async def _supervise(self, worker: Worker, attempt: int) -> None:
+        job_id = worker.job_id
+        try:
+            async for line in worker.process.stdout:
+                self._handle_line(worker, attempt, line)
+        except (ValueError, asyncio.LimitOverrunError):  # a line over 1 MiB: not a worker of ours talking
+            worker.error = {"error": "the worker sent an unreadable message; see the job log", "cause": "crash"}
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+        finally:
+            code = await worker.process.wait()
+            self.workers.pop(job_id, None)
+            if not self.shutting_down:
+                self._finish(worker, code)
+                self._wake.set()
+
+    def _handle_line(self, worker: Worker, attempt: int, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return  # not ours (the worker sends only JSON lines here)
+        if "event" in msg:
+            kind, data = msg["event"], msg.get("data") or {}
+            updates = {}
+            if kind == "progress":
+                updates["progress"] = data
+            if kind == "started":
+                data = {**data, "attempt": attempt, "resumed": attempt > 1}
+            self.emit(worker.job_id, kind, data, **updates)
+        elif "result" in msg:
+            worker.result = msg["result"]
+        elif "error" in msg:
+            worker.error = {"error": str(msg["error"]), "cause": msg.get("cause", "crash")}
+
+    def _finish(self, worker: Worker, code: int) -> None:
+        now = time.time()
+        job_id = worker.job_id
+        if self.store.get(job_id)["state"] in FINAL_STATES:  # already cancelled while it was starting
+            return
+        if worker.cancelled:
+            self.emit(job_id, "cancelled", {"reason": "cancelled while running"}, state="cancelled",
+                      pid=None, finished_at=now)
+        elif worker.result is not None and code == 0:
+            self.emit(job_id, "finished", worker.result, state="finished", result=worker.result,
+                      pid=None, finished_at=now)
+        else:
+            failure = worker.error or {"error": f"the worker process ended with exit code {code} "
+                                                f"without a result; see the job log", "cause": "crash"}
+            self.emit(job_id, "failed", failure, state="failed", error=failure["error"],
+                      error_cause=failure["cause"], pid=None, finished_at=now)

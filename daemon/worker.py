@@ -1,0 +1,164 @@
+"""One training job in its own process: `python -m daemon.worker JOB_DIR` (started by the daemon).
+
+A process per job means cancel is a reliable kill, a crash or out-of-memory cannot take the daemon
+down, and all GPU memory is released when the job ends. The daemon itself never imports torch.
+
+Talking to the daemon, over the process's standard streams:
+- stdout carries one JSON object per line: `{"event": KIND, "data": {...}}` for trainer events, then
+  one `{"result": {...}}` or `{"error": "...", "cause": "user" | "crash"}`. Everything else the job
+  prints (libraries, tracebacks) goes to the job's log file, never into this channel.
+- stdin carries commands: a line `stop` asks the trainer to save what it has trained and finish at
+  the next step boundary. End of file means the daemon is gone (killed, say): the worker exits at
+  once, so a restarted daemon can run the job again without two trainers writing the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+# A key of TrainConfig that, once the trainers can resume (issue 3), asks them to continue from the
+# newest checkpoint in output_dir. Until the key exists a re-run job starts from step 0.
+RESUME_KEY = "resume"
+RESUME_LATEST = "latest"
+DAEMON_GONE_EXIT = 75
+RESULT_FILE = "result.json"
+
+
+class Channel:
+    """The JSON-lines pipe to the daemon (the original stdout, kept before it is pointed at the log)."""
+
+    def __init__(self, fd: int):
+        self._out = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+        self._lock = threading.Lock()
+
+    def send(self, **msg) -> None:
+        line = json.dumps(msg, default=str)
+        with self._lock:
+            try:
+                self._out.write(line + "\n")
+                self._out.flush()
+            except (BrokenPipeError, OSError):
+                os._exit(DAEMON_GONE_EXIT)
+
+
+def watch_commands(stop: threading.Event) -> None:
+    """Read commands from the daemon; end of input means the daemon died, so this process ends too."""
+    pending = b""
+    while True:
+        chunk = os.read(0, 4096)  # raw reads: a buffered stdin would block interpreter shutdown
+        if not chunk:
+            os._exit(DAEMON_GONE_EXIT)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if any(line.strip() == b"stop" for line in lines):
+            stop.set()
+
+
+def make_reporter(channel: Channel, stop: threading.Event):
+    from shared.reporting import Reporter
+
+    class WorkerReporter(Reporter):
+        """Trainer events go to the daemon, which numbers, stores and broadcasts them."""
+
+        def log(self, message: str) -> None:
+            print(message, flush=True)  # the job's log file
+
+        def event(self, kind: str, **data) -> None:
+            if kind == "finished":
+                return  # the worker reports the final result itself, after any extra deploys
+            channel.send(event=kind, data=data)
+
+        def stop_requested(self) -> bool:
+            return stop.is_set()
+
+    return WorkerReporter()
+
+
+def job_config(spec: dict):
+    """The validated TrainConfig of a job; on a re-run, ask the trainer to resume where possible."""
+    from shared.config import FIELDS, config_from_dict
+
+    data = dict(spec["config"])
+    if spec.get("resume") and RESUME_KEY in FIELDS and data.get(RESUME_KEY) in (None, ""):
+        data[RESUME_KEY] = RESUME_LATEST
+    return config_from_dict(data, source=spec.get("source") or "job config")
+
+
+def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
+    """Place a finished LoRA in one more Lora folder under a new name, renaming its alias to match."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from shared.files import publish_new
+
+    with safe_open(str(src), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+
+    def write(path: Path, name: str) -> None:
+        meta = dict(metadata)
+        for key in ("ss_output_name", "modelspec.title"):
+            if key in meta:
+                meta[key] = name
+        save_file(tensors, str(path), metadata=meta)
+
+    return publish_new(folder, stem, ".safetensors", write)
+
+
+def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
+    from shared.errors import UserError
+    from shared.files import atomic_write
+
+    spec = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
+    try:
+        cfg = job_config(spec)
+        from shared.train import run_training
+
+        result = run_training(cfg, make_reporter(channel, stop))
+        deployed = [str(result.deployed_path)] if result.deployed_path else []
+        for folder in spec.get("deploy_dirs") or []:
+            path = deploy_copy(result.output_path, Path(folder), cfg.resolved_output_name)
+            print(f"Deployed to {path} (use it as <lora:{path.stem}:0.8>)", flush=True)
+            deployed.append(str(path))
+        name_source = Path(deployed[0]) if deployed else result.output_path
+        outcome = {
+            "lora": str(result.output_path),
+            "deployed": deployed,
+            "lora_name": name_source.stem,
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "final_loss": result.losses[-1] if result.losses else None,
+            "checkpoints": [str(p) for p in result.checkpoints],
+        }
+        # on disk first: if the daemon dies before it hears this, its next start finishes the job
+        # from this file instead of training (and deploying) a second copy
+        atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
+        channel.send(result=outcome)
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", flush=True)
+        channel.send(error=str(exc), cause="user")
+        return 2
+    except Exception as exc:  # a crash: the full traceback goes to the log, one line to the client
+        traceback.print_exc()
+        channel.send(error=f"{type(exc).__name__}: {exc}", cause="crash")
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    channel = Channel(os.dup(1))
+    os.dup2(2, 1)  # from here on, anything printed lands in the job's log (the daemon points stderr there)
+    sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
+    stop = threading.Event()
+    threading.Thread(target=watch_commands, args=(stop,), daemon=True, name="daemon-commands").start()
+    return run(Path(argv[0]), channel, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
