@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +88,43 @@ class TrainConfig:
     deploy_dir: Path | None = _key(
         None, "A host's Lora folder: the finished file is copied there under a name that never overwrites."
     )
+    resume: str | None = _key(
+        None,
+        "LLM: continue from a checkpoint in <output_dir>/checkpoints: `latest` (the newest, or a fresh "
+        "start when there is none) or a checkpoint's name (step-000200).",
+    )
+    # --- LLM (task llm) ------------------------------------------------------------------------
+    max_seq_len: int = _key(1024, "LLM: tokens per sample; longer samples are cut (and counted in the log).")
+    train_on_prompt: bool = _key(False, "LLM: also train on prompt tokens (default: loss on the answers only).")
+    chat_template: str | None = _key(
+        None,
+        "LLM: template for chat/alpaca rows: the tokenizer's own by default; `chatml` or `alpaca` "
+        "for a tokenizer without one (or to override it).",
+    )
+    packing: bool = _key(False, "LLM: join short samples into sequences of up to max_seq_len tokens.")
+    val_split: float = _key(
+        0.0, "LLM: fraction of samples held out for eval loss and perplexity (0.1 = 10%; 0: none)."
+    )
+    target_modules: list[str] | None = _key(
+        None,
+        "LLM: module names that get LoRA (e.g. [q_proj, v_proj] or [query_key_value]); default: every "
+        "linear layer except the output head.",
+    )
+    use_rslora: bool = _key(False, "LLM: rank-stabilised LoRA (scale alpha/sqrt(rank) instead of alpha/rank).")
+    use_dora: bool = _key(False, "LLM: DoRA (weight-decomposed LoRA).")
+    trust_remote_code: bool = _key(
+        False, "LLM: allow a model folder's own Python code (auto_map) to run. Only for folders you trust."
+    )
+    load_in_4bit: bool = _key(False, "LLM: QLoRA: load the base model in 4-bit NF4 (needs CUDA and bitsandbytes).")
+    merge_output: bool = _key(
+        False, "LLM: also write the base model with the LoRA merged in, as <output_name>-merged."
+    )
+    sample_prompts: list[str] | None = _key(
+        None,
+        "LLM: prompts answered greedily at each checkpoint and at the end, written to the log "
+        "(default: up to 3 prompts from the data).",
+    )
+    sample_max_tokens: int = _key(64, "LLM: most new tokens per sample generation.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (paths as strings) for logs, metadata and the daemon's job record."""
@@ -234,7 +270,7 @@ def _check_required_and_paths(cfg: TrainConfig, source: str) -> None:
 
 
 def _check_ranges(cfg: TrainConfig, source: str) -> None:
-    positive = ["lora_rank", "batch_size", "gradient_accumulation_steps", "resolution"]
+    positive = ["lora_rank", "batch_size", "gradient_accumulation_steps", "resolution", "sample_max_tokens"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{source}: {name} must be at least 1, got {getattr(cfg, name)}")
@@ -253,6 +289,17 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: {name} may not be negative, got {getattr(cfg, name)}")
     if cfg.output_name is not None:
         check_output_name(cfg.output_name, source)
+    if cfg.max_seq_len < 8:
+        raise ConfigError(f"{source}: max_seq_len must be at least 8, got {cfg.max_seq_len}")
+    if not 0 <= cfg.val_split < 1:
+        raise ConfigError(f"{source}: val_split must be in [0, 1) (a fraction of the samples), got {cfg.val_split}")
+    if cfg.target_modules is not None and not cfg.target_modules:
+        raise ConfigError(f"{source}: target_modules is empty; leave it out for the default (all linear layers)")
+    if cfg.load_in_4bit and cfg.merge_output:
+        raise ConfigError(
+            f"{source}: merge_output cannot merge into a 4-bit model; train with load_in_4bit and merge "
+            "the adapter into the full-precision model separately, or set merge_output: false"
+        )
     if cfg.resolution % 8:
         raise ConfigError(f"{source}: resolution must be a multiple of 8, got {cfg.resolution}")
 
@@ -283,14 +330,9 @@ def detect_task(cfg: TrainConfig) -> str:
         )
     if (base / "model_index.json").is_file() or (base / "unet").is_dir():
         return "sd"
-    config_json = base / "config.json"
-    if config_json.is_file():
-        try:
-            arch = json.loads(config_json.read_text(encoding="utf-8")).get("architectures") or []
-        except (ValueError, OSError):
-            arch = []
-        if not arch or any("CausalLM" in a or "LMHead" in a or "ChatGLM" in a for a in arch):
-            return "llm"
+    if (base / "config.json").is_file():
+        # A Transformers folder: the LLM loader says whether it is a causal LM, naming what it is.
+        return "llm"
     raise ConfigError(
         f"base_model: cannot tell what {base} is: expected an SD checkpoint file, a diffusers folder "
         "(model_index.json) or a Transformers causal-LM folder (config.json); set `task: sd` or `task: llm`"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,3 +110,54 @@ def publish_new(
         for path in placed:  # lost a race for this name: take back our sidecars, try the next
             path.unlink()
     raise AssertionError("unreachable")
+
+
+def publish_new_folder(parent: Path, stem: str, write: Callable[[Path], None]) -> Path:
+    """Write a folder (an LLM adapter, a merged model) as `parent/stem`, or `stem_2`, ... if taken.
+
+    `write(tmp_dir)` fills a hidden temporary folder beside the target, which is then renamed into
+    place: readers never see a half-written folder, and an existing folder is never replaced (a
+    rename onto a non-empty folder fails, and then the next free name is tried).
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{stem}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for candidate in candidate_stems(stem):
+            target = parent / candidate
+            if target.exists():
+                continue
+            try:
+                os.rename(tmp, target)
+            except OSError:  # taken since the check (non-empty on POSIX, any folder on Windows)
+                if target.exists():
+                    continue
+                raise
+            return target
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    raise AssertionError("unreachable")
+
+
+def replace_folder(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write a folder the trainer owns (a checkpoint) via a temporary folder, replacing an older one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

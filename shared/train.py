@@ -13,4 +13,8 @@ def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainRes
         from shared.sd.trainer import train_sd
 
         return train_sd(cfg, reporter)
-    raise ConfigError(f"base_model: {cfg.base_model}: LLM training is not available in this build yet")
+    if task == "llm":
+        from shared.llm.trainer import train_llm
+
+        return train_llm(cfg, reporter)
+    raise ConfigError(f"task: unknown task {task!r}; use sd or llm")

@@ -1,0 +1,1 @@
+"""LLM LoRA training: local Transformers causal LMs, instruction/chat data, PEFT adapters."""
