@@ -77,8 +77,12 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
             bar.message("stopping: saving what was trained")
         elif kind == "finished":
             where = ", ".join(data.get("deployed") or []) or data.get("lora")
+            if data.get("captions") is not None:  # an auto-label job
+                bar.message(f"labelled {len(data['captions'])} images: {data.get('output')}")
+                return 0
             bar.message(f"finished after {data.get('steps')} steps: {where}")
-            bar.message(f"use it as <lora:{data.get('lora_name')}:0.8>")
+            if data.get("task", "sd") == "sd":
+                bar.message(f"use it as <lora:{data.get('lora_name')}:0.8>")
             return 0
         elif kind == "failed":
             bar.message(f"error: {data.get('error')}")

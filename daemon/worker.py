@@ -94,7 +94,15 @@ def job_config(spec: dict):
 
 
 def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
-    """Place a finished LoRA in one more Lora folder under a new name, renaming its alias to match."""
+    """Place a finished LoRA in one more Lora folder under a new name, renaming its alias to match.
+    An LLM adapter is a folder: it is copied whole, under a new folder name."""
+    if Path(src).is_dir():
+        import shutil
+
+        from shared.files import publish_new_folder
+
+        return publish_new_folder(folder, stem, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -128,16 +136,18 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             channel.send(result=outcome)
             return 0
         cfg = job_config(spec)
+        from shared.config import detect_task
         from shared.train import run_training
 
         result = run_training(cfg, make_reporter(channel, stop))
         deployed = [str(result.deployed_path)] if result.deployed_path else []
         for folder in spec.get("deploy_dirs") or []:
             path = deploy_copy(result.output_path, Path(folder), cfg.resolved_output_name)
-            print(f"Deployed to {path} (use it as <lora:{path.stem}:0.8>)", flush=True)
+            print(f"Deployed to {path}", flush=True)
             deployed.append(str(path))
         name_source = Path(deployed[0]) if deployed else result.output_path
         outcome = {
+            "task": detect_task(cfg),
             "lora": str(result.output_path),
             "deployed": deployed,
             "lora_name": name_source.stem,
