@@ -27,10 +27,19 @@ def kohya_state_dict(model, prefix: str, alpha: float | None = None, name_map=No
     out = {}
     for name, down, up, module_alpha in lora_modules(model):
         key = prefix + "_" + (name_map(name) if name_map else name).replace(".", "_")
-        out[f"{key}.lora_down.weight"] = down.detach().to("cpu", torch.float16).contiguous()
-        out[f"{key}.lora_up.weight"] = up.detach().to("cpu", torch.float16).contiguous()
+        out[f"{key}.lora_down.weight"] = _fp16_cpu(down)
+        out[f"{key}.lora_up.weight"] = _fp16_cpu(up)
         out[f"{key}.alpha"] = torch.tensor(float(module_alpha if alpha is None else alpha), dtype=torch.float16)
     return out
+
+
+def _fp16_cpu(tensor):
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.device.type != "meta":  # meta: a layout check on a full-size model without weights
+        tensor = tensor.to("cpu")
+    return tensor.to(torch.float16).contiguous()
 
 
 def text_encoder_module_name(name: str) -> str:
