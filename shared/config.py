@@ -120,6 +120,9 @@ class TrainConfig:
     noise_offset: float = _key(0.0, "Offset noise strength (0.05-0.1 helps very dark/bright images).")
     min_snr_gamma: float | None = _key(None, "Min-SNR loss weighting gamma (5 is common); empty disables.")
     lora_init_std: float | None = _key(None, "Std of the gaussian LoRA init of A. Default: 1/rank.")
+    use_dora: bool = _key(
+        False, "DoRA: also learn a magnitude per input column (exported as kohya `dora_scale`, as A1111/ComfyUI apply it)."
+    )
     conv_rank: int = _key(0, "LoCon: LoRA rank on the ResBlock 3x3 convs too (0: off).")
     conv_alpha: float | None = _key(None, "LoCon alpha. Default: conv_rank.")
     optimizer: Literal["adamw", "adamw8bit"] = _key("adamw", "adamw8bit needs bitsandbytes and a CUDA GPU.")

@@ -138,3 +138,50 @@ def test_samples_grid_sidecars_and_hashes(sd_config, tmp_path):
     assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + n:]).hexdigest()
     assert meta["modelspec.trigger_phrase"] == "shapesxyz"
     assert len(meta["ss_sd_model_hash"]) == 8
+
+
+def _a1111_weight_decompose(updown, orig_weight, dora_scale):
+    """AUTOMATIC1111's NetworkModule.apply_weight_decompose, restated from its documented formula:
+    W' = (W + dW) * dora_scale / ||W + dW|| with the norm over the output axis per input column."""
+    merged = updown + orig_weight
+    dims = orig_weight.dim() - 1
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+    norm = norm.reshape(merged.shape[1], *[1] * dims).transpose(0, 1)
+    return merged * (dora_scale / norm) - orig_weight
+
+
+def test_dora_export_is_what_a1111_applies(sd_config, tiny_sd):
+    from shared.sd.dora import column_norm, decomposed_weight
+
+    result = run_training(load_config(sd_config(max_train_steps=3, use_dora=True, learning_rate=1e-2)))
+    base = load_sd_model(tiny_sd["safetensors"], tiny_sd["config"])
+    targets = kohya_unet_targets(base.unet)
+    inject_lora(base.unet, targets, rank=8, alpha=16, dropout=0.0, init="default", dora=True)
+    modules = dict(base.unet.named_modules())
+    checked = 0
+    with safe_open(str(result.output_path), "pt") as f, torch.no_grad():
+        keys = set(f.keys())
+        assert sum(k.endswith(".dora_scale") for k in keys) == len(targets)
+        for name in targets:
+            key = "lora_unet_" + name.replace(".", "_")
+            module = modules[name]
+            down, up = f.get_tensor(key + ".lora_down.weight").float(), f.get_tensor(key + ".lora_up.weight").float()
+            scale = f.get_tensor(key + ".dora_scale").float()
+            weight = module.base_layer.weight
+            assert scale.shape == (1, weight.shape[1], *weight.shape[2:]) if weight.dim() == 4 else (1, weight.shape[1])
+            module.lora_A["default"].weight.copy_(down)
+            module.lora_B["default"].weight.copy_(up)
+            module.dora_scale.copy_(scale)
+            updown = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * float(f.get_tensor(key + ".alpha")) / 8
+            expected = weight + _a1111_weight_decompose(updown, weight, scale)
+            assert torch.allclose(decomposed_weight(module), expected, atol=1e-5), name
+            checked += 1
+        # the magnitudes were trained, not left at their initial value
+        name = targets[0]
+        key = "lora_unet_" + name.replace(".", "_")
+        assert not torch.allclose(f.get_tensor(key + ".dora_scale").float(), column_norm(modules[name].base_layer.weight),
+                                  atol=1e-4)
+    assert checked == 72
+    x = torch.randn(2, 5, 32)
+    to_k = modules["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert torch.allclose(to_k(x), torch.nn.functional.linear(x, decomposed_weight(to_k)), atol=1e-6)

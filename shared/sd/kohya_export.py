@@ -24,11 +24,17 @@ def kohya_state_dict(model, prefix: str, alpha: float | None = None, name_map=No
     `.alpha` is each module's own lora_alpha (LoCon convs may differ) unless `alpha` is given."""
     import torch
 
+    from shared.sd.dora import MAGNITUDE
+
+    modules = dict(model.named_modules())
     out = {}
     for name, down, up, module_alpha in lora_modules(model):
         key = prefix + "_" + (name_map(name) if name_map else name).replace(".", "_")
         out[f"{key}.lora_down.weight"] = _fp16_cpu(down)
         out[f"{key}.lora_up.weight"] = _fp16_cpu(up)
+        magnitude = getattr(modules[name], MAGNITUDE, None)
+        if magnitude is not None:  # DoRA: [1, in(, 1, 1)], the per-input layout A1111 applies
+            out[f"{key}.dora_scale"] = _fp16_cpu(magnitude)
         out[f"{key}.alpha"] = torch.tensor(float(module_alpha if alpha is None else alpha), dtype=torch.float16)
     return out
 

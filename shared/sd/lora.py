@@ -48,7 +48,7 @@ def kohya_text_encoder_targets(text_encoder) -> list[str]:
 
 def inject_lora(model, targets: list[str], *, rank: int, alpha: float, dropout: float, init: str,
                 init_std: float | None = None, conv_targets: list[str] = (), conv_rank: int = 0,
-                conv_alpha: float | None = None):
+                conv_alpha: float | None = None, dora: bool = False):
     """Add LoRA layers (adapter "default") to exactly the named modules; freeze everything else.
     3x3 convs among `conv_targets` get `conv_rank`/`conv_alpha`. Returns the trainable parameters."""
     import torch
@@ -86,6 +86,10 @@ def inject_lora(model, targets: list[str], *, rank: int, alpha: float, dropout: 
         with torch.no_grad():
             for _, lora_a, _, _ in lora_modules(model):
                 lora_a.normal_(0.0, init_std)
+    if dora:
+        from shared.sd.dora import add_dora
+
+        params += add_dora(model)
     return params
 
 
@@ -97,6 +101,10 @@ def lora_modules(model):
             yield name, lora_a["default"].weight, module.lora_B["default"].weight, module.lora_alpha["default"]
 
 
+def is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name or name.endswith(".dora_scale")
+
+
 def lora_state(model) -> dict:
-    """The trainable LoRA tensors by parameter name (what a training state saves)."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    """The trainable LoRA (and DoRA magnitude) tensors by parameter name (what a training state saves)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if is_lora_param(n)}

@@ -40,12 +40,18 @@ def lora_weight(model, weight: float):
     """Render with the LoRA at `weight` (0: the base model), then restore the trained scale."""
     layers = list(_lora_layers(model))
     for layer in layers:
-        layer.scale_layer(weight)
+        if hasattr(layer, "dora_strength"):  # DoRA blends the whole decomposed weight, as A1111 does
+            layer.dora_strength = weight
+        else:
+            layer.scale_layer(weight)
     try:
         yield
     finally:
         for layer in layers:
-            layer.unscale_layer()
+            if hasattr(layer, "dora_strength"):
+                layer.dora_strength = 1.0
+            else:
+                layer.unscale_layer()
 
 
 @contextlib.contextmanager

@@ -209,7 +209,7 @@ class SDTraining:
         targets = kohya_unet_targets(model.unet)
         conv = kohya_conv_targets(model.unet) if cfg.conv_rank else []
         lora_args = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init=cfg.lora_init,
-                         init_std=cfg.lora_init_std)
+                         init_std=cfg.lora_init_std, dora=cfg.use_dora)
         self.unet_params = inject_lora(model.unet, targets, conv_targets=conv, conv_rank=cfg.conv_rank,
                                        conv_alpha=cfg.conv_alpha, **lora_args)
         what = f"{len(targets)} UNet modules" + (f" + {len(conv)} LoCon modules" if conv else "")
@@ -547,7 +547,7 @@ class Exporter:
             "ss_dataset_dirs": json.dumps(dataset_dirs(data.items)),
             "ss_tag_frequency": json.dumps(tag_frequency(data.items)),
             "ss_network_args": json.dumps({
-                "init": cfg.lora_init, **({"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha or cfg.conv_rank}
+                "init": cfg.lora_init, **({"dora_wd": True} if cfg.use_dora else {}), **({"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha or cfg.conv_rank}
                                           if cfg.conv_rank else {}),
             }),
             "sshs_model_hash": addnet_hash(tensors),
