@@ -44,13 +44,14 @@ def _wrapped(module, adapter):
     return {name for name, m in module.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
 
 
-@pytest.fixture(params=["sd1", "sd2", "sdxl"])
-def trained(request, tmp_path):
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def trained(request, tmp_path_factory):
     from shared.fixtures.images import make_image_folder
     from tests.conftest import write_config
 
     models = {"sd1": "tiny_sd", "sd2": "tiny_sd2v", "sdxl": "tiny_sdxl"}
     paths = request.getfixturevalue(models[request.param])
+    tmp_path = tmp_path_factory.mktemp(request.param)
     images = make_image_folder(tmp_path / "images", count=4)
     config = write_config(
         tmp_path / "c.yaml", base_model=paths["safetensors"], model_config=paths["config"], train_data_dir=images,
