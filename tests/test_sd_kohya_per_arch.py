@@ -57,6 +57,7 @@ def trained(request, tmp_path_factory):
         tmp_path / "c.yaml", base_model=paths["safetensors"], model_config=paths["config"], train_data_dir=images,
         output_dir=tmp_path / "out" / f"lora_{request.param}", resolution=64, batch_size=2, max_train_steps=3,
         save_steps=0, learning_rate=1e-3, seed=0, train_text_encoder=True, text_encoder_lr=5e-4, lora_dropout=0.0,
+        sample_prompts=["a red circle"], sample_steps=1,
     )
     cfg = load_config(config)
     return request.param, paths, run_training(cfg)
@@ -119,3 +120,11 @@ def test_trained_metadata_dataset_fields(trained):
     assert buckets["buckets"]["0"] == {"resolution": [64, 64], "count": 4}
     assert float(meta["ss_training_started_at"]) > 1.7e9
     assert meta["ss_v_parameterization"] == str(arch == "sd2")
+
+
+def test_preview_grid_and_sidecar_per_architecture(trained):
+    arch, _, result = trained
+    folder, stem = result.output_path.parent, result.output_path.stem
+    assert (folder / f"{stem}.preview.png").is_file() and (folder / f"{stem}-grid.png").is_file()
+    sidecar = json.loads((folder / f"{stem}.json").read_text())
+    assert sidecar["sd version"] == {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}[arch]

@@ -82,3 +82,28 @@ def test_an_interrupted_state_save_leaves_nothing_behind(tmp_path):
                         rng=ckpt.rng_state(gen), trainer={})
     assert list(tmp_path.iterdir()) == []
     assert ckpt.resolve_resume("latest", tmp_path) is None
+
+
+def test_a_stopped_run_saves_a_state_that_resume_continues(sd_config, tmp_path):
+    from shared.reporting import Reporter
+
+    class StopAfterTwo(Reporter):
+        step = 0
+
+        def log(self, message):
+            pass
+
+        def event(self, kind, **data):
+            if kind == "progress":
+                self.step = data["step"]
+
+        def stop_requested(self):
+            return self.step >= 2
+
+    config = sd_config(max_train_steps=5, save_steps=0)
+    stopped = run_training(load_config(config), StopAfterTwo())
+    assert stopped.stopped_early and stopped.steps == 2
+    assert [s for s, _ in ckpt.list_states(stopped.output_path.parent / "checkpoints")] == [2]
+    resumed = run_training(load_config(sd_config(max_train_steps=5, save_steps=0, resume="latest")))
+    assert resumed.steps == 5 and len(resumed.losses) == 5
+    assert resumed.losses[:2] == stopped.losses

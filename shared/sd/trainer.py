@@ -348,6 +348,14 @@ class SDTraining:
             out.update({f"te{i}.{k}": v for k, v in lora_state(encoder).items()})
         return out
 
+    def save_state(self, folder: Path, step: int, position: dict) -> Path:
+        """A resumable state: `position` says where in the data order the next step starts."""
+        state = ckpt.save_state(folder, step, lora=self.all_lora_state(), optimizer=self.optimizer,
+                                scheduler=self.scheduler, rng=ckpt.rng_state(self.generator),
+                                trainer={**position, "fingerprint": self.fingerprint()})
+        ckpt.prune(folder, self.cfg.save_last_n, self.cfg.resolved_output_name)
+        return state
+
     def restore(self, path: Path) -> dict:
         import torch
 
@@ -433,16 +441,11 @@ def train_sd(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                 writer.add_scalar("loss", step_loss, step)
                 writer.add_scalar("lr", lr, step)
             reporter.event("progress", step=step, total=total, loss=step_loss, lr=lr, it_s=it_s, eta_s=eta)
+            position = {"epoch": epoch, "next_batch": b + 1, "losses": result.losses, "started_at": started_at}
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
                 path = checkpoint_dir / f"{cfg.resolved_output_name}-step{step:06d}.safetensors"
                 exporter.write(path, step)
-                state = ckpt.save_state(
-                    checkpoint_dir, step, lora=run.all_lora_state(), optimizer=run.optimizer,
-                    scheduler=run.scheduler, rng=ckpt.rng_state(run.generator),
-                    trainer={"epoch": epoch, "next_batch": b + 1, "losses": result.losses,
-                             "started_at": started_at, "fingerprint": run.fingerprint()},
-                )
-                ckpt.prune(checkpoint_dir, cfg.save_last_n, cfg.resolved_output_name)
+                state = run.save_state(checkpoint_dir, step, position)
                 result.checkpoints.append(path)
                 reporter.log(f"Saved checkpoint {path} and training state {state.name}")
                 reporter.event("checkpoint", step=step, path=str(path), state=str(state))
@@ -453,6 +456,9 @@ def train_sd(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
             if reporter.stop_requested():
                 reporter.log(f"Stop requested: saving what was trained after {step} steps")
                 result.stopped_early = True
+                if step < total:  # `resume: latest` can continue a stopped run
+                    state = run.save_state(checkpoint_dir, step, position)
+                    reporter.event("checkpoint", step=step, path="", state=str(state))
                 break
         else:
             epoch, next_batch = epoch + 1, 0
