@@ -127,10 +127,14 @@ def test_architectures_we_do_not_train_are_named(keys, message):
         detect_architecture(state, "model.safetensors")
 
 
-def test_sd2_without_v_mark_is_epsilon(tmp_path):
-    from shared.fixtures.tiny_sd import build_tiny_sd
+def test_sd2_prediction_type_comes_from_the_weights(tiny_sd2v):
+    from shared.sd.base_model import detect_prediction_type
 
-    paths = build_tiny_sd(tmp_path, "sd2", dtype=torch.float16)
-    state = read_checkpoint(paths["safetensors"])
-    assert detect_architecture(state, paths["safetensors"]) == "sd2"
-    assert load_sd_model(paths["safetensors"], paths["config"]).metadata_arch == "sd2"
+    state = read_checkpoint(tiny_sd2v["safetensors"])
+    assert detect_architecture(state, tiny_sd2v["safetensors"]) == "sd2"
+    assert detect_prediction_type(state, "sd2") == "v_prediction"
+    for key in [k for k in state if k.endswith("transformer_blocks.0.norm1.bias")]:
+        state[key] = torch.zeros_like(state[key])  # what epsilon training leaves (spread below 0.09)
+    assert detect_prediction_type(state, "sd2") == "epsilon"
+    assert detect_prediction_type({**state, "v_pred": torch.zeros(0)}, "sd2") == "v_prediction"
+    assert detect_prediction_type(state, "sd1") is None  # SD1 files give no sign: the config decides
