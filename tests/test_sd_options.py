@@ -17,26 +17,41 @@ from shared.sd.trainer import noise_loss
 from shared.train import run_training
 
 
-def test_locon_conv_modules_export_and_load_in_diffusers(sd_config, tiny_sd):
-    from diffusers import StableDiffusionPipeline
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_sdxl"])
+def test_locon_conv_modules_export_and_load_in_diffusers(sd_config, model, request):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    result = run_training(load_config(sd_config(max_train_steps=2, conv_rank=4, conv_alpha=2)))
+    paths = request.getfixturevalue(model)
+    sdxl = model == "tiny_sdxl"
+    result = run_training(load_config(sd_config(base_model=paths["safetensors"], model_config=paths["config"],
+                                                max_train_steps=2, conv_rank=4, conv_alpha=2)))
+    # SD1 keeps diffusers names; SDXL uses the LDM names (input_blocks.1.0 = down_blocks.0.resnets.0)
+    conv_key = "lora_unet_input_blocks_1_0_in_layers_2" if sdxl else "lora_unet_down_blocks_0_resnets_0_conv1"
+    emb_key = "lora_unet_input_blocks_1_0_emb_layers_1" if sdxl else "lora_unet_down_blocks_0_resnets_0_time_emb_proj"
+    attn_key = "lora_unet_input_blocks_4_1_proj_in" if sdxl else "lora_unet_down_blocks_0_attentions_0_proj_in"
     with safe_open(str(result.output_path), "pt") as f:
         keys = set(f.keys())
-        conv = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
-        conv_up = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight")
-        alpha = float(f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.alpha"))
-        attn_alpha = float(f.get_tensor("lora_unet_down_blocks_0_attentions_0_proj_in.alpha"))
+        conv = f.get_tensor(conv_key + ".lora_down.weight")
+        conv_up = f.get_tensor(conv_key + ".lora_up.weight")
+        alpha = float(f.get_tensor(conv_key + ".alpha"))
+        attn_alpha = float(f.get_tensor(attn_key + ".alpha"))
         meta = f.metadata()
     assert conv.shape == (4, 32, 3, 3) and conv_up.shape == (32, 4, 1, 1) and alpha == 2.0 and attn_alpha == 16.0
-    assert "lora_unet_down_blocks_0_resnets_0_time_emb_proj.lora_down.weight" in keys
+    assert emb_key + ".lora_down.weight" in keys
     assert json.loads(meta["ss_network_args"])["conv_dim"] == 4
 
-    base = load_sd_model(tiny_sd["safetensors"], tiny_sd["config"])
+    base = load_sd_model(paths["safetensors"], paths["config"])
     expected = set(kohya_unet_targets(base.unet)) | set(kohya_conv_targets(base.unet))
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
-        scheduler=base.noise_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
+            tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet,
+            scheduler=base.noise_scheduler)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0], unet=base.unet,
+            scheduler=base.noise_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
     pipe.load_lora_weights(str(result.output_path), adapter_name="locon")
     loaded = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "locon" in m.lora_A}
     assert loaded == expected
