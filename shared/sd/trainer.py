@@ -182,6 +182,7 @@ class SDTraining:
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
         self.device = self.accelerator.device
         self.reporter.log(f"Using device: {self.device}")
+        self._check_optimizer()
         set_seed(cfg.seed)
         self.model = model = load_sd_model(cfg.base_model, cfg.model_config, cfg.prediction_type)
         self.reporter.log(f"Loaded base model from {cfg.base_model} ({model.arch}, {model.prediction_type})")
@@ -203,6 +204,17 @@ class SDTraining:
         self.total_steps = cfg.max_train_steps or cfg.epochs * self.steps_per_epoch
         self._optimizer()
         self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def _check_optimizer(self) -> None:
+        if self.cfg.optimizer != "adamw8bit":
+            return
+        if self.device.type != "cuda":
+            raise ConfigError("optimizer: adamw8bit needs a CUDA GPU (bitsandbytes); use `adamw` on this device")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("optimizer: adamw8bit needs the bitsandbytes package "
+                              "(pip install bitsandbytes) or use `adamw`") from None
 
     def _inject(self) -> None:
         cfg, model = self.cfg, self.model
@@ -236,13 +248,8 @@ class SDTraining:
         if self.te_params:
             groups.append({"params": self.te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
         if cfg.optimizer == "adamw8bit":
-            if self.device.type != "cuda":
-                raise ConfigError("optimizer: adamw8bit needs a CUDA GPU (bitsandbytes); use `adamw` on this device")
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ConfigError("optimizer: adamw8bit needs the bitsandbytes package "
-                                  "(pip install bitsandbytes) or use `adamw`") from None
+            import bitsandbytes as bnb  # checked in _check_optimizer before the model loaded
+
             optimizer = bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
