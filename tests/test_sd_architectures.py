@@ -138,3 +138,25 @@ def test_sd2_prediction_type_comes_from_the_weights(tiny_sd2v):
     assert detect_prediction_type(state, "sd2") == "epsilon"
     assert detect_prediction_type({**state, "v_pred": torch.zeros(0)}, "sd2") == "v_prediction"
     assert detect_prediction_type(state, "sd1") is None  # SD1 files give no sign: the config decides
+
+
+def test_sd2_v_diffusers_folder_takes_prediction_type_from_its_scheduler(tmp_path):
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from shared.fixtures.tiny_sd import write_config_folder
+
+    # an SD2-shaped folder: OpenCLIP-style (gelu) encoder as wide as the UNet's cross-attention
+    configs = {**TINY["sd2"], "unet": {**TINY["sd2"]["unet"], "cross_attention_dim": 32},
+               "text_encoder": {**TINY["sd2"]["text_encoder"], "hidden_size": 32, "num_attention_heads": 4}}
+    folder = write_config_folder(tmp_path / "sd2v", configs, "sd2")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    UNet2DConditionModel.from_config(configs["unet"]).save_pretrained(folder / "unet")
+    AutoencoderKL.from_config(configs["vae"]).save_pretrained(folder / "vae")
+    CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).save_pretrained(folder / "text_encoder")
+    model = load_sd_model(folder)
+    assert (model.arch, model.prediction_type, model.metadata_arch) == ("sd2", "v_prediction", "sd2_v")
+    assert model.tokenizers[0].pad_token == "!"

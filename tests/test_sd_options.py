@@ -133,6 +133,11 @@ def test_samples_grid_sidecars_and_hashes(sd_config, tmp_path):
     samples = sorted(p.name for p in (out / "logs" / "samples").glob("*.png"))
     assert samples == ["step000002-00.png", "step000002-01.png", "step000004-00.png", "step000004-01.png"]
     assert [d["step"] for k, d in events if k == "sample"] == [2, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "logs")).Reload()
+    assert {"sample/00", "sample/01"} <= set(board.Tags()["images"])
+    assert [e.step for e in board.Images("sample/00")] == [2, 4]
     grid = Image.open(out / "my_lora-grid.png")
     assert grid.size == (4 * 64, 14 + 2 * 64)  # base, 0.5, 0.8, 1.0 x two prompts
     # the base column differs from the LoRA 1.0 column: the LoRA changes the image
