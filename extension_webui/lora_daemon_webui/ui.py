@@ -8,13 +8,14 @@ answer while such a handler is streaming.
 from __future__ import annotations
 
 import html
+import os
 import time
 from pathlib import Path
 
 import gradio as gr
 
 from . import form, host
-from .bridge import load_client_modules
+from .bridge import REPO_ROOT, load_client_modules
 from .plot import loss_curve
 from .watch import JobView, JobWatch, Watches, lora_prompt, progress_line, wait_for_change
 
@@ -43,6 +44,18 @@ def _where(settings: host.TabSettings) -> str:
     state = settings.state_dir or client_mod.default_state_dir()
     known_host, known_port = client_mod.read_endpoint(state)
     return f"{settings.host or known_host}:{settings.port or known_port}"
+
+
+def _daemon_python(settings: host.TabSettings) -> str | None:
+    """The setting, else what the launcher finds itself ($LORA_DAEMON_PYTHON, install.json), else the
+    environment `python3 install.py` makes in this checkout (./.venv)."""
+    if settings.python:
+        return settings.python
+    state = settings.state_dir or client_mod.default_state_dir()
+    if os.environ.get("LORA_DAEMON_PYTHON") or launcher.recorded_python(state):
+        return None
+    candidate = REPO_ROOT / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    return str(candidate) if candidate.exists() else None
 
 
 def _status(settings: host.TabSettings) -> tuple[str, bool]:
@@ -89,7 +102,7 @@ def start_daemon():
     if host.exposed_without_login() and not settings.allow_remote:
         return NOT_ALLOWED, gr.update(visible=True)
     try:
-        launcher.ensure_daemon(settings.state_dir, python=settings.python)
+        launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
     except DaemonUnavailable as exc:
         return _status_outputs(settings, str(exc))
     return _status_outputs(settings)
@@ -201,7 +214,7 @@ def train(base_model, dataset, caption_source, output_name, rank, alpha, learnin
         return
     if settings.autostart:
         try:
-            launcher.ensure_daemon(settings.state_dir, python=settings.python)
+            launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
         except DaemonUnavailable:
             pass  # the connect below says what is wrong
     status = _status_outputs(settings)

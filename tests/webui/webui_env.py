@@ -20,8 +20,11 @@ _python: dict[str, str] = {}
 
 
 def gradio3_python() -> str:
-    """The test environment's python, built by setup_env.sh if needed; skip only if it cannot be built."""
+    """The test environment's python, built by setup_env.sh if needed; skip only if it cannot be built.
+    $LORA_WEBUI_TEST_PYTHON runs the same tests with another environment's Python instead."""
     with _lock:
+        if os.environ.get("LORA_WEBUI_TEST_PYTHON"):  # e.g. an environment with Forge's gradio 4.40
+            _python["python"] = os.environ["LORA_WEBUI_TEST_PYTHON"]
         if "python" not in _python:
             try:
                 out = subprocess.run(["bash", str(HERE / "setup_env.sh")], capture_output=True, text=True,
