@@ -66,6 +66,8 @@ def _status(settings: host.TabSettings) -> tuple[str, bool]:
     except DaemonUnavailable as exc:
         return (f"**No lora-daemon is running** ({exc}).\n\nPress **Start the daemon** to start it in "
                 "its own environment, or run `python -m daemon serve` yourself.", True)
+    except (DaemonError, TimeoutError, OSError) as exc:
+        return f"**The daemon at `{_where(settings)}` did not answer as expected:** {exc}", False
     devices = ", ".join(
         f"{d.get('name') or d['type']}" + (f" ({d['memory_free_mb'] / 1024:.1f} GB free)" if d.get("memory_free_mb")
                                            else "")
@@ -222,6 +224,11 @@ def train(base_model, dataset, caption_source, output_name, rank, alpha, learnin
     try:
         with _connect(settings) as client:
             job = client.submit(config, base_dir=host.base_dir(), source="Train LoRA tab")
+    except DaemonUnavailable as exc:
+        if freed:
+            host.restore_vram()
+        yield _message(_status_outputs(settings), f"**No daemon to train with:** {exc}")
+        return
     except (DaemonError, TimeoutError) as exc:
         if freed:
             host.restore_vram()

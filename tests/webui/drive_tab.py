@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--resolution", default="64")
     parser.add_argument("--screenshot", action="append", default=[], help="where the mid-training shot goes")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--then", action="append", default=[], choices=["stop", "cancel"],
+                        help="afterwards, train again with --long-advanced and press Stop / Cancel mid-way")
+    parser.add_argument("--long-advanced", default="")
     args = parser.parse_args()
     seen: dict = {"progress": [], "steps": []}
 
@@ -112,6 +115,23 @@ def main() -> None:
         seen["job"] = field(page, "lora_daemon_job").input_value()
         seen["screenshot_taken"] = shot_taken
         page.screenshot(path=f"{args.out}/webui_tab_done.png", full_page=True)
+
+        for action in args.then:
+            previous_job = field(page, "lora_daemon_job").input_value()
+            field(page, "lora_daemon_advanced").fill(args.long_advanced)
+            page.locator("#lora_daemon_train").click()
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                match = STEP.search(text_of(page, "#lora_daemon_progress"))
+                if field(page, "lora_daemon_job").input_value() != previous_job and match and int(match.group(1)) >= 2:
+                    break
+                time.sleep(0.1)
+            page.locator(f"#lora_daemon_{action}").click()
+            final = "finished" if action == "stop" else "cancelled"
+            text = wait_text(page, "#lora_daemon_progress", f" · {final}", 120)
+            time.sleep(0.5)
+            seen[action] = {"progress": text, "result": field(page, "lora_daemon_result").input_value(),
+                            "job": field(page, "lora_daemon_job").input_value(), "previous_job": previous_job}
         browser.close()
     print(json.dumps(seen))
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,26 +62,30 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     lora_dir = root / "models" / "Lora"
     log = tmp_path / "calls.jsonl"
     port = free_port()
-    webui = subprocess.Popen([python, str(FAKE_WEBUI / "webui.py"), "--port", str(port)], cwd=root,
-                             env=webui_env(root, log), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    webui_out = tmp_path / "webui.out"
+    with open(webui_out, "w") as out:  # a file, not a pipe: nobody reads it while the test runs
+        webui = subprocess.Popen([python, str(FAKE_WEBUI / "webui.py"), "--port", str(port)], cwd=root,
+                                 env=webui_env(root, log), stdout=out, stderr=subprocess.STDOUT)
     shots = [str(tmp_path / "webui_tab.png")]
     if os.environ.get("LORA_WEBUI_SCREENSHOT"):
         shots.append(str(REPO / "docs" / "images" / "webui_tab.png"))
     try:
-        line = ""
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not line.startswith("READY"):
-            line = webui.stdout.readline()
-            assert line or webui.poll() is None, "the stand-in WebUI exited at start"
-        assert line.startswith("READY"), "the stand-in WebUI did not come up in 90 s"
+        def ready():
+            assert webui.poll() is None, f"the stand-in WebUI exited at start:\n{webui_out.read_text()[-3000:]}"
+            return "READY http" in webui_out.read_text()
+
+        wait_until(ready, 90, "the stand-in WebUI to serve", interval=0.2)
         advanced = yaml.safe_dump({"model_config": str(tiny_sd["config"]), "max_train_steps": 30, "save_steps": 0,
                                    "seed": 0})
+        long_advanced = yaml.safe_dump({"model_config": str(tiny_sd["config"]), "max_train_steps": 3000,
+                                        "save_steps": 0})
         drive = subprocess.run(
             [python, str(HERE / "drive_tab.py"), "--url", f"http://127.0.0.1:{port}/", "--out", str(tmp_path),
              "--dataset", str(image_dir), "--output-name", "webui_test", "--advanced", advanced,
-             *[a for shot in shots for a in ("--screenshot", shot)]],
+             *[a for shot in shots for a in ("--screenshot", shot)],
+             "--then", "stop", "--then", "cancel", "--long-advanced", long_advanced],
             capture_output=True, text=True, timeout=300, env=webui_env(root, log))
-        assert drive.returncode == 0, drive.stdout[-3000:] + drive.stderr[-3000:]
+        assert drive.returncode == 0, drive.stdout[-3000:] + drive.stderr[-3000:] + webui_out.read_text()[-3000:]
         seen = json.loads(drive.stdout.strip().splitlines()[-1])
     finally:
         webui.send_signal(signal.SIGTERM)
@@ -112,7 +116,15 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     assert seen["result"] == "<lora:webui_test:0.8>", seen
     assert "finished" in seen["final_progress"] and "step 30/30" in seen["final_progress"]
     assert "webui_test" in seen["queue"] and "finished" in seen["queue"]
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["webui_test.safetensors"]
+
+    # Stop saves what was trained, under a new name beside the first; Cancel keeps nothing
+    stopped, cancelled = seen["stop"], seen["cancel"]
+    assert stopped["job"] != stopped["previous_job"] and cancelled["job"] != cancelled["previous_job"]
+    assert "stopped early; saved" in stopped["progress"], stopped
+    assert int(re.search(r"step (\d+)/3000", stopped["progress"]).group(1)) < 3000
+    assert stopped["result"] == "<lora:webui_test_2:0.8>"
+    assert "cancelled" in cancelled["progress"] and cancelled["result"] == ""
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["webui_test.safetensors", "webui_test_2.safetensors"]
 
     # the WebUI side: the model left the GPU before the job and came back after, under the queue
     # lock each time, and the Lora list was refreshed once the file was there
@@ -120,9 +132,13 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     names = [c["call"] for c in calls]
     assert "unload_model_weights_without_model" not in names
     unload, back = names.index("unload_model_weights"), names.index("send_model_to_device")
-    refresh = max(i for i, c in enumerate(calls) if c["call"] == "list_available_networks")
+    refreshes = [c["names"] for c in calls if c["call"] == "list_available_networks"]
     assert unload < back and calls[unload]["lock_held"] and calls[back]["lock_held"]
-    assert "webui_test" in calls[refresh]["names"] and refresh > unload
+    assert refreshes[0] == [] and refreshes[1:] == [["webui_test"], ["webui_test", "webui_test_2"]]
+    # one unload and one return per job (three jobs), alternating
+    moves = [c["call"] for c in calls if c["call"] in ("unload_model_weights", "send_model_to_device")]
+    assert moves == ["unload_model_weights", "send_model_to_device"] * 3
+    assert all(c["lock_held"] for c in calls if c["call"] in ("unload_model_weights", "send_model_to_device"))
     assert calls[unload]["device"] == "cpu" and calls[back]["device"] == "cuda"
     if os.environ.get("LORA_WEBUI_SCREENSHOT"):
         shutil.copy(tmp_path / "webui_tab_done.png", REPO / "docs" / "images" / "webui_tab_done.png")
