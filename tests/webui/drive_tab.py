@@ -38,6 +38,18 @@ def field(page, elem_id: str):
     return page.locator(f"#{elem_id}").locator("textarea, input").first
 
 
+def fill_form(page, args, advanced: str) -> None:
+    field(page, "lora_daemon_dataset").fill(args.dataset)
+    field(page, "lora_daemon_output_name").fill(args.output_name)
+    for elem_id, value in (("lora_daemon_rank", args.rank), ("lora_daemon_alpha", args.alpha),
+                           ("lora_daemon_lr", args.learning_rate), ("lora_daemon_batch", args.batch_size),
+                           ("lora_daemon_resolution", args.resolution)):
+        field(page, elem_id).fill(value)
+    if not field(page, "lora_daemon_advanced").is_visible():
+        page.get_by_text("Advanced: every other config key").first.click()
+    field(page, "lora_daemon_advanced").fill(advanced)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
@@ -75,15 +87,7 @@ def main() -> None:
         seen["daemon_up"] = text_of(page, "#lora_daemon_status")
         seen["start_visible_after"] = page.locator("#lora_daemon_start").is_visible()
 
-        field(page, "lora_daemon_dataset").fill(args.dataset)
-        field(page, "lora_daemon_output_name").fill(args.output_name)
-        for elem_id, value in (("lora_daemon_rank", args.rank), ("lora_daemon_alpha", args.alpha),
-                               ("lora_daemon_lr", args.learning_rate), ("lora_daemon_batch", args.batch_size),
-                               ("lora_daemon_resolution", args.resolution)):
-            field(page, elem_id).fill(value)
-        if args.advanced:
-            page.get_by_text("Advanced: every other config key").first.click()
-            field(page, "lora_daemon_advanced").fill(args.advanced)
+        fill_form(page, args, args.advanced)
         page.locator("#lora_daemon_train").click()
 
         shot_taken = False
@@ -118,7 +122,7 @@ def main() -> None:
 
         for action in args.then:
             previous_job = field(page, "lora_daemon_job").input_value()
-            field(page, "lora_daemon_advanced").fill(args.long_advanced)
+            fill_form(page, args, args.long_advanced)  # again: a page reload empties the form
             page.locator("#lora_daemon_train").click()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
@@ -126,6 +130,18 @@ def main() -> None:
                 if field(page, "lora_daemon_job").input_value() != previous_job and match and int(match.group(1)) >= 2:
                     break
                 time.sleep(0.1)
+            if action == "stop":  # a page reload loses the live view; Refresh finds the running job again
+                running_job = field(page, "lora_daemon_job").input_value()
+                page.reload(wait_until="domcontentloaded")
+                page.locator("#tabs button", has_text="Train LoRA").first.click()
+                wait_text(page, "#lora_daemon_status", "Daemon running", 30)
+                seen["job_box_after_reload"] = field(page, "lora_daemon_job").input_value()
+                page.locator("#lora_daemon_refresh").click()
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and field(page, "lora_daemon_job").input_value() != running_job:
+                    time.sleep(0.1)
+                seen["reattached"] = {"job": field(page, "lora_daemon_job").input_value(), "running_job": running_job,
+                                      "progress": wait_text(page, "#lora_daemon_progress", "running · step", 30)}
             page.locator(f"#lora_daemon_{action}").click()
             final = "finished" if action == "stop" else "cancelled"
             text = wait_text(page, "#lora_daemon_progress", f" · {final}", 120)

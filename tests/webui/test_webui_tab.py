@@ -119,6 +119,9 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
 
     # Stop saves what was trained, under a new name beside the first; Cancel keeps nothing
     stopped, cancelled = seen["stop"], seen["cancel"]
+    # after a page reload, Refresh found the running job and streamed it again
+    assert seen["job_box_after_reload"] == "" and seen["reattached"]["job"] == seen["reattached"]["running_job"]
+    assert seen["reattached"]["job"] == stopped["job"] and "running · step" in seen["reattached"]["progress"]
     assert stopped["job"] != stopped["previous_job"] and cancelled["job"] != cancelled["previous_job"]
     assert "stopped early; saved" in stopped["progress"], stopped
     assert int(re.search(r"step (\d+)/3000", stopped["progress"]).group(1)) < 3000
