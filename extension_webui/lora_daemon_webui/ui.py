@@ -214,7 +214,8 @@ def train(base_model, dataset, caption_source, output_name, rank, alpha, learnin
     except form.FormError as exc:
         yield _message(status, f"**Check the form:** {exc}")
         return
-    if settings.autostart:
+    if settings.autostart and launcher.daemon_answers(settings.state_dir or client_mod.default_state_dir()) is None:
+        yield _message(status, "Starting the daemon ...")
         try:
             launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
         except DaemonUnavailable:
