@@ -191,3 +191,40 @@ def test_daemon_errors_become_the_node_error(daemon, comfy, tiny_sd, image_dir):
     with pytest.raises(Exception, match="dataset_folder: .*nowhere is not a folder"):
         train.train(**node_inputs(tiny_sd, image_dir / "nowhere"))
     assert lora_files(comfy.loras) == []
+
+
+def test_the_documented_workflow_wires_the_nodes_as_they_are_declared(comfy, tiny_sd):
+    import json
+
+    from comfy_host import REPO
+
+    workflow = json.loads((REPO / "docs" / "comfyui_workflow_api.json").read_text())
+    ours = comfy.pack.NODE_CLASS_MAPPINGS
+    core_outputs = {"CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "CLIPTextEncode": ("CONDITIONING",),
+                    "EmptyLatentImage": ("LATENT",), "KSampler": ("LATENT",), "VAEDecode": ("IMAGE",),
+                    "SaveImage": ()}
+    outputs = {nid: ours[n["class_type"]].RETURN_TYPES if n["class_type"] in ours else core_outputs[n["class_type"]]
+               for nid, n in workflow.items()}
+    chain = ["CheckpointLoaderSimple", "LoraDaemonTrainLoRA", "CLIPTextEncode", "KSampler", "VAEDecode",
+             "SaveImage"]
+    assert all(any(n["class_type"] == c for n in workflow.values()) for c in chain)
+    for nid, node in workflow.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):  # a link: [node id, output slot]
+                assert value[0] in workflow and value[1] < len(outputs[value[0]]), (nid, name)
+        if node["class_type"] in ours:
+            declared = ours[node["class_type"]].INPUT_TYPES()
+            assert set(declared["required"]) <= set(node["inputs"]), nid
+            assert set(node["inputs"]) <= set(declared["required"]) | set(declared.get("optional", {})), nid
+    train = workflow["2"]["inputs"]
+    # the sampler gets the trained MODEL, the prompts the trained CLIP
+    assert workflow["6"]["inputs"]["model"] == ["2", 0] and workflow["3"]["inputs"]["clip"] == ["2", 1]
+    assert (train["model"], train["clip"]) == (["1", 0], ["1", 1])
+
+    # the demo data set path works from a ComfyUI folder with the pack linked as custom_nodes/lora_daemon
+    (comfy.checkpoints / train["checkpoint"]).symlink_to(tiny_sd["safetensors"])
+    plan = comfy.pack.train_node.TrainPlan(**{k: v for k, v in train.items() if not isinstance(v, list)
+                                              and k not in ("strength_model", "strength_clip")})
+    assert plan.dataset == REPO / "shared" / "demo" / "images"
+    assert plan.config["metadata_path"] == str(REPO / "shared" / "demo" / "images" / "metadata.csv")
+    assert plan.deploy_dirs == [comfy.loras]
