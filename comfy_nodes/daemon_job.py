@@ -33,6 +33,9 @@ CANCEL_WAIT_S = 15.0
 class TrainingFailed(Exception):
     """The daemon refused or failed the job; the message is the daemon's one line."""
 
+    # ComfyUI shows the exception's type beside its message; the pack's module name is a file path
+    __module__ = "lora_daemon"
+
 
 def daemon_python(state_dir: Path) -> str | None:
     """The daemon environment's Python: $LORA_DAEMON_PYTHON, the one install.py recorded, or the repo's
