@@ -56,15 +56,15 @@ def connect(state_dir: Path | None = None) -> DaemonClient:
         raise TrainingFailed(f"lora-daemon: {exc}") from None
 
 
-def _next_event(client: DaemonClient, job_id: str, last: int) -> tuple[DaemonClient, dict | None]:
+def _next_event(client: DaemonClient, job_id: str, last: int) -> dict | None:
     """The job's next event, or None after POLL_S of quiet. A dropped connection is reopened and the
     subscription resumed after `last`, so no event is missed or seen twice."""
     try:
         for event in client.events(timeout=POLL_S):
             if event.get("job") == job_id and event["seq"] > last:
-                return client, event
+                return event
     except TimeoutError:
-        return client, None
+        return None
     except DaemonUnavailable:
         client.close()
         deadline = time.monotonic() + RECONNECT_S
@@ -73,13 +73,13 @@ def _next_event(client: DaemonClient, job_id: str, last: int) -> tuple[DaemonCli
             try:
                 client.open()
                 client.subscribe(job_id, after=last)
-                return client, None
+                return None
             except DaemonUnavailable:
                 if time.monotonic() > deadline:
                     raise TrainingFailed(f"lora-daemon: lost the connection to the daemon while job {job_id} "
                                          "ran; it may still be training (see `python -m daemon jobs`)") from None
                 time.sleep(POLL_S)
-    return client, None
+    return None
 
 
 def cancel_quietly(client: DaemonClient, job_id: str, wait: float = CANCEL_WAIT_S) -> None:
@@ -119,7 +119,7 @@ def run_job(
     try:
         client.subscribe(job_id)
         while True:
-            client, event = _next_event(client, job_id, last)
+            event = _next_event(client, job_id, last)
             host.raise_if_interrupted()
             if event is None:
                 continue

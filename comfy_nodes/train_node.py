@@ -58,6 +58,8 @@ class TrainPlan:
         self.dataset = (dataset if dataset.is_absolute() else self.base_dir / dataset).resolve()
         if not self.dataset.is_dir():
             raise TrainingFailed(f"dataset_folder: {self.dataset} is not a folder")
+        if not str(output_name).strip():
+            raise TrainingFailed("output_name: empty; give the LoRA a file name (letters, digits, _ and -)")
         self.lora_folder = host.first_lora_folder()
         overrides = parse_advanced(advanced)
 

@@ -190,6 +190,8 @@ def test_daemon_errors_become_the_node_error(daemon, comfy, tiny_sd, image_dir):
         train.train(**node_inputs(tiny_sd, image_dir, caption_source=".txt"))
     with pytest.raises(Exception, match="dataset_folder: .*nowhere is not a folder"):
         train.train(**node_inputs(tiny_sd, image_dir / "nowhere"))
+    with pytest.raises(Exception, match="output_name: empty"):
+        train.train(**node_inputs(tiny_sd, image_dir, output_name="  "))
     assert lora_files(comfy.loras) == []
 
 
@@ -228,3 +230,27 @@ def test_the_documented_workflow_wires_the_nodes_as_they_are_declared(comfy, tin
     assert plan.dataset == REPO / "shared" / "demo" / "images"
     assert plan.config["metadata_path"] == str(REPO / "shared" / "demo" / "images" / "metadata.csv")
     assert plan.deploy_dirs == [comfy.loras]
+
+
+def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
+    """The daemon dies mid-job and comes back: the node reconnects, resumes its subscription after the
+    last event it saw, and returns the LoRA of the re-run job."""
+    train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]
+
+    def restart_after_two_steps():
+        wait_until(lambda: any(value >= 2 for value, _, _ in comfy.progress), 120, "two training steps")
+        daemon.kill()
+        daemon.start()
+
+    thread = threading.Thread(target=restart_after_two_steps, daemon=True)
+    thread.start()
+    _, _, name, job_id = train().train(**node_inputs(tiny_sd, image_dir, steps=40))
+    thread.join(10)
+    kinds = [d["kind"] for e, d, _ in comfy.server.messages if e == "lora_daemon.progress"]
+    assert "interrupted" in kinds and kinds[-1] == "finished"
+    assert kinds.count("started") == 2  # the daemon ran the job again after its restart
+    seqs = [d for e, d, _ in comfy.server.messages if e == "lora_daemon.progress"]
+    assert len(seqs) == len(kinds)
+    assert lora_files(comfy.loras) == [name] == ["comfy_test.safetensors"]
+    with daemon.client() as client:
+        assert client.get(job_id)["state"] == "finished"
