@@ -48,6 +48,11 @@ def daemon_python(state_dir: Path) -> str | None:
 
 
 def connect(state_dir: Path | None = None) -> DaemonClient:
+    try:
+        import websockets  # noqa: F401 - the client's one dependency, not one of ComfyUI's
+    except ImportError:
+        raise TrainingFailed("lora-daemon nodes need the websockets package in ComfyUI's Python: "
+                             f"pip install -r {Path(__file__).resolve().parent / 'requirements.txt'}") from None
     state_dir = Path(state_dir) if state_dir else default_state_dir()
     try:
         ensure_daemon(state_dir, python=daemon_python(state_dir))

@@ -232,6 +232,7 @@ def test_the_documented_workflow_wires_the_nodes_as_they_are_declared(comfy, tin
     assert plan.deploy_dirs == [comfy.loras]
 
 
+@pytest.mark.slow
 def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
     """The daemon dies mid-job and comes back: the node reconnects, resumes its subscription after the
     last event it saw, and returns the LoRA of the re-run job."""
@@ -244,7 +245,7 @@ def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
 
     thread = threading.Thread(target=restart_after_two_steps, daemon=True)
     thread.start()
-    _, _, name, job_id = train().train(**node_inputs(tiny_sd, image_dir, steps=40))
+    _, _, name, job_id = train().train(**node_inputs(tiny_sd, image_dir, steps=16))
     thread.join(10)
     kinds = [d["kind"] for e, d, _ in comfy.server.messages if e == "lora_daemon.progress"]
     assert "interrupted" in kinds and kinds[-1] == "finished"

@@ -11,7 +11,7 @@ import textwrap
 from comfy_host import REPO
 
 BLOCKED = ["torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy",
-           "PIL", "yaml", "open_clip"]
+           "PIL", "yaml", "open_clip", "websockets"]  # websockets is needed to run a node, not to load the pack
 
 LOADER = textwrap.dedent("""
     import importlib.abc, importlib.util, json, sys
@@ -34,12 +34,18 @@ LOADER = textwrap.dedent("""
     sys.modules[name] = module
     spec.loader.exec_module(module)
     nodes = module.NODE_CLASS_MAPPINGS
+    try:
+        module.daemon_job.connect()
+        connect_error = None
+    except Exception as exc:
+        connect_error = str(exc)
     print(json.dumps({
         "nodes": {k: [c.FUNCTION, c.CATEGORY, list(map(str, c.RETURN_TYPES)), c.OUTPUT_NODE] for k, c in nodes.items()},
         "display": module.NODE_DISPLAY_NAME_MAPPINGS,
         "heavy": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
         "path_unchanged": sys.path == path_before,
         "shared": sys.modules["shared"].__file__,
+        "connect_error": connect_error,
     }))
 """)
 
@@ -67,6 +73,9 @@ def test_the_pack_loads_without_torch_and_leaves_sys_path_alone(tmp_path):
     assert out["heavy"] == []
     assert out["path_unchanged"]  # the repo's `daemon`, `tests`, `docs` never shadow the host's modules
     assert out["shared"] == str(REPO / "shared" / "__init__.py")
+    # running a node needs websockets in the host's Python: the error says how to get it
+    assert out["connect_error"] == ("lora-daemon nodes need the websockets package in ComfyUI's Python: "
+                                    f"pip install -r {REPO / 'comfy_nodes' / 'requirements.txt'}")
 
 
 def test_a_foreign_shared_package_is_refused_by_name(tmp_path):
