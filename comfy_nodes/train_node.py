@@ -98,7 +98,7 @@ class TrainPlan:
         """The deployed copy that landed in the loras folder (its name may have a _2, _3 suffix)."""
         for path in result.get("deployed") or []:
             if Path(path).resolve().parent == self.lora_folder:
-                return Path(path)
+                return self.lora_folder / Path(path).name
         raise TrainingFailed(f"job {result.get('job')} finished but placed no file in {self.lora_folder}")
 
 
