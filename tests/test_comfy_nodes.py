@@ -42,7 +42,12 @@ def node_inputs(tiny_sd, dataset: Path, **overrides) -> dict:
 
 
 def lora_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """The LoRA files in a loras folder; anything else there must be one of their sidecars."""
+    loras = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    stems = {name.removesuffix(".safetensors") for name in loras}
+    others = [p.name for p in folder.iterdir() if p.suffix != ".safetensors"]
+    assert all(name.removesuffix(".json").removesuffix(".preview.png") in stems for name in others), others
+    return loras
 
 
 def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_dir):
