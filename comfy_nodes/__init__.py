@@ -1,4 +1,5 @@
-"""lora-daemon's ComfyUI node pack: "Train LoRA" (backed by the trainer daemon) and "LoRA job status".
+"""lora-daemon's ComfyUI node pack: "Train LoRA" (backed by the trainer daemon), "LoRA job status" and
+"Auto-label dataset".
 
 Install by linking this folder into ComfyUI's `custom_nodes/` (see docs/comfyui.md). ComfyUI loads it
 by file location under a module name made from its path, so the package cannot rely on the repo
@@ -49,16 +50,19 @@ def _import_thin_client() -> None:
 
 _import_thin_client()
 
+from .label_node import AutoLabelDataset  # noqa: E402
 from .status_node import LoraJobStatus  # noqa: E402
 from .train_node import TrainLora  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {
     "LoraDaemonTrainLoRA": TrainLora,
     "LoraDaemonJobStatus": LoraJobStatus,
+    "LoraDaemonAutoLabel": AutoLabelDataset,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraDaemonTrainLoRA": "Train LoRA (lora-daemon)",
     "LoraDaemonJobStatus": "LoRA job status (lora-daemon)",
+    "LoraDaemonAutoLabel": "Auto-label dataset (lora-daemon)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

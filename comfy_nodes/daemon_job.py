@@ -109,13 +109,15 @@ def run_job(
     deploy_dirs: list[Path],
     on_submitted: Callable[[dict], None],
     on_event: Callable[[dict], None],
+    kind: str = "train",
+    source: str = "ComfyUI Train LoRA node",
 ) -> dict:
     """Submit, follow to the end and return the `finished` event's data. Any exception raised while
     waiting (ComfyUI's InterruptProcessingException from a progress update included) cancels the job
     first and then propagates."""
     try:
-        job = client.submit(config, base_dir=str(base_dir), source="ComfyUI Train LoRA node",
-                            deploy_dirs=[str(d) for d in deploy_dirs])
+        job = client.submit(config, base_dir=str(base_dir), source=source,
+                            deploy_dirs=[str(d) for d in deploy_dirs], kind=kind)
     except DaemonError as exc:
         raise TrainingFailed(str(exc)) from None
     job_id = job["id"]

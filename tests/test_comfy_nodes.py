@@ -260,3 +260,23 @@ def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
     assert lora_files(comfy.loras) == [name] == ["comfy_test.safetensors"]
     with daemon.client() as client:
         assert client.get(job_id)["state"] == "finished"
+
+
+def test_auto_label_node_captions_the_folder_and_passes_it_on(daemon, comfy, tmp_path):
+    from shared.fixtures.tiny_clip import build_tiny_clip
+    from shared.sd.dataset import scan_dataset
+
+    clip_files = build_tiny_clip(tmp_path / "clip")
+    images = make_image_folder(tmp_path / "to_label", count=3, captions="none")
+    node = comfy.pack.NODE_CLASS_MAPPINGS["LoraDaemonAutoLabel"]
+    assert comfy.pack.NODE_DISPLAY_NAME_MAPPINGS["LoraDaemonAutoLabel"] == "Auto-label dataset (lora-daemon)"
+    folder, summary = node().label(str(images), "metadata.csv", str(clip_files["config"]),
+                                   str(clip_files["weights"]), "shapes_style", False, unique_id="9")
+    assert folder == str(images) and summary.startswith("labelled 3 images, kept 0 existing captions")
+    assert comfy.progress[-1] == (3, 3, "9")
+    scan = scan_dataset(images)  # what Train LoRA reads next
+    assert scan.captioned == 3 and all(item.caption.startswith("shapes_style") for item in scan.items)
+    # a second run keeps them
+    _, again = node().label(str(images), "metadata.csv", str(clip_files["config"]), str(clip_files["weights"]),
+                            "", False, unique_id="9")
+    assert again.startswith("labelled 0 images, kept 3 existing captions")

@@ -68,6 +68,7 @@ def test_the_pack_loads_without_torch_and_leaves_sys_path_alone(tmp_path):
     assert out["nodes"] == {
         "LoraDaemonTrainLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING"], True],
         "LoraDaemonJobStatus": ["status", "loaders/lora-daemon", ["STRING"], True],
+        "LoraDaemonAutoLabel": ["label", "loaders/lora-daemon", ["STRING", "STRING"], True],
     }
     assert set(out["display"]) == set(out["nodes"])
     assert out["heavy"] == []
