@@ -51,6 +51,11 @@ def test_job_survives_a_daemon_sigkill(tmp_path, tmp_path_factory, sd_config):
     assert kinds[interrupted + 1] == "queued" and events[interrupted + 1]["data"]["resume"] is True
     starts = [e["data"] for e in events if e["kind"] == "started"]
     assert [(s["attempt"], s["resumed"]) for s in starts] == [(1, False), (2, True)]
+    # the second attempt continued from the checkpoint the first one saved, not from step 0
+    saved = max(e["data"]["step"] for e in before if e["kind"] == "checkpoint")
+    assert starts[0]["step"] == 0 and starts[1]["step"] >= saved >= 5
+    second_run = [e["data"]["step"] for e in after if e["kind"] == "progress"]
+    assert second_run[0] == starts[1]["step"] + 1 and second_run[-1] == 30
     assert kinds[-1] == "finished" and events[-1]["data"]["steps"] == 30
 
     # exactly one complete file in the Lora folder, named as reported
