@@ -82,13 +82,20 @@ def test_install_twice_start_daemon_then_uninstall(hosts, tmp_path):
     roots = load_settings(state).write_roots
     assert (webui / "models" / "Lora").resolve() in roots and (comfy / "models" / "loras").resolve() in roots
 
-    # the extensions' path: no daemon running -> started from the recorded environment
-    from shared.launcher import ensure_daemon
+    # the extensions' path: the node pack, loaded from the link as ComfyUI loads it, finds no daemon
+    # and starts one from the environment install.py recorded
+    from comfy_host import load_like_comfyui
+    from daemon_harness import free_port
 
-    info = ensure_daemon(state, extra_args=["--port", "0"])
+    (state / "config.yaml").write_text(f"port: {free_port()}\n")
+    pack = load_like_comfyui(comfy / "custom_nodes" / "lora-daemon")
+    daemon_job = sys.modules[pack.__name__ + ".daemon_job"]
+    client = daemon_job.connect(state)
     pid = json.loads((state / "daemon.json").read_text())["pid"]
     try:
-        assert info["version"]
+        info = client.info()
+        client.close()
+        assert info["version"] and (state / "daemon.log").is_file()
         checked = run_install("--check", "--state-dir", str(state), home=tmp_path)
         assert "daemon: answers" in checked.stdout and checked.returncode == 0, checked.stdout
     finally:
