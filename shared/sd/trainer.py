@@ -399,7 +399,9 @@ class SDTraining:
         cfg = self.cfg
         return {"base_model": Path(cfg.base_model).name, "lora_rank": cfg.lora_rank, "conv_rank": cfg.conv_rank,
                 "train_text_encoder": cfg.train_text_encoder, "batch_size": cfg.batch_size,
-                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "images": len(self.data.items)}
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "images": len(self.data.items),
+                # a state's place in the data order counts global batches of batch_size x processes
+                **({"processes": self.data.processes} if self.data.processes > 1 else {})}
 
     def all_lora_state(self) -> dict:
         out = {f"unet.{k}": v for k, v in lora_state(self.model.unet).items()}
@@ -420,8 +422,9 @@ class SDTraining:
 
         state = ckpt.load_state(path)
         trainer = state["trainer"]
-        mismatch = {k: (v, trainer.get("fingerprint", {}).get(k)) for k, v in self.fingerprint().items()
-                    if trainer.get("fingerprint", {}).get(k) != v}
+        saved = {"processes": 1, **trainer.get("fingerprint", {})}
+        mismatch = {k: (v, saved.get(k)) for k, v in {"processes": 1, **self.fingerprint()}.items()
+                    if saved.get(k) != v}
         if mismatch:
             details = ", ".join(f"{k}: state has {old!r}, config has {new!r}" for k, (new, old) in mismatch.items())
             raise ConfigError(f"resume: {path} was trained with other settings ({details})")
