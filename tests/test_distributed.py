@@ -132,3 +132,23 @@ def test_launch_command_for_each_machine(sd_config, tmp_path):
     via_file = launch_command(cfg, tmp_path, None)
     assert via_file[via_file.index("--config_file") + 1] == str(acc)
     assert "--multi_gpu" not in via_file and "--num_processes" not in via_file  # the file decides
+
+
+def test_sd_shard_weights_give_the_whole_batch_mean_even_for_a_short_last_batch():
+    import types
+
+    from shared.sd.trainer import TrainData
+
+    cfg = types.SimpleNamespace(batch_size=2)
+
+    def shards(samples):
+        return [TrainData(cfg, [], None, [], processes=2, rank=r).shard(samples) for r in (0, 1)]
+
+    losses = {"a": 1.0, "b": 2.0, "c": 6.0}
+    for batch in (["a", "b", "c"], ["a"], ["a", "b"]):
+        parts = shards(batch)
+        assert all(mine for mine, _ in parts)  # every rank trains something: the DDP exchange needs it
+        # DDP averages the ranks: mean over ranks of (weight x the rank's mean loss) = the batch's mean
+        ddp = sum(w * sum(losses[s] for s in mine) / len(mine) for mine, w in parts) / 2
+        assert abs(ddp - sum(losses[s] for s in batch) / len(batch)) < 1e-12
+    assert shards(["a"])[1] == (["a"], 0.0)  # nothing left for rank 1: a sample with weight 0
