@@ -24,6 +24,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UserError("train: give a config file: python -m daemon train --config my.yaml")
     cfg = load_config(config, args.set)
     result = run_training(cfg)
+    if cfg.machine_rank > 0:  # a multi-machine run: machine 0 writes the outputs
+        print(f"Machine {cfg.machine_rank} finished its part; machine 0 writes the LoRA")
+        return 0
     print(f"LoRA written to {result.output_path}")
     return 0
 

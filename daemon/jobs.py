@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import typing
@@ -33,6 +34,16 @@ from daemon.worker import RESULT_FILE  # the worker module itself imports nothin
 # (so a key added later is confined as a read until it is listed here).
 WRITE_KEYS = ("output_dir", "log_dir", "deploy_dir")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding `daemon/` and `shared/`
+
+
+def kill_worker(process) -> None:
+    """Kill a worker and all it started (`accelerate launch` and its ranks for a multi-process job):
+    the worker leads its own process group, so one signal reaches every process of the job."""
+    if hasattr(os, "killpg"):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
 
 
 @functools.cache
@@ -123,8 +134,7 @@ class JobManager:
         if self._scheduler:
             self._scheduler.cancel()
         for worker in list(self.workers.values()):
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()
+            kill_worker(worker.process)
         for worker in list(self.workers.values()):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(worker.process.wait(), 10)
@@ -268,8 +278,7 @@ class JobManager:
         if worker is None:  # its process is being started: _launch sees the state and kills it
             return self._cancel_queued(job, "cancelled while starting")
         worker.cancelled = True
-        with contextlib.suppress(ProcessLookupError):
-            worker.process.kill()  # discard: no save, the process and its GPU memory go away at once
+        kill_worker(worker.process)  # discard: no save, the processes and their GPU memory go away at once
         return job
 
     def _cancel_queued(self, job: dict, reason: str) -> dict:
@@ -331,12 +340,13 @@ class JobManager:
                 sys.executable, "-m", "daemon.worker", str(job_dir),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
                 cwd=str(job_dir), env=env, limit=1 << 20,
+                start_new_session=True,  # its own process group: cancel kills the ranks it launches too
             )
         worker = Worker(job["id"], process)
         self.workers[job["id"]] = worker
         if self.store.get(job["id"])["state"] != "running":  # cancelled while the process started
             worker.cancelled = True
-            process.kill()
+            kill_worker(process)
         else:
             self.store.update(job["id"], pid=process.pid)
         if job["stop_requested"]:  # asked to stop before the daemon went down: still honour it
@@ -350,8 +360,7 @@ class JobManager:
                 self._handle_line(worker, attempt, line)
         except (ValueError, asyncio.LimitOverrunError):  # a line over 1 MiB: not a worker of ours talking
             worker.error = {"error": "the worker sent an unreadable message; see the job log", "cause": "crash"}
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()
+            kill_worker(worker.process)
         finally:
             code = await worker.process.wait()
             self.workers.pop(job_id, None)

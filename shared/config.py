@@ -169,6 +169,25 @@ class TrainConfig:
     sample_steps: int = _key(20, "Denoising steps per sample image.")
     preferred_weight: float = _key(0.8, "The LoRA weight suggested in the sidecar .json.")
     description: str | None = _key(None, "Description for the sidecar .json.")
+    # --- multi-process (issue 10): data-parallel through `accelerate launch` -----------------
+    num_processes: int = _key(
+        1, "Training processes in all (all machines together; usually one per GPU). More than 1 launches "
+        "the run through `accelerate launch`; batch_size stays per process."
+    )
+    num_machines: int = _key(1, "Machines taking part. Each runs the same config with its own machine_rank.")
+    machine_rank: int = _key(0, "This machine's number, 0 .. num_machines-1; 0 is the main machine (it writes the outputs).")
+    main_process_ip: str | None = _key(
+        None, "Address of machine 0 that the others connect to (needed when num_machines > 1)."
+    )
+    main_process_port: int | None = _key(
+        None, "TCP port on machine 0 for the processes to meet (default: a free one on one machine, 29500 on several)."
+    )
+    accelerate_config: Path | None = _key(
+        None,
+        "An accelerate config file (`accelerate config` writes one): DeepSpeed/FSDP and other launch "
+        "settings pass through. The keys above, when set, override it.",
+        must_exist=True,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (paths as strings) for logs, metadata and the daemon's job record."""
@@ -347,6 +366,31 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
     if cfg.resolution % 8:
         raise ConfigError(f"{source}: resolution must be a multiple of 8, got {cfg.resolution}")
     _check_sd_keys(cfg, source)
+    _check_multi_process(cfg, source)
+
+
+def _check_multi_process(cfg: TrainConfig, source: str) -> None:
+    """The launch keys: counts, ranks and the rendezvous address fit together."""
+    for name in ("num_processes", "num_machines"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{source}: {name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.num_processes < cfg.num_machines:
+        raise ConfigError(f"{source}: num_processes ({cfg.num_processes}) counts all machines together and "
+                          f"must be at least num_machines ({cfg.num_machines})")
+    if cfg.num_processes % cfg.num_machines:
+        raise ConfigError(f"{source}: num_processes ({cfg.num_processes}) must split evenly over "
+                          f"num_machines ({cfg.num_machines}): the same number of processes on each machine")
+    if not 0 <= cfg.machine_rank < cfg.num_machines:
+        raise ConfigError(f"{source}: machine_rank must be in 0..{cfg.num_machines - 1} "
+                          f"(num_machines is {cfg.num_machines}), got {cfg.machine_rank}")
+    if cfg.num_machines > 1 and not cfg.main_process_ip:
+        raise ConfigError(f"{source}: main_process_ip is needed with num_machines > 1: the address of "
+                          "machine 0 that the other machines connect to")
+    if cfg.main_process_port is not None and not 1 <= cfg.main_process_port <= 65535:
+        raise ConfigError(f"{source}: main_process_port must be a TCP port (1-65535), got {cfg.main_process_port}")
+    if cfg.accelerate_config is not None and not Path(cfg.accelerate_config).is_file():
+        raise ConfigError(f"{source}: accelerate_config: {cfg.accelerate_config} is not a file "
+                          "(expected the YAML that `accelerate config` writes)")
 
 
 def _check_sd_keys(cfg: TrainConfig, source: str) -> None:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared.config import TrainConfig
+from shared.distributed import batch_note, mean_over_ranks, stop_all
 from shared.errors import ConfigError
 from shared.files import publish_new_folder, replace_folder
 from shared.llm.data import IGNORE, LLMData, Sample, build_data, collate
@@ -229,12 +230,15 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
         data.train, batch_size=cfg.batch_size, sampler=order, collate_fn=lambda b: collate(b, pad_id),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # counted on the prepared loader: with several processes each rank gets its share of the batches
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
-
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Not passed through accelerate.prepare: its wrapper steps a schedule once per process at each
+    # optimizer step, which with several processes would run the warm-up and decay too fast.
+    # Stepped below once per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     unwrapped = accelerator.unwrap_model(model)
 
     step = 0
@@ -296,7 +300,7 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
         travel in the checkpoint event's data: the daemon protocol has no event kind of their own."""
         if not data.val:
             return {}
-        loss, ppl = evaluate(model, data.val, cfg.batch_size, pad_id, device)
+        loss, ppl = evaluate(unwrapped, data.val, cfg.batch_size, pad_id, device)
         reporter.log(f"Eval at step {at}: loss {loss:.4f}, perplexity {ppl:.2f} ({len(data.val)} held-out samples)")
         if writer is not None:
             writer.add_scalar("eval/loss", loss, at)
@@ -306,7 +310,7 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
 
     reporter.log(
         f"Training started... total steps: {total_steps} ({len(data.train)} sequences, "
-        f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation)"
+        f"{batch_note(cfg, accelerator.num_processes)})"
     )
     reporter.event("started", total=total_steps)
     result = TrainResult(output_path=output_dir, deployed_path=None, steps=step)
@@ -329,18 +333,25 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
             with accelerator.accumulate(model):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 total, count = token_loss(logits, batch["labels"])
-                loss = total / count.clamp(min=1)
+                if accelerator.num_processes > 1:
+                    # the whole batch's mean over answer tokens: the ranks' gradients are averaged,
+                    # so each divides its sum by all ranks' tokens and multiplies by the rank count
+                    tokens = accelerator.reduce(count.float(), reduction="sum")
+                    loss = total / tokens.clamp(min=1) * accelerator.num_processes
+                else:
+                    loss = total / count.clamp(min=1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window.append(loss.detach().item())
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            step_loss = sum(window) / len(window)
+            step_loss = mean_over_ranks(accelerator, sum(window) / len(window))
             window = []
             result.losses.append(step_loss)
             lr = scheduler.get_last_lr()[0]
@@ -355,10 +366,10 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
                     result.checkpoints.append(path)
                     reporter.log(f"Saved checkpoint {path}")
                     reporter.event("checkpoint", step=step, path=str(path), **run_eval(step))
-                    samples.run(model, step, reporter, writer)
+                    samples.run(unwrapped, step, reporter, writer)
             if step >= total_steps:
                 break
-            if reporter.stop_requested():
+            if stop_all(accelerator, reporter):
                 reporter.log(f"Stop requested: saving what was trained after {step} steps")
                 result.stopped_early = True
                 break
@@ -368,7 +379,7 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
     outputs: dict[str, str] = {}
     if accelerator.is_main_process:
         run_eval(step)
-        samples.run(model, step, reporter, writer)
+        samples.run(unwrapped, step, reporter, writer)
         if writer is not None:
             writer.close()
         info = run_info(cfg, started_at, step, data, result.losses, eval_losses)
@@ -385,6 +396,7 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
             reporter.log(f"Saved merged model to {merged}")
             outputs["merged"] = str(merged)
     reporter.event("finished", outputs=outputs, steps=step)
+    accelerator.wait_for_everyone()
     return result
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import TrainConfig
+from shared.distributed import batch_note, mean_over_ranks, stop_all
 from shared.errors import ConfigError
 from shared.files import atomic_write, publish_new
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
@@ -51,20 +52,33 @@ from shared.sd.lora import (
 
 
 def noise_loss(model: SDModel, latents, encoder_hidden_states, generator=None, *, noise_offset: float = 0.0,
-               min_snr_gamma: float | None = None, unet_extra: dict | None = None):
-    """One diffusion training loss: noise the latents at random timesteps, predict noise (or v)."""
+               min_snr_gamma: float | None = None, unet_extra: dict | None = None, unet=None):
+    """One diffusion training loss: noise the latents at random timesteps, predict noise (or v).
+
+    `generator` is one generator for the batch, or a list with one per sample (the trainer's way: a
+    sample's noise then depends on the sample alone, not on which process or batch slot it lands in).
+    `unet` is the module to call (the data-parallel wrapper); default model.unet."""
     import torch
     import torch.nn.functional as F
 
     sched = model.noise_scheduler
     device = latents.device
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    per_sample = isinstance(generator, (list, tuple))
+
+    def draw(fn, shape):
+        if per_sample:
+            return torch.cat([fn((1, *shape[1:]), generator=g) for g in generator])
+        return fn(shape, generator=generator)
+
+    noise = draw(torch.randn, latents.shape).to(device, latents.dtype)
     if noise_offset:
         # a per-channel shift of the noise lets the model learn overall brightness
-        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator).to(device)
-    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        noise = noise + noise_offset * draw(torch.randn, (*latents.shape[:2], 1, 1)).to(device)
+    steps = sched.config.num_train_timesteps
+    timesteps = draw(lambda shape, generator: torch.randint(0, steps, shape, generator=generator),
+                     (latents.shape[0],)).to(device)
     noisy = sched.add_noise(latents, noise, timesteps)
-    pred = model.unet(noisy, timesteps, encoder_hidden_states, **(unet_extra or {})).sample
+    pred = (unet or model.unet)(noisy, timesteps, encoder_hidden_states, **(unet_extra or {})).sample
     v = model.prediction_type == "v_prediction"
     target = sched.get_velocity(latents, noise, timesteps) if v else noise
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
@@ -105,20 +119,38 @@ class Sample:
     flip: bool
     resized: tuple[int, int]
     crop: tuple[int, int]  # (top, left)
+    noise_seed: int = 0  # latent sample, noise and timestep of this sample at this step
 
 
 class TrainData:
-    """Items, their buckets, the per-epoch batch order and per-step augmentation, all from the seed."""
+    """Items, their buckets, the per-epoch batch order and per-step augmentation, all from the seed.
 
-    def __init__(self, cfg: TrainConfig, items, plan: BucketPlan, sizes):
+    With several processes a batch is the global one (batch_size x processes images): every rank
+    plans the same batches and trains its own slice of each (`shard`), so all ranks take the same
+    number of steps and together see what one process with the whole batch would."""
+
+    def __init__(self, cfg: TrainConfig, items, plan: BucketPlan, sizes, processes: int = 1, rank: int = 0):
         self.cfg = cfg
         self.items = items
         self.plan = plan
         self.sizes = sizes
         self.repeats = [item.repeats for item in items]
+        self.processes, self.rank = processes, rank
 
     def batches(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(self.plan.buckets, self.repeats, self.cfg.batch_size, self.cfg.seed, epoch)
+        return epoch_batches(self.plan.buckets, self.repeats, self.cfg.batch_size * self.processes,
+                             self.cfg.seed, epoch)
+
+    def shard(self, samples: list[Sample]) -> tuple[list[Sample], float]:
+        """This rank's part of a global batch, and the factor on its mean loss that makes the ranks'
+        averaged gradients equal the whole batch's mean. A bucket's last batch may leave a rank with
+        nothing: it trains the batch's first sample with weight 0, so every rank still joins each
+        gradient exchange."""
+        size = self.cfg.batch_size
+        mine = samples[self.rank * size : (self.rank + 1) * size]
+        if not mine:
+            return samples[:1], 0.0
+        return mine, len(mine) * self.processes / len(samples)
 
     def fixed_caption(self, index: int) -> str:
         return process_caption(self.items[index].caption, trigger_word=self.cfg.trigger_word, shuffle=False,
@@ -132,10 +164,10 @@ class TrainData:
                                   dropout_rate=cfg.caption_dropout_rate, rng=rng)
         flip = cfg.random_flip and rng.random() < 0.5
         resized, crop = plan_crop(self.sizes[index], self.plan.buckets[index], random_crop=cfg.random_crop, rng=rng)
-        return Sample(index, caption, flip, resized, crop)
+        return Sample(index, caption, flip, resized, crop, noise_seed=rng.getrandbits(63))
 
 
-def plan_data(cfg: TrainConfig, model: SDModel, reporter: Reporter):
+def plan_data(cfg: TrainConfig, model: SDModel, reporter: Reporter, processes: int = 1, rank: int = 0):
     scan = scan_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension)
     reporter.log(scan.summary())
     # a bucket side must survive the VAE's and the UNet's downsampling
@@ -149,7 +181,7 @@ def plan_data(cfg: TrainConfig, model: SDModel, reporter: Reporter):
     sizes = [image_size(item.path) for item in scan.items]
     plan = assign_buckets(sizes, resolution=cfg.resolution, step=step, min_size=min_size, max_size=max_size,
                           enabled=cfg.enable_bucket, upscale=cfg.bucket_upscale)
-    data = TrainData(cfg, scan.items, plan, sizes)
+    data = TrainData(cfg, scan.items, plan, sizes, processes, rank)
     reporter.log(f"Buckets: {plan.summary(data.repeats)}")
     reporter.event("buckets", histogram={f"{w}x{h}": n for (w, h), n in sorted(plan.histogram(data.repeats).items())})
     return data
@@ -197,7 +229,8 @@ class SDTraining:
             _place(encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
         _place(model.unet, self.device, self.weight_dtype)
 
-        self.data = plan_data(cfg, model, self.reporter)
+        self.data = plan_data(cfg, model, self.reporter, self.accelerator.num_processes,
+                              self.accelerator.process_index)
         self._inject()
         batches = len(self.data.batches(0))
         self.steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
@@ -255,6 +288,7 @@ class SDTraining:
             optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, self.total_steps))
         prepared = self.accelerator.prepare(self.model.unet, optimizer, *self.trained_encoders)
+        self.train_unet = prepared[0]  # the data-parallel wrapper: its forward is what syncs gradients
         self.optimizer = prepared[1]
         self.params = self.unet_params + self.te_params
 
@@ -315,9 +349,12 @@ class SDTraining:
                                   for s in samples])
             with torch.no_grad():
                 params = model.vae.encode(pixels.to(self.device, model.vae.dtype)).latent_dist.parameters.float()
-        # sampling from the stored distribution with the run's generator: cached == uncached
-        noise_source = DiagonalGaussianDistribution(params.cpu())
-        latents = noise_source.sample(generator=self.generator).to(self.device) * model.vae.config.scaling_factor
+        # sampling from the stored distribution with each sample's own generator: cached == uncached,
+        # and a sample draws the same numbers whichever process trains it
+        generators = self.generators(samples)
+        latents = torch.cat([DiagonalGaussianDistribution(params[i : i + 1].cpu()).sample(generator=g)
+                             for i, g in enumerate(generators)])
+        latents = latents.to(self.device) * model.vae.config.scaling_factor
         captions = [s.caption for s in samples]
         if self.text_cache is not None:
             ehs = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
@@ -334,20 +371,37 @@ class SDTraining:
             originals = [(data.sizes[s.index][1], data.sizes[s.index][0]) for s in samples]
             time_ids = sdxl_time_ids(originals, [s.crop for s in samples], target, self.device)
             extra = unet_kwargs(model, pooled.to(self.weight_dtype), time_ids.to(self.weight_dtype))
-        return latents.to(self.weight_dtype), ehs.to(self.weight_dtype), extra
+        return latents.to(self.weight_dtype), ehs.to(self.weight_dtype), extra, generators
+
+    @staticmethod
+    def generators(samples: list[Sample]):
+        import torch
+
+        return [torch.Generator().manual_seed(s.noise_seed) for s in samples]
 
     def loss(self, samples: list[Sample]):
-        latents, ehs, extra = self.batch_inputs(samples)
+        latents, ehs, extra, generators = self.batch_inputs(samples)
         with self.accelerator.autocast():
-            return noise_loss(self.model, latents, ehs, self.generator, noise_offset=self.cfg.noise_offset,
-                              min_snr_gamma=self.cfg.min_snr_gamma, unet_extra=extra)
+            return noise_loss(self.model, latents, ehs, generators, noise_offset=self.cfg.noise_offset,
+                              min_snr_gamma=self.cfg.min_snr_gamma, unet_extra=extra, unet=self.train_unet)
+
+    def sync_text_encoder_grads(self) -> None:
+        """The text encoders run outside the data-parallel wrapper (encode_text calls them directly):
+        average their LoRA gradients over the ranks here."""
+        if self.accelerator.num_processes == 1:
+            return
+        for p in self.te_params:
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
     # --- states ------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
         cfg = self.cfg
         return {"base_model": Path(cfg.base_model).name, "lora_rank": cfg.lora_rank, "conv_rank": cfg.conv_rank,
                 "train_text_encoder": cfg.train_text_encoder, "batch_size": cfg.batch_size,
-                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "images": len(self.data.items)}
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "images": len(self.data.items),
+                # a state's place in the data order counts global batches of batch_size x processes
+                **({"processes": self.data.processes} if self.data.processes > 1 else {})}
 
     def all_lora_state(self) -> dict:
         out = {f"unet.{k}": v for k, v in lora_state(self.model.unet).items()}
@@ -368,8 +422,9 @@ class SDTraining:
 
         state = ckpt.load_state(path)
         trainer = state["trainer"]
-        mismatch = {k: (v, trainer.get("fingerprint", {}).get(k)) for k, v in self.fingerprint().items()
-                    if trainer.get("fingerprint", {}).get(k) != v}
+        saved = {"processes": 1, **trainer.get("fingerprint", {})}
+        mismatch = {k: (v, saved.get(k)) for k, v in {"processes": 1, **self.fingerprint()}.items()
+                    if saved.get(k) != v}
         if mismatch:
             details = ", ".join(f"{k}: state has {old!r}, config has {new!r}" for k, (new, old) in mismatch.items())
             raise ConfigError(f"resume: {path} was trained with other settings ({details})")
@@ -409,13 +464,15 @@ def train_sd(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         step, epoch, next_batch = trainer["step"], trainer["epoch"], trainer["next_batch"]
         losses, started_at = trainer.get("losses", []), trainer.get("started_at", started_at)
         reporter.log(f"Resumed from {resume_from} at step {step}")
-    run.build_caches()
+    with accelerator.main_process_first():  # one process fills a disk cache, the others read it
+        run.build_caches()
 
     total = run.total_steps
     n_weighted = sum(data.repeats)
+    main = accelerator.is_main_process
     reporter.log(
         f"Training started... total steps: {total} ({len(data.items)} images, {n_weighted} with repeats, "
-        f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation)"
+        f"{batch_note(cfg, accelerator.num_processes)})"
     )
     reporter.event("started", total=total, step=step)
     result = TrainResult(output_path=output_dir, deployed_path=None, steps=step, losses=list(losses))
@@ -428,18 +485,20 @@ def train_sd(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         window = []
         for b in range(next_batch, len(batches)):
             samples = [data.sample(epoch, b, slot, index) for slot, index in enumerate(batches[b])]
-            loss = run.loss(samples)
+            mine, weight = data.shard(samples)
+            loss = run.loss(mine) * weight
             accelerator.backward(loss / accum)
             window.append(loss.detach().item())
             if (b + 1) % accum and b + 1 < len(batches):
                 continue
+            run.sync_text_encoder_grads()
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_loss = sum(window) / len(window)
+            step_loss = mean_over_ranks(accelerator, sum(window) / len(window))
             window = []
             result.losses.append(step_loss)
             lr = run.scheduler.get_last_lr()[0]
@@ -449,21 +508,21 @@ def train_sd(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                 writer.add_scalar("lr", lr, step)
             reporter.event("progress", step=step, total=total, loss=step_loss, lr=lr, it_s=it_s, eta_s=eta)
             position = {"epoch": epoch, "next_batch": b + 1, "losses": result.losses, "started_at": started_at}
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+            if main and cfg.save_steps and step % cfg.save_steps == 0 and step < total:
                 path = checkpoint_dir / f"{cfg.resolved_output_name}-step{step:06d}.safetensors"
                 exporter.write(path, step)
                 state = run.save_state(checkpoint_dir, step, position)
                 result.checkpoints.append(path)
                 reporter.log(f"Saved checkpoint {path} and training state {state.name}")
                 reporter.event("checkpoint", step=step, path=str(path), state=str(state))
-            if cfg.sample_prompts and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+            if main and cfg.sample_prompts and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
                 render_samples(run, step, log_dir, writer)
             if step >= total:
                 break
-            if reporter.stop_requested():
+            if stop_all(accelerator, reporter):
                 reporter.log(f"Stop requested: saving what was trained after {step} steps")
                 result.stopped_early = True
-                if step < total:  # `resume: latest` can continue a stopped run
+                if main and step < total:  # `resume: latest` can continue a stopped run
                     state = run.save_state(checkpoint_dir, step, position)
                     reporter.event("checkpoint", step=step, path="", state=str(state))
                 break
@@ -473,6 +532,9 @@ def train_sd(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
         break
 
     result.steps = step
+    if not main:  # the main process alone writes the outputs
+        accelerator.wait_for_everyone()
+        return result
     grid_image = before_after_grid(run, output_dir) if cfg.sample_prompts else None
     preview = grid_image[1] if grid_image else None
     if writer is not None:
@@ -487,6 +549,7 @@ def train_sd(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     if grid_image:
         outputs["grid"] = str(grid_image[0])
     reporter.event("finished", outputs=outputs, steps=step)
+    accelerator.wait_for_everyone()
     return result
 
 
