@@ -147,7 +147,7 @@ class Daemon:
         if kind == "submit":
             job = await jobs.submit(msg["config"], base_dir=msg.get("base_dir"), source=msg.get("source"),
                                     priority=msg.get("priority", 0), deploy_dirs=msg.get("deploy_dirs", []),
-                                    kind=msg.get("kind", "train"))
+                                    kind=msg.get("kind", "train"), dry_run=msg.get("dry_run", False))
             return {"type": "submitted", "job": job}
         if kind == "list":
             return {"type": "jobs", "jobs": self.store.list(msg.get("states"), msg.get("limit", 100))}
