@@ -22,6 +22,7 @@ from daemon_harness import REPO, DaemonProcess
 from shared.client import DaemonError
 
 _refused: dict[str, bool] = {}
+PWNED = "/tmp/lora_daemon_reliability_pwned"  # a payload that ran would create this file
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _pickle_payload() -> bytes:
 
     class Payload:
         def __reduce__(self):
-            return (os.system, ("touch /tmp/lora_daemon_reliability_pwned",))
+            return (os.system, (f"touch {PWNED}",))
 
     buf = io.BytesIO()
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, buf)
@@ -155,6 +156,32 @@ def model_file(name: str, make):
     return change
 
 
+def llm_folder(ctx, how: str) -> dict:
+    """A copy of the tiny LLaMA broken in one way, as an LLM config's base_model."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = ctx.readable / f"llm-{how}"
+    if not folder.exists():
+        shutil.copytree(ctx.tiny_llama, folder)
+        if how == "pickle":
+            class Payload:
+                def __reduce__(self):
+                    return (os.system, (f"touch {PWNED}",))
+
+            weights = {**load_file(str(folder / "model.safetensors")), "payload": Payload()}
+            (folder / "model.safetensors").unlink()
+            torch.save(weights, str(folder / "pytorch_model.bin"))
+        elif how == "remote":
+            config = json.loads((folder / "config.json").read_text())
+            config.update(model_type="evilgpt", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+            (folder / "config.json").write_text(json.dumps(config))
+            (folder / "modeling_evil.py").write_text(f"import os\nos.system('touch {PWNED}')\n")
+        else:
+            (folder / "config.json").unlink()
+    return {"_llm": True, "base_model": str(folder)}
+
+
 CLI = [
     Case("not a checkpoint", "cli", "text.safetensors", model_file("text.safetensors", lambda ctx: b"hello " * 50)),
     Case("empty checkpoint", "cli", "empty.safetensors", model_file("empty.safetensors", lambda ctx: b"")),
@@ -167,6 +194,9 @@ CLI = [
         "other.safetensors", lambda ctx: _safetensors_of({"encoder.weight": __import__("torch").zeros(2)}))),
     Case("transformer (Flux-style) checkpoint", "cli", "transformer", model_file(
         "flux.safetensors", lambda ctx: _safetensors_of({"double_blocks.0.img_attn.qkv.weight": __import__("torch").zeros(2)}))),
+    Case("LLM weights (.bin) with a pickle payload", "cli", "could run code", lambda ctx: llm_folder(ctx, "pickle")),
+    Case("LLM with its own model code, not trusted", "cli", "trust_remote_code", lambda ctx: llm_folder(ctx, "remote")),
+    Case("LLM folder without config.json", "cli", "config.json", lambda ctx: llm_folder(ctx, "no_config")),
     Case("config file is not YAML", "cli", "is not valid YAML", lambda ctx: {"_yaml": "base_model: [unclosed\n"}),
     Case("config file missing", "cli", "config file not found", lambda ctx: {"_yaml": None}),
 ]
@@ -179,11 +209,12 @@ class Ctx:
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory, tiny_sd):
+def ctx(tmp_path_factory, tiny_sd, tiny_llama):
     from shared.fixtures.images import make_image_folder
 
     c = Ctx()
     c.tiny_sd = tiny_sd
+    c.tiny_llama = tiny_llama
     c.readable = tmp_path_factory.mktemp("bad_inputs_read")
     c.allowed = tmp_path_factory.mktemp("bad_inputs_write")
     c.outside = Path(str(tmp_path_factory.getbasetemp()) + "-outside")  # under neither root
@@ -211,6 +242,12 @@ def test_bad_input_is_refused_with_one_clear_line_and_nothing_written(case, ctx,
     config = good_config(ctx, case_dir)
     change = case.change(ctx) if callable(case.change) else case.change
     submit_args = {}
+    if isinstance(change, dict) and change.pop("_llm", False):
+        from shared.fixtures.tiny_llm import write_instruction_data
+
+        config = {"train_data_dir": str(write_instruction_data(ctx.readable / "chat.jsonl", "chat")),
+                  "output_dir": str(case_dir / "out"), "deploy_dir": str(case_dir / "Lora"),
+                  "max_train_steps": 1, "max_seq_len": 64, "device": "cpu"}
     if isinstance(change, dict):
         for key, value in change.items():
             if key.startswith("_"):
@@ -246,7 +283,7 @@ def check(case, ctx, config, change, submit_args, case_dir, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2, err
         assert err.startswith("error: ") and one_line_naming(err, case.expect), err
-        assert not os.path.exists("/tmp/lora_daemon_reliability_pwned")
+        assert not os.path.exists(PWNED)
     else:
         with ctx.daemon.client() as client:
             with pytest.raises(DaemonError) as refused:
@@ -265,3 +302,18 @@ def check(case, ctx, config, change, submit_args, case_dir, capsys):
             assert client.jobs() == []
     assert not (case_dir / "out").exists() and not (case_dir / "Lora").exists()
     assert not ctx.outside.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="SD side (shared/sd/base_model.read_checkpoint): the refusal quotes torch's "
+                   "hint to re-run torch.load with weights_only=False; it should say the file holds code-carrying "
+                   "pickle objects and point to a .safetensors copy, as the LLM loader now does")
+def test_pickle_ckpt_refusal_does_not_suggest_the_unsafe_load(tmp_path):
+    from shared.errors import ModelError
+    from shared.sd.base_model import read_checkpoint
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(_pickle_payload())
+    with pytest.raises(ModelError) as refused:
+        read_checkpoint(evil)
+    assert not os.path.exists(PWNED)
+    assert "weights_only" not in str(refused.value) and "could run code" in str(refused.value)

@@ -27,7 +27,7 @@ from shared.faults import FAULT_ENV, MARK_ENV
 HOLD = "sleep:300"  # a worker held at a moment waits there until the daemon is killed
 FAULTS = {
     "queued": f"load={HOLD}",  # nothing runs: the kill lands on jobs waiting in the queue
-    "loading": f"load={HOLD}",
+    "loading": "load=sleep:0",  # marks the worker's start; the kill follows 0.3-3 s later, mid-import or mid-load
     "training": f"step@3={HOLD}",  # between steps 3 and 4 (no save at step 3)
     "checkpoint": f"write@checkpoints/*-step000004.safetensors={HOLD}",  # the second save: the first must survive
     "export": f"write@out-*/*.safetensors={HOLD}",
@@ -58,6 +58,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
     from shared.fixtures.images import make_image_folder
 
     rounds, seed = count("CRASH_ROUNDS", 20), count("SEED", 12)
+    rng = random.Random(seed)
     images = make_image_folder(tmp_path / "images", count=4)
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -93,6 +94,8 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
                 else:
                     mark = wait_until(lambda: next(marks.iterdir(), None), 180, f"a worker to reach {moment}")
                     worker = int(mark.name.rsplit(".", 1)[1])
+                    if moment == "loading":
+                        time.sleep(rng.uniform(0.3, 3.0))
             daemon.kill()
             kills[moment] += 1
             if worker:

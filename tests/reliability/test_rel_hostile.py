@@ -1,7 +1,7 @@
 """Hostile clients: what a web page, a DNS-rebinding attack or another local user could send.
 
 Every handshake below must be refused before any message is read (403 for Host and Origin, 401 for
-the token); the token file is private and tightened if someone loosened it; the daemon listens on
+the token); the token file and the state folder are private, tightened if someone loosened them; the daemon listens on
 loopback only and refuses a public bind address unless told `allow_remote: true`. (The `.ckpt` with
 a pickle payload is in test_rel_bad_inputs.py: refused without running it.)
 """
@@ -25,7 +25,9 @@ _results: dict[str, bool] = {}
 def daemon(tmp_path_factory):
     home = tmp_path_factory.mktemp("hostile")
     state = home / "state"
-    state.mkdir(mode=0o700)
+    state.mkdir()
+    state.chmod(0o755)  # loosened by someone: the daemon must tighten it at start
+    (state / "config.yaml").write_text("max_connections: 4\n")
     token = "t" * 43
     (state / "token").write_text(token + "\n")
     (state / "token").chmod(0o644)  # loosened by someone: the daemon must tighten it at start
@@ -66,8 +68,16 @@ def test_hostile_handshakes_are_refused(daemon, record):
     for name, (headers, status) in attempts(daemon.port, token).items():
         got[name] = raw_handshake_lines(daemon.port, headers)
         _results[name] = got[name] in (status if isinstance(status, tuple) else (status,))
+    # one connection too many (max_connections: 4 here) is refused, and served again once one closes
+    held = [daemon.client() for _ in range(4)]
+    got["one connection over max_connections"] = raw_handshake_lines(daemon.port, {
+        "Host": f"127.0.0.1:{daemon.port}", TOKEN_HEADER: token})
+    _results["one connection over max_connections"] = got["one connection over max_connections"] == 503
+    held.pop().close()
     with daemon.client() as client:  # and it is still serving
         assert client.request("ping")["type"] == "pong"
+    for client in held:
+        client.close()
     record("hostile", handshakes_tried=len(got), handshakes_refused=sum(_results.values()),
            statuses={k: v for k, v in got.items()})
     assert all(_results.values()), got
@@ -102,7 +112,8 @@ def test_token_file_private_and_loopback_only(daemon, record):
            default_bind=Settings().host, listening_on=sorted(listening), public_binds_refused=len(refusals))
     assert token_mode == 0o600 and state_mode == 0o700
     assert Settings().host == "127.0.0.1" and listening == {"127.0.0.1"}
-    assert "was readable by others (mode 644); set to 0600" in Path(daemon.output).read_text()
+    log = Path(daemon.output).read_text()
+    assert "was readable by others (mode 644); set to 0600" in log and "(mode 755); set to 0700" in log
 
 
 def listening_addresses(port: int) -> set[str]:
