@@ -77,7 +77,7 @@ SERVER_MESSAGES: dict[str, list[str]] = {
 }
 
 EVENT_KINDS = ("queued", "started", "progress", "checkpoint", "sample", "finished", "failed", "cancelled",
-               "interrupted", "stopping")
+               "interrupted", "stopping", "buckets", "cached")
 
 ERROR_CODES = {
     "bad_json": "the frame is not a JSON object (or is nested too deep, or holds invalid Unicode)",

@@ -93,8 +93,24 @@ def load_settings(state_dir: Path | None = None, **overrides: Any) -> Settings:
     settings = Settings(state_dir=state_dir.resolve())
     for key, raw in values.items():
         setattr(settings, key, _coerce(key, raw, config_file))
+    # the hosts' Lora folders install.py linked us into: finished LoRAs may always be deployed there
+    for folder in installed_lora_dirs(state_dir):
+        if not any(folder.is_relative_to(root) for root in settings.write_roots):
+            settings.write_roots.append(folder)
     _check(settings, config_file)
     return settings
+
+
+def installed_lora_dirs(state_dir: Path) -> list[Path]:
+    """`lora_dirs` from the install.json install.py writes (its file; the user's config.yaml stays theirs)."""
+    import json
+
+    try:
+        record = json.loads((Path(state_dir) / "install.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    dirs = record.get("lora_dirs") if isinstance(record, dict) else None
+    return [Path(d).expanduser().resolve() for d in dirs or [] if isinstance(d, str)]
 
 
 def _coerce(key: str, raw: Any, source: Path) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 import threading
 import traceback
@@ -142,8 +143,6 @@ def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
     """Place a finished LoRA in one more Lora folder under a new name, renaming its alias to match.
     An LLM adapter is a folder: it is copied whole, under a new folder name."""
     if Path(src).is_dir():
-        import shutil
-
         from shared.files import publish_new_folder
 
         return publish_new_folder(folder, stem, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
@@ -164,7 +163,13 @@ def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
                 meta[key] = name
         save_file(tensors, str(path), metadata=meta)
 
-    return publish_new(folder, stem, ".safetensors", write)
+    # the preview and notes the trainer wrote beside the file travel with it, under the new name
+    sidecars = {}
+    for suffix in (".preview.png", ".json"):
+        source = Path(src).with_name(Path(src).stem + suffix)
+        if source.is_file():
+            sidecars[suffix] = lambda path, name, source=source: shutil.copyfile(source, path)
+    return publish_new(folder, stem, ".safetensors", write, sidecars)
 
 
 def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:

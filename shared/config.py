@@ -88,10 +88,21 @@ class TrainConfig:
     deploy_dir: Path | None = _key(
         None, "A host's Lora folder: the finished file is copied there under a name that never overwrites."
     )
+    # --- both trainers -------------------------------------------------------------------------
     resume: str | None = _key(
         None,
-        "LLM: continue from a checkpoint in <output_dir>/checkpoints: `latest` (the newest, or a fresh "
-        "start when there is none) or a checkpoint's name (step-000200).",
+        "Continue a run from <output_dir>/checkpoints: `latest` (the newest; a fresh start when there is "
+        "none yet) or a checkpoint's name (LLM: step-000200; SD: state-step000200).",
+    )
+    use_dora: bool = _key(
+        False,
+        "DoRA (weight-decomposed LoRA). SD: a magnitude per input column, exported as kohya `dora_scale` "
+        "the way A1111/ComfyUI apply it; LLM: PEFT's DoRA.",
+    )
+    sample_prompts: list[str] | None = _key(
+        None,
+        "SD: prompts rendered with a fixed seed during and after training. LLM: prompts answered greedily "
+        "at each checkpoint and at the end (default: up to 3 prompts from the data).",
     )
     # --- LLM (task llm) ------------------------------------------------------------------------
     max_seq_len: int = _key(1024, "LLM: tokens per sample; longer samples are cut (and counted in the log).")
@@ -111,7 +122,6 @@ class TrainConfig:
         "linear layer except the output head.",
     )
     use_rslora: bool = _key(False, "LLM: rank-stabilised LoRA (scale alpha/sqrt(rank) instead of alpha/rank).")
-    use_dora: bool = _key(False, "LLM: DoRA (weight-decomposed LoRA).")
     trust_remote_code: bool = _key(
         False, "LLM: allow a model folder's own Python code (auto_map) to run. Only for folders you trust."
     )
@@ -119,12 +129,46 @@ class TrainConfig:
     merge_output: bool = _key(
         False, "LLM: also write the base model with the LoRA merged in, as <output_name>-merged."
     )
-    sample_prompts: list[str] | None = _key(
-        None,
-        "LLM: prompts answered greedily at each checkpoint and at the end, written to the log "
-        "(default: up to 3 prompts from the data).",
-    )
     sample_max_tokens: int = _key(64, "LLM: most new tokens per sample generation.")
+    # --- SD trainer (issue 3) ---------------------------------------------------------------
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = _key(
+        "auto",
+        "What the UNet predicts. auto: a diffusers folder's scheduler; in a single file a `v_pred` "
+        "marker or, for SD2, the v-prediction fingerprint in the weights (else v for SD2, the 768 "
+        "models being the common ones; epsilon for SD1/SDXL).",
+    )
+    train_text_encoder: bool = _key(False, "Also train LoRA on the text encoder(s).")
+    text_encoder_lr: float | None = _key(None, "Learning rate of the text-encoder LoRA. Default: learning_rate.")
+    enable_bucket: bool = _key(True, "Aspect-ratio bucketing: train each image near its own shape.")
+    bucket_reso_steps: int = _key(64, "Bucket sizes are multiples of this (raised to what the UNet needs).")
+    min_bucket_reso: int = _key(256, "Smallest bucket side in pixels (lowered to resolution/2 for small resolutions).")
+    max_bucket_reso: int = _key(2048, "Largest bucket side in pixels.")
+    bucket_upscale: bool = _key(False, "Enlarge images smaller than the resolution to fill a bucket.")
+    caption_extension: str = _key(".txt", "Caption file suffix beside each image.")
+    trigger_word: str | None = _key(None, "Put first in every caption (and in the sidecar's activation text).")
+    shuffle_caption: bool = _key(False, "Shuffle comma-separated tags every step (the first keep_tokens stay).")
+    keep_tokens: int = _key(0, "Tags at the start of a caption that shuffling leaves in place.")
+    caption_dropout_rate: float = _key(0.0, "Chance of training a step's image with an empty caption.")
+    random_flip: bool = _key(False, "Mirror images left-right at random.")
+    random_crop: bool = _key(False, "Crop at a random place instead of the centre.")
+    cache_latents: Literal["no", "memory", "disk"] = _key(
+        "no", "Encode each image with the VAE once: keep the latents in memory or on disk (reused across runs)."
+    )
+    cache_dir: Path | None = _key(None, "Disk latent cache folder. Default: ~/.cache/lora-daemon/latents.")
+    cache_text_encoder_outputs: bool = _key(
+        False, "Encode each caption once (needs a frozen text encoder and fixed captions)."
+    )
+    noise_offset: float = _key(0.0, "Offset noise strength (0.05-0.1 helps very dark/bright images).")
+    min_snr_gamma: float | None = _key(None, "Min-SNR loss weighting gamma (5 is common); empty disables.")
+    lora_init_std: float | None = _key(None, "Std of the gaussian LoRA init of A. Default: 1/rank.")
+    conv_rank: int = _key(0, "LoCon: LoRA rank on the ResBlock 3x3 convs too (0: off).")
+    conv_alpha: float | None = _key(None, "LoCon alpha. Default: conv_rank.")
+    optimizer: Literal["adamw", "adamw8bit"] = _key("adamw", "adamw8bit needs bitsandbytes and a CUDA GPU.")
+    save_last_n: int = _key(3, "Keep the last N checkpoints and training states (0: keep all).")
+    sample_every_n_steps: int = _key(0, "Render sample_prompts every N steps (0: only at the end).")
+    sample_steps: int = _key(20, "Denoising steps per sample image.")
+    preferred_weight: float = _key(0.8, "The LoRA weight suggested in the sidecar .json.")
+    description: str | None = _key(None, "Description for the sidecar .json.")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (paths as strings) for logs, metadata and the daemon's job record."""
@@ -302,6 +346,36 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
         )
     if cfg.resolution % 8:
         raise ConfigError(f"{source}: resolution must be a multiple of 8, got {cfg.resolution}")
+    _check_sd_keys(cfg, source)
+
+
+def _check_sd_keys(cfg: TrainConfig, source: str) -> None:
+    """Ranges and combinations of the SD trainer's keys."""
+    for name in ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso", "sample_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{source}: {name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("keep_tokens", "conv_rank", "save_last_n", "sample_every_n_steps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{source}: {name} may not be negative, got {getattr(cfg, name)}")
+    if not 0 <= cfg.caption_dropout_rate < 1:
+        raise ConfigError(f"{source}: caption_dropout_rate must be in [0, 1), got {cfg.caption_dropout_rate}")
+    if cfg.noise_offset < 0:
+        raise ConfigError(f"{source}: noise_offset may not be negative, got {cfg.noise_offset}")
+    for name in ("min_snr_gamma", "lora_init_std", "text_encoder_lr", "conv_alpha"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: {name} must be positive (or left empty), got {value}")
+    if cfg.cache_text_encoder_outputs:
+        varying = [k for k in ("train_text_encoder", "shuffle_caption") if getattr(cfg, k)]
+        if cfg.caption_dropout_rate > 0:
+            varying.append("caption_dropout_rate")
+        if varying:
+            raise ConfigError(
+                f"{source}: cache_text_encoder_outputs needs a frozen text encoder and fixed captions; "
+                f"turn off {', '.join(varying)} or the cache"
+            )
+    if cfg.cache_latents != "no" and cfg.random_crop:
+        raise ConfigError(f"{source}: cache_latents keeps one crop per image; turn off random_crop or the cache")
 
 
 OUTPUT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")

@@ -87,3 +87,23 @@ def sd_config(tmp_path, tiny_sd, image_dir):
         return write_config(tmp_path / "config.yaml", **values)
 
     return make
+
+
+# --- SD2 / SDXL fixtures (issue 3) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD2 v-prediction model as a real single file (~120 MB in fp16: its text encoder must
+    be 1024 wide to be an SD2 file, FIELD-NOTES §2). Built once per session, never committed."""
+    from shared.fixtures.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd2v"), "sd2", v_prediction=True, dtype=torch.float16)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SDXL model (two text encoders, size/crop conditioning) as a real single file."""
+    from shared.fixtures.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sdxl"), "sdxl")

@@ -56,7 +56,8 @@ def test_checkpoints_on_schedule_and_outputs(trained):
     cfg, result, root = trained
     assert result.steps == 40 and len(result.losses) == 40
     names = sorted(p.name for p in (root / "out" / "shapes" / "checkpoints").iterdir())
-    assert names == ["shapes-step000015.safetensors", "shapes-step000030.safetensors"]
+    assert names == ["shapes-step000015.safetensors", "shapes-step000030.safetensors",
+                     "state-step000015", "state-step000030"]
     assert result.output_path == root / "out" / "shapes" / "shapes.safetensors"
     # the deploy folder already had a shapes.safetensors: it is untouched, ours is shapes_2
     assert (root / "Lora" / "shapes.safetensors").read_bytes() == b"someone else's LoRA"

@@ -24,18 +24,29 @@ MODEL_CONFIGS = resources.files("shared.sd") / "model_configs"
 # Markers of the model families (FIELD-NOTES §2)
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_TEXT1_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
 UNET_KEY_PREFIX = "model.diffusion_model."
+V_PRED_MARKER = "v_pred"  # an empty tensor some v-prediction checkpoints carry (ComfyUI reads it too)
 
-# What A1111/Forge/kohya call each family (ss_base_model_version, modelspec.architecture)
+# What A1111/Forge/kohya call each family (ss_base_model_version, ss_v2, modelspec.architecture).
+# "sd2_v" is SD2 trained with v-prediction (the 768 models); the hosts list it separately.
 ARCHITECTURES = {
     "sd1": {"ss_base_model_version": "sd_v1", "ss_v2": "False", "modelspec": "stable-diffusion-v1/lora"},
+    "sd2": {"ss_base_model_version": "sd_v2", "ss_v2": "True", "modelspec": "stable-diffusion-v2-512/lora"},
+    "sd2_v": {"ss_base_model_version": "sd_v2_v", "ss_v2": "True", "modelspec": "stable-diffusion-v2-768-v/lora"},
+    "sdxl": {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
+             "modelspec": "stable-diffusion-xl-v1-base/lora"},
 }
+# Shipped config folder per family (real sizes); SD2 picks sd2_v for v-prediction files.
+SHIPPED_CONFIG = {"sd1": "sd15", "sd2": "sd2", "sd2_v": "sd2_v", "sdxl": "sdxl"}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
 class SDModel:
-    arch: str
+    arch: str  # family: sd1, sd2 or sdxl
     source: Path
     unet: Any
     vae: Any
@@ -47,6 +58,17 @@ class SDModel:
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    @property
+    def metadata_arch(self) -> str:
+        """The ARCHITECTURES entry: SD2 splits by prediction type."""
+        if self.arch == "sd2" and self.prediction_type == "v_prediction":
+            return "sd2_v"
+        return self.arch
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.arch == "sdxl"
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -71,18 +93,53 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def detect_architecture(state_dict: dict, path: Path) -> str:
-    if any(k.startswith(SDXL_TEXT2_PREFIX) for k in state_dict):
-        raise ModelError(f"{path}: SDXL checkpoints are not supported yet by this build (SD1.x only)")
-    if any(k.startswith(SD2_TEXT_PREFIX) for k in state_dict):
-        raise ModelError(f"{path}: SD2.x checkpoints are not supported yet by this build (SD1.x only)")
-    if SD1_TEXT_KEY in state_dict and any(k.startswith(UNET_KEY_PREFIX) for k in state_dict):
+    """sd1, sd2 or sdxl from the weight names; a clear error naming anything else."""
+    has_unet = any(k.startswith(UNET_KEY_PREFIX) for k in state_dict)
+    conv_in = state_dict.get(UNET_KEY_PREFIX + "input_blocks.0.0.weight")
+    if has_unet and conv_in is not None and conv_in.dim() == 4 and conv_in.shape[1] != 4:
+        raise ModelError(
+            f"{path}: an inpainting/instruct UNet ({conv_in.shape[1]} input channels); only text-to-image "
+            "SD1.x/SD2.x/SDXL base models are trained"
+        )
+    if any(k.startswith(SDXL_TEXT2_PREFIX) for k in state_dict) and has_unet:
+        return "sdxl"
+    if any(k.startswith(SDXL_REFINER_TEXT_PREFIX) for k in state_dict):
+        raise ModelError(f"{path}: an SDXL refiner; train LoRAs on the SDXL base model instead")
+    if any(k.startswith(SD2_TEXT_PREFIX) for k in state_dict) and has_unet:
+        return "sd2"
+    if SD1_TEXT_KEY in state_dict and has_unet:
         return "sd1"
-    if any(k.startswith(("transformer_blocks.", "double_blocks.", "joint_blocks.")) for k in state_dict):
-        raise ModelError(f"{path}: a transformer (Flux/SD3-style) checkpoint; only SD1.x/SD2.x/SDXL UNets are trained")
+    if any(k.startswith(("transformer_blocks.", "double_blocks.", "joint_blocks.", "model.diffusion_model.joint_blocks.",
+                         "model.diffusion_model.double_blocks.")) for k in state_dict):
+        raise ModelError(
+            f"{path}: a transformer (Flux/SD3-style) checkpoint; only SD1.x/SD2.x/SDXL UNets are trained"
+        )
+    if has_unet:
+        raise ModelError(f"{path}: a UNet without a text encoder we know (not SD1.x/SD2.x/SDXL)")
     raise ModelError(
         f"{path}: not a Stable Diffusion checkpoint (found none of the SD UNet + text encoder weights; "
         f"{len(state_dict)} tensors)"
     )
+
+
+def detect_prediction_type(state_dict: dict, arch: str) -> str | None:
+    """v_prediction or epsilon when the weights tell, else None.
+
+    The weights rarely say it. Two signs are used, as ComfyUI does: a `v_pred` marker key, and for
+    SD2 the spread of the last output block's first norm1 bias, which v-prediction training pushes
+    above 0.09 while the epsilon models stay below.
+    """
+    if V_PRED_MARKER in state_dict:
+        return "v_prediction"
+    if arch != "sd2":
+        return None
+    blocks = [int(k.split(".")[3]) for k in state_dict if k.startswith(UNET_KEY_PREFIX + "output_blocks.")]
+    if not blocks:
+        return None
+    bias = state_dict.get(f"{UNET_KEY_PREFIX}output_blocks.{max(blocks)}.1.transformer_blocks.0.norm1.bias")
+    if bias is None:
+        return None
+    return "v_prediction" if float(bias.float().std(unbiased=False)) > 0.09 else "epsilon"
 
 
 def _read_json(path: Path) -> dict:
@@ -101,9 +158,15 @@ def read_component_configs(folder: Path) -> dict[str, dict]:
         "vae": _read_json(folder / "vae" / "config.json"),
         "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
     }
+    if (folder / "text_encoder_2" / "config.json").is_file():
+        configs["text_encoder_2"] = _read_json(folder / "text_encoder_2" / "config.json")
     scheduler = folder / "scheduler" / "scheduler_config.json"
     configs["scheduler"] = _read_json(scheduler) if scheduler.is_file() else {}
     return configs
+
+
+def shipped_config_dir(name: str) -> Path:
+    return Path(str(MODEL_CONFIGS / SHIPPED_CONFIG[name]))
 
 
 def _load_strict(module, state_dict: dict, path: Path, component: str) -> None:
@@ -135,84 +198,155 @@ def _load_strict(module, state_dict: dict, path: Path, component: str) -> None:
     module.load_state_dict(state_dict, strict=True, assign=True)
 
 
-def load_single_file(path: Path, model_config: Path | None = None) -> SDModel:
+def _text_encoder(config: dict, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("architectures", "_name_or_path")})
+    return CLIPTextModelWithProjection(cfg) if with_projection else CLIPTextModel(cfg)
+
+
+def _fit_to_model(text_sd: dict, model) -> dict:
+    """transformers 5 dropped the `text_model.` level in CLIPTextModel (not in ...WithProjection)."""
+    if hasattr(model, "text_model"):
+        return text_sd
+    return {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+
+
+def _scheduler(configs: dict, prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    base = configs.get("scheduler") or _read_json(shipped_config_dir("sd1") / "scheduler" / "scheduler_config.json")
+    # Training always uses DDPM noise; a pipeline's Euler/PNDM config carries the same betas.
+    base = {k: v for k, v in base.items() if not k.startswith("_")}
+    return DDPMScheduler.from_config({**base, "prediction_type": prediction_type})
+
+
+def _tokenizers(arch: str) -> list:
+    from shared.sd.tokenizer import clip_tokenizer
+
+    if arch == "sd1":
+        return [clip_tokenizer()]
+    if arch == "sd2":
+        return [clip_tokenizer(pad_token="!")]
+    return [clip_tokenizer(), clip_tokenizer(pad_token="!")]
+
+
+def resolve_prediction_type(requested: str, detected: str | None, configs: dict, arch: str) -> str:
+    if requested in PREDICTION_TYPES:
+        return requested
+    if detected:
+        return detected
+    from_config = (configs.get("scheduler") or {}).get("prediction_type")
+    return from_config or "epsilon"
+
+
+def load_single_file(path: Path, model_config: Path | None = None, prediction_type: str = "auto") -> SDModel:
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from shared.sd.tokenizer import clip_tokenizer
 
     path = Path(path)
     checkpoint = read_checkpoint(path)
     arch = detect_architecture(checkpoint, path)
-    config_dir = Path(model_config) if model_config else Path(str(MODEL_CONFIGS / "sd15"))
+    detected = detect_prediction_type(checkpoint, arch)
+    if model_config:
+        config_dir = Path(model_config)
+    elif arch == "sd2":
+        # SD2 without a sign in the weights: the 768 v-prediction models are the common ones
+        v = (prediction_type if prediction_type != "auto" else detected or "v_prediction") == "v_prediction"
+        config_dir = shipped_config_dir("sd2_v" if v else "sd2")
+    else:
+        config_dir = shipped_config_dir(arch)
     configs = read_component_configs(config_dir)
+    if arch == "sdxl" and "text_encoder_2" not in configs:
+        raise ModelError(f"{config_dir}: an SDXL model_config needs text_encoder_2/config.json")
+    prediction = resolve_prediction_type(prediction_type, detected, configs, arch)
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        if arch == "sdxl":
+            text_encoders = [_text_encoder(configs["text_encoder"], False), _text_encoder(configs["text_encoder_2"], True)]
+        else:
+            text_encoders = [_text_encoder(configs["text_encoder"], False)]
 
     try:
         unet_sd = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
         vae_sd = convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))
     except (KeyError, IndexError, AttributeError) as exc:
         raise ModelError(f"{path}: the UNet/VAE weights do not follow the SD layout ({exc!r})") from None
-    text_sd = convert_ldm_clip_checkpoint(checkpoint)
-    if not hasattr(text_encoder, "text_model"):  # transformers 5 flattened CLIPTextModel
-        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
-
     _load_strict(unet, unet_sd, path, "UNet")
     _load_strict(vae, vae_sd, path, "VAE")
-    _load_strict(text_encoder, text_sd, path, "text encoder")
+    if arch == "sd1":
+        texts = [convert_ldm_clip_checkpoint(checkpoint)]
+    elif arch == "sd2":
+        texts = [convert_open_clip_checkpoint(text_encoders[0], checkpoint, prefix=SD2_TEXT_PREFIX)]
+    else:
+        clip_l = {k: v for k, v in checkpoint.items() if k.startswith(SDXL_TEXT1_PREFIX)}
+        texts = [
+            convert_ldm_clip_checkpoint(clip_l),
+            convert_open_clip_checkpoint(text_encoders[1], checkpoint, prefix=SDXL_TEXT2_PREFIX),
+        ]
+    for i, (encoder, text_sd) in enumerate(zip(text_encoders, texts)):
+        _load_strict(encoder, _fit_to_model(text_sd, encoder), path, "text encoder" + (f" {i + 1}" if i else ""))
 
-    scheduler = DDPMScheduler.from_config(configs["scheduler"] or json.loads(
-        (Path(str(MODEL_CONFIGS / "sd15")) / "scheduler" / "scheduler_config.json").read_text()
-    ))
     return SDModel(
         arch=arch,
         source=path,
         unet=unet,
         vae=vae,
-        text_encoders=[text_encoder],
-        tokenizers=[clip_tokenizer()],
-        noise_scheduler=scheduler,
+        text_encoders=text_encoders,
+        tokenizers=_tokenizers(arch),
+        noise_scheduler=_scheduler(configs, prediction),
         configs=configs,
     )
 
 
-def load_diffusers_folder(folder: Path) -> SDModel:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from shared.sd.tokenizer import clip_tokenizer
+def load_diffusers_folder(folder: Path, prediction_type: str = "auto") -> SDModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
-    if "text_encoder_2" in index:
-        raise ModelError(f"{folder}: SDXL diffusers folders are not supported yet by this build (SD1.x only)")
+    sdxl = "text_encoder_2" in index
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)]
+        if sdxl:
+            text_encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", local_files_only=True)
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}: cannot load the diffusers model ({str(exc).splitlines()[0]})") from None
-    if (folder / "tokenizer" / "vocab.json").is_file():
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    if unet.config.in_channels != 4:
+        raise ModelError(f"{folder}: an inpainting/instruct UNet ({unet.config.in_channels} input channels); "
+                         "only text-to-image SD1.x/SD2.x/SDXL base models are trained")
+    if sdxl:
+        arch = "sdxl"
+    elif unet.config.cross_attention_dim == text_encoders[0].config.hidden_size and text_encoders[0].config.hidden_act == "gelu":
+        arch = "sd2"  # OpenCLIP ViT-H (gelu); SD1's CLIP-L uses quick_gelu
     else:
-        tokenizer = clip_tokenizer()
-    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        arch = "sd1"
+    tokenizers = _tokenizers(arch)
+    for i, sub in enumerate(("tokenizer", "tokenizer_2")[: len(tokenizers)]):
+        if (folder / sub / "vocab.json").is_file():
+            tokenizers[i] = CLIPTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True)
     configs = {"unet": dict(unet.config), "vae": dict(vae.config)}
-    return SDModel("sd1", folder, unet, vae, [text_encoder], [tokenizer], scheduler, configs)
+    scheduler_file = folder / "scheduler" / "scheduler_config.json"
+    configs["scheduler"] = _read_json(scheduler_file) if scheduler_file.is_file() else {}
+    prediction = resolve_prediction_type(prediction_type, None, configs, arch)
+    scheduler = _scheduler(configs, prediction)
+    return SDModel(arch, folder, unet, vae, text_encoders, tokenizers, scheduler, configs)
 
 
-def load_sd_model(base_model: Path, model_config: Path | None = None) -> SDModel:
+def load_sd_model(base_model: Path, model_config: Path | None = None, prediction_type: str = "auto") -> SDModel:
     base_model = Path(base_model)
     if base_model.is_dir():
-        return load_diffusers_folder(base_model)
-    return load_single_file(base_model, model_config)
+        return load_diffusers_folder(base_model, prediction_type)
+    return load_single_file(base_model, model_config, prediction_type)

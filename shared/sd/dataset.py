@@ -1,8 +1,13 @@
-"""Image + caption data sets: a folder of images with `metadata.csv` (`file,caption`) or `.txt` captions."""
+"""Image + caption data sets: a folder of images with `metadata.csv` (`file,caption`) or `.txt` captions.
+
+A folder whose subfolders are named `N_name` (kohya's layout, e.g. `10_sks dog`) is read as one
+data set per subfolder, each image seen N times per epoch.
+"""
 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +18,15 @@ FILE_COLUMNS = ("file", "file_name", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "tags")
 
 
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
 @dataclass
 class ImageItem:
     path: Path
     caption: str
+    repeats: int = 1
+    subset: str = ""  # the folder the image came from (ss_dataset_dirs, ss_tag_frequency)
 
 
 @dataclass
@@ -90,10 +100,34 @@ def _check_readable(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple
     return good, bad
 
 
-def scan_dataset(data_dir: Path, metadata_path: Path | None = None) -> DatasetScan:
+def scan_dataset(data_dir: Path, metadata_path: Path | None = None, caption_extension: str = ".txt") -> DatasetScan:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DatasetError(f"train_data_dir: {data_dir} is not a folder of images")
+    subsets = sorted(p for p in data_dir.iterdir() if p.is_dir() and REPEAT_FOLDER.match(p.name))
+    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in data_dir.iterdir() if p.is_file())
+    if subsets and not has_images and metadata_path is None:
+        scans = []
+        for sub in subsets:
+            repeats = int(REPEAT_FOLDER.match(sub.name).group(1))
+            if repeats < 1:
+                raise DatasetError(f"train_data_dir: {sub.name}: the repeat count before '_' must be at least 1")
+            scan = _scan_folder(sub, None, caption_extension)
+            for item in scan.items:
+                item.repeats, item.subset = repeats, sub.name
+            scans.append(scan)
+        return DatasetScan(
+            [i for s in scans for i in s.items],
+            f"{len(subsets)} N_name folders, {scans[0].caption_source}",
+            [u for s in scans for u in s.unreadable],
+        )
+    scan = _scan_folder(data_dir, metadata_path, caption_extension)
+    for item in scan.items:
+        item.subset = data_dir.name
+    return scan
+
+
+def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: str) -> DatasetScan:
     default_csv = data_dir / "metadata.csv"
     if metadata_path is None and default_csv.is_file():
         metadata_path = default_csv
@@ -110,44 +144,102 @@ def scan_dataset(data_dir: Path, metadata_path: Path | None = None) -> DatasetSc
             )
         items = []
         for image in images:
-            txt = image.with_suffix(".txt")
-            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+            txt = image.with_suffix(caption_extension)
+            try:
+                caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+            except UnicodeDecodeError:
+                raise DatasetError(f"{txt}: not UTF-8 text; save the caption as UTF-8") from None
             items.append(ImageItem(image, caption))
-        source = ".txt captions"
+        source = f"{caption_extension} captions"
     good, bad = _check_readable(items)
     if not good:
         raise DatasetError(f"train_data_dir: none of the {len(items)} images in {data_dir} can be read")
     return DatasetScan(good, source, bad)
 
 
-class ImageCaptionDataset:
-    """Torch dataset: resize the short side to `resolution`, centre-crop, scale to [-1, 1], tokenize."""
+def process_caption(caption: str, *, trigger_word: str | None, shuffle: bool, keep_tokens: int,
+                    dropout_rate: float, rng) -> str:
+    """The caption one step sees: trigger word first, comma-separated tags after the first
+    `keep_tokens` shuffled, or the whole caption dropped (empty) with `dropout_rate`."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    keep = keep_tokens
+    if trigger_word:
+        if trigger_word in tags:
+            tags.remove(trigger_word)
+        tags.insert(0, trigger_word)
+        keep = max(keep, 1)
+    if shuffle and len(tags) > keep:
+        rest = tags[keep:]
+        rng.shuffle(rest)
+        tags = tags[:keep] + rest
+    if dropout_rate > 0 and rng.random() < dropout_rate:
+        return ""
+    return ", ".join(tags)
 
-    def __init__(self, items: list[ImageItem], tokenizer, resolution: int):
-        self.items = items
-        self.tokenizer = tokenizer
-        self.resolution = resolution
 
-    def __len__(self) -> int:
-        return len(self.items)
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    from PIL import Image
 
-    def __getitem__(self, index: int) -> dict:
-        import numpy as np
-        import torch
-        from PIL import Image
+    with Image.open(path) as img:
+        return img.size
 
-        item = self.items[index]
-        with Image.open(item.path) as img:
-            img = img.convert("RGB")
-            scale = self.resolution / min(img.size)
-            size = (max(self.resolution, round(img.width * scale)), max(self.resolution, round(img.height * scale)))
-            img = img.resize(size, Image.Resampling.BICUBIC)
-            left = (img.width - self.resolution) // 2
-            top = (img.height - self.resolution) // 2
-            img = img.crop((left, top, left + self.resolution, top + self.resolution))
-            pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-        ids = self.tokenizer(
-            item.caption, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids}
+
+def plan_crop(size: tuple[int, int], bucket: tuple[int, int], *, random_crop: bool, rng):
+    """How an image of `size` (w, h) becomes `bucket` (w, h): the size it is resized to (covering
+    the bucket) and the crop's (top, left). SDXL is told the original size and the crop."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    if random_crop:
+        crop = (rng.randint(0, resized[1] - height), rng.randint(0, resized[0] - width))
+    else:
+        crop = ((resized[1] - height) // 2, (resized[0] - width) // 2)
+    return resized, crop
+
+
+def load_pixels(path: Path, bucket: tuple[int, int], resized: tuple[int, int], crop: tuple[int, int], flip: bool):
+    """The image resized, cropped to `bucket`, maybe mirrored, as a [3, h, w] tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    width, height = bucket
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if resized != img.size:
+            enlarge = resized[0] > img.width
+            img = img.resize(resized, Image.Resampling.BICUBIC if enlarge else Image.Resampling.LANCZOS)
+        top, left = crop
+        img = img.crop((left, top, left + width, top + height))
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: per folder, how many captions hold each comma-separated tag."""
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        counts = out.setdefault(item.subset, {})
+        for tag in {t.strip() for t in item.caption.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return out
+
+
+def dataset_dirs(items: list[ImageItem]) -> dict[str, dict[str, int]]:
+    """kohya's ss_dataset_dirs: per folder, its repeat count and number of images."""
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        entry = out.setdefault(item.subset, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return out
+
+
+def tokenize(tokenizers: list, captions: list[str]):
+    """One [batch, 77] id tensor per tokenizer."""
+    return [
+        tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+            return_tensors="pt").input_ids
+        for tok in tokenizers
+    ]

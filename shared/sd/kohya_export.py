@@ -2,7 +2,10 @@
 
 Key = prefix + module path with "." -> "_", then `.lora_down.weight` (PEFT's A), `.lora_up.weight`
 (B) and a 0-dim `.alpha` holding lora_alpha (scale = alpha / rank). SD1/SD2 use diffusers module
-names; the header metadata tells the hosts which base models the LoRA belongs to.
+names and `lora_te_`; SDXL uses the LDM names of its UNet (`lora_unet_input_blocks_4_1_...`) and
+`lora_te1_`/`lora_te2_`. Text-encoder names always carry `text_model_` (transformers 5 dropped
+that level from CLIPTextModel; without it the hosts ignore every key). The header metadata tells
+the hosts which base models the LoRA belongs to.
 """
 
 from __future__ import annotations
@@ -16,16 +19,57 @@ from shared.sd.lora import lora_modules
 NETWORK_MODULE = "networks.lora"
 
 
-def kohya_state_dict(model, prefix: str, alpha: float, name_map=None) -> dict:
-    """The LoRA weights of `model` (fp16, contiguous) under kohya keys with `prefix`."""
+def kohya_state_dict(model, prefix: str, alpha: float | None = None, name_map=None) -> dict:
+    """The LoRA weights of `model` (fp16, contiguous) under kohya keys with `prefix`.
+    `.alpha` is each module's own lora_alpha (LoCon convs may differ) unless `alpha` is given."""
     import torch
 
+    from shared.sd.dora import MAGNITUDE
+
+    modules = dict(model.named_modules())
     out = {}
-    for name, down, up in lora_modules(model):
+    for name, down, up, module_alpha in lora_modules(model):
         key = prefix + "_" + (name_map(name) if name_map else name).replace(".", "_")
-        out[f"{key}.lora_down.weight"] = down.detach().to("cpu", torch.float16).contiguous()
-        out[f"{key}.lora_up.weight"] = up.detach().to("cpu", torch.float16).contiguous()
-        out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float16)
+        out[f"{key}.lora_down.weight"] = _fp16_cpu(down)
+        out[f"{key}.lora_up.weight"] = _fp16_cpu(up)
+        magnitude = getattr(modules[name], MAGNITUDE, None)
+        if magnitude is not None:  # DoRA: [1, in(, 1, 1)], the per-input layout A1111 applies
+            out[f"{key}.dora_scale"] = _fp16_cpu(magnitude)
+        out[f"{key}.alpha"] = torch.tensor(float(module_alpha if alpha is None else alpha), dtype=torch.float16)
+    return out
+
+
+def _fp16_cpu(tensor):
+    import torch
+
+    tensor = tensor.detach()
+    if tensor.device.type != "meta":  # meta: a layout check on a full-size model without weights
+        tensor = tensor.to("cpu")
+    return tensor.to(torch.float16).contiguous()
+
+
+def text_encoder_module_name(name: str) -> str:
+    return "text_model." + name.removeprefix("text_model.")
+
+
+def text_encoder_prefixes(arch: str) -> list[str]:
+    return ["lora_te1", "lora_te2"] if arch == "sdxl" else ["lora_te"]
+
+
+def unet_module_name_map(arch: str, unet_config):
+    """SDXL LoRAs name UNet modules in the LDM layout; SD1/SD2 keep diffusers names."""
+    if arch != "sdxl":
+        return None
+    from shared.sd.ldm_layout import unet_map
+
+    return unet_map(dict(unet_config)).to_ldm
+
+
+def model_lora_tensors(arch: str, unet, text_encoders=()) -> dict:
+    """Every LoRA of an SD model (UNet and any text encoder that has one) under kohya keys."""
+    out = kohya_state_dict(unet, "lora_unet", name_map=unet_module_name_map(arch, unet.config))
+    for prefix, encoder in zip(text_encoder_prefixes(arch), text_encoders):
+        out.update(kohya_state_dict(encoder, prefix, name_map=text_encoder_module_name))
     return out
 
 

@@ -14,7 +14,19 @@ from typing import Any
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_L_PREFIX = "cond_stage_model.transformer."
+CLIP_L_PREFIX = "cond_stage_model.transformer."  # SD1.x; SDXL's first encoder: "conditioner.embedders.0.transformer."
+OPEN_CLIP_SD2_PREFIX = "cond_stage_model.model."
+OPEN_CLIP_SDXL_PREFIX = "conditioner.embedders.1.model."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+
+# HF CLIP layer attribute -> OpenCLIP resblock attribute
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
 
 # diffusers ResnetBlock2D attribute -> LDM ResBlock attribute
 _UNET_RESNET = {
@@ -137,12 +149,44 @@ def vae_to_ldm(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dict
     return out
 
 
-def clip_l_to_ldm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """OpenAI CLIP text encoder (SD1.x) into `cond_stage_model.transformer.text_model.*`."""
+def clip_l_to_ldm(state_dict: Mapping[str, Any], prefix: str = CLIP_L_PREFIX) -> dict[str, Any]:
+    """OpenAI CLIP text encoder (SD1.x, SDXL's first) into `<prefix>text_model.*`."""
     out = {}
     for k, v in state_dict.items():
         if k.endswith("position_ids"):
             continue
         name = k if k.startswith("text_model.") else "text_model." + k  # transformers 5 flattened it
-        out[CLIP_L_PREFIX + name] = v
+        out[prefix + name] = v
     return out
+
+
+def open_clip_to_ldm(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """An HF CLIP text encoder into the OpenCLIP layout SD2 (`cond_stage_model.model.`) and SDXL's
+    second encoder (`conditioner.embedders.1.model.`) store: q/k/v fused into `attn.in_proj_*`
+    (in that order) and `text_projection` as [width, proj], the transpose of the HF Linear."""
+    flat = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    out = {}
+    layers = sorted({int(k.split(".")[2]) for k in flat if k.startswith("encoder.layers.")})
+    for i in layers:
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            qkv = [flat.pop(f"{src}self_attn.{p}_proj.{part}") for p in ("q", "k", "v")]
+            out[f"{dst}attn.in_proj_{part}"] = _cat(qkv)
+        for hf, oc in _OPEN_CLIP_LAYER.items():
+            for part in ("weight", "bias"):
+                out[f"{dst}{oc}.{part}"] = flat.pop(f"{src}{hf}.{part}")
+    out[prefix + "token_embedding.weight"] = flat.pop("embeddings.token_embedding.weight")
+    out[prefix + "positional_embedding"] = flat.pop("embeddings.position_embedding.weight")
+    out[prefix + "ln_final.weight"] = flat.pop("final_layer_norm.weight")
+    out[prefix + "ln_final.bias"] = flat.pop("final_layer_norm.bias")
+    if "text_projection.weight" in flat:
+        out[prefix + "text_projection"] = flat.pop("text_projection.weight").T.contiguous()
+    if flat:
+        raise KeyError(f"no OpenCLIP name for {sorted(flat)[:3]}")
+    return out
+
+
+def _cat(tensors):
+    import torch
+
+    return torch.cat(list(tensors), dim=0)

@@ -1,0 +1,366 @@
+"""The "Train LoRA" tab, written against the part of gradio that 3.41 (AUTOMATIC1111) and 4.40 (Forge)
+share: no `_js`/`js`, no `Component.update()` (only `gr.update`), no `gr.Box`, no `gr.Timer`, and no
+keyword that either version lacks. Live progress comes from generator handlers (Train, Refresh) that
+yield a new view whenever the job's watch changes; Stop and Cancel run outside the queue so they
+answer while such a handler is streaming.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from . import form, host
+from .bridge import REPO_ROOT, load_client_modules
+from .plot import loss_curve
+from .watch import JobView, JobWatch, Watches, lora_prompt, progress_line, wait_for_change
+
+_mods = load_client_modules(("client", "launcher", "config"))
+client_mod, launcher, config_mod = _mods["client"], _mods["launcher"], _mods["config"]
+DaemonError, DaemonUnavailable = client_mod.DaemonError, client_mod.DaemonUnavailable
+
+WATCHES = Watches()
+QUEUE_REFRESH_S = 2.0
+MIN_FRAME_S = 0.5  # the fastest the live view redraws: a tiny model steps many times a second
+MAX_SAMPLES = 8
+NOT_ALLOWED = ("**Not allowed:** this WebUI is reachable from other machines without a login, so the Train LoRA tab does "
+               "not start or control jobs. Start the WebUI with `--gradio-auth`, or allow it under "
+               "Settings > LoRA daemon.")
+
+
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+def _connect(settings: host.TabSettings, timeout: float = 10.0):
+    return client_mod.DaemonClient.connect(settings.state_dir, host=settings.host, port=settings.port,
+                                           timeout=timeout)
+
+
+def _where(settings: host.TabSettings) -> str:
+    state = settings.state_dir or client_mod.default_state_dir()
+    known_host, known_port = client_mod.read_endpoint(state)
+    return f"{settings.host or known_host}:{settings.port or known_port}"
+
+
+def _daemon_python(settings: host.TabSettings) -> str | None:
+    """The setting, else what the launcher finds itself ($LORA_DAEMON_PYTHON, install.json), else the
+    environment `python3 install.py` makes in this checkout (./.venv)."""
+    if settings.python:
+        return settings.python
+    state = settings.state_dir or client_mod.default_state_dir()
+    if os.environ.get("LORA_DAEMON_PYTHON") or launcher.recorded_python(state):
+        return None
+    candidate = REPO_ROOT / ".venv" / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    return str(candidate) if candidate.exists() else None
+
+
+def _status(settings: host.TabSettings) -> tuple[str, bool]:
+    """(Markdown, whether to offer the Start button)."""
+    try:
+        with _connect(settings, timeout=3.0) as client:
+            info = client.info()
+    except DaemonUnavailable as exc:
+        return (f"**No lora-daemon is running** ({exc}).\n\nPress **Start the daemon** to start it in "
+                "its own environment, or run `python -m daemon serve` yourself.", True)
+    except (DaemonError, TimeoutError, OSError) as exc:
+        return f"**The daemon at `{_where(settings)}` did not answer as expected:** {exc}", False
+    devices = ", ".join(
+        f"{d.get('name') or d['type']}" + (f" ({d['memory_free_mb'] / 1024:.1f} GB free)" if d.get("memory_free_mb")
+                                           else "")
+        for d in info.get("devices", []) if d.get("type") != "cpu") or "CPU only"
+    queue = info.get("queue", {})
+    return (f"**Daemon running:** lora-daemon {info.get('version', '?')} on `{_where(settings)}` · {devices} · "
+            f"{len(queue.get('running', []))} running, {len(queue.get('queued', []))} queued · "
+            f"LoRAs go to `{settings.deploy_dir}`", False)
+
+
+def _status_outputs(settings: host.TabSettings | None, error: str | None = None):
+    if settings is None:
+        return f"**Error:** {error}", gr.update(visible=False)
+    text, offer_start = _status(settings)
+    return (f"**Error:** {error}\n\n{text}" if error else text), gr.update(visible=offer_start)
+
+
+def _settings_or_error():
+    try:
+        return host.read_settings(), None
+    except host.SettingsError as exc:
+        return None, str(exc)
+
+
+def check_daemon():
+    settings, error = _settings_or_error()
+    return _status_outputs(settings, error)
+
+
+def start_daemon():
+    settings, error = _settings_or_error()
+    if settings is None:
+        return _status_outputs(None, error)
+    if host.exposed_without_login() and not settings.allow_remote:
+        return NOT_ALLOWED, gr.update(visible=True)
+    try:
+        launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
+    except DaemonUnavailable as exc:
+        return _status_outputs(settings, str(exc))
+    return _status_outputs(settings)
+
+
+# --- the live view -------------------------------------------------------------------------------
+
+
+def _queue_html(settings: host.TabSettings) -> str:
+    try:
+        with _connect(settings, timeout=5.0) as client:
+            jobs = client.jobs(limit=10)
+    except (DaemonError, OSError, TimeoutError) as exc:
+        return f"<p>Job queue unavailable: {html.escape(str(exc))}</p>"
+    if not jobs:
+        return "<p>No jobs yet.</p>"
+    rows = []
+    for job in jobs:
+        progress = job.get("progress") or {}
+        steps = f"{progress.get('step', '')}/{progress.get('total', '')}" if progress.get("total") else ""
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.get("created_at") or 0))
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in
+                                     (job.get("name", ""), job.get("state", ""), steps, created, job.get("id", "")))
+                    + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("name", "state", "step", "created", "job"))
+    return (f"<table id='lora_daemon_queue_table'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _samples(view: JobView) -> list:
+    from PIL import Image
+
+    images = []
+    for path in view.samples[-MAX_SAMPLES:]:
+        try:
+            with Image.open(path) as img:
+                images.append(img.convert("RGB"))
+        except OSError:
+            continue  # a preview removed meanwhile: show the others
+    return images
+
+
+def _view_outputs(view: JobView, queue_html: str):
+    head = f"**{html.escape(view.name or view.job_id)}** · {progress_line(view)}"
+    if view.error:
+        head += f"\n\n**Failed:** {view.error}"
+    if view.state == "finished":
+        head += "\n\n**Finished:** copy the text below into your prompt."
+    samples = _samples(view)
+    return (head, loss_curve(view.losses), gr.update(value=samples, visible=bool(samples)), lora_prompt(view.result),
+            view.job_id, queue_html)
+
+
+def _stream(watch: JobWatch, settings: host.TabSettings, status):
+    last_version, last_queue, queue_html = -1, 0.0, ""
+    while True:
+        view = watch.snapshot()
+        now = time.monotonic()
+        if now - last_queue >= QUEUE_REFRESH_S or view.done:
+            queue_html, last_queue = _queue_html(settings), now
+        if view.version != last_version or view.done:
+            last_version = view.version
+            yield (*status, *_view_outputs(view, queue_html))
+        if view.done:
+            return
+        time.sleep(MIN_FRAME_S)
+        wait_for_change(watch, last_version, timeout=QUEUE_REFRESH_S)
+
+
+def _after_job(freed_vram: bool):
+    def finish(view: JobView) -> None:
+        if freed_vram:
+            host.restore_vram()
+        if view.state == "finished":
+            host.refresh_loras()
+
+    return finish
+
+
+def _watch(settings: host.TabSettings, job: dict, freed_vram: bool = False) -> JobWatch:
+    return WATCHES.ensure(job["id"], lambda: JobWatch(lambda: _connect(settings), job["id"], job.get("name", ""),
+                                                      on_end=_after_job(freed_vram)))
+
+
+def _message(status, text: str):
+    """Only the status line changes; the live view keeps what it shows."""
+    keep = gr.update()
+    return (*status, text, keep, keep, keep, keep, keep)
+
+
+def train(base_model, dataset, caption_source, output_name, rank, alpha, learning_rate, epochs, batch_size,
+          resolution, advanced):
+    settings, error = _settings_or_error()
+    if settings is None:
+        yield _message((f"**Error:** {error}", gr.update()), "")
+        return
+    status = (gr.update(), gr.update())
+    if host.exposed_without_login() and not settings.allow_remote:
+        yield _message(status, NOT_ALLOWED)
+        return
+    try:
+        config = form.build_config(
+            base_model=host.checkpoint_path(base_model), dataset=dataset, caption_source=caption_source,
+            output_name=output_name, rank=rank, alpha=alpha, learning_rate=learning_rate, epochs=epochs,
+            batch_size=batch_size, resolution=resolution, advanced=advanced, deploy_dir=settings.deploy_dir,
+            base_dir=host.base_dir())
+    except form.FormError as exc:
+        yield _message(status, f"**Check the form:** {exc}")
+        return
+    if settings.autostart and launcher.daemon_answers(settings.state_dir or client_mod.default_state_dir()) is None:
+        yield _message(status, "Starting the daemon ...")
+        try:
+            launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
+        except DaemonUnavailable:
+            pass  # the connect below says what is wrong
+    status = _status_outputs(settings)
+    freed = host.free_vram() if settings.free_vram else False
+    try:
+        with _connect(settings) as client:
+            job = client.submit(config, base_dir=host.base_dir(), source="Train LoRA tab")
+    except DaemonUnavailable as exc:
+        if freed:
+            host.restore_vram()
+        yield _message(_status_outputs(settings), f"**No daemon to train with:** {exc}")
+        return
+    except (DaemonError, TimeoutError) as exc:
+        if freed:
+            host.restore_vram()
+        yield _message(status, f"**The daemon refused the job:** {exc}")
+        return
+    yield from _stream(_watch(settings, job, freed), settings, status)
+
+
+def refresh(job_id: str | None):
+    """Status, queue and the live view of the job in the Job box (or the running one), e.g. after a
+    page reload; streams until that job ends."""
+    settings, error = _settings_or_error()
+    status = _status_outputs(settings, error)
+    if settings is None or status[1].get("visible"):
+        yield (*status, "", None, [], "", job_id or "", "")
+        return
+    try:
+        with _connect(settings) as client:
+            job = client.get(job_id) if job_id else next(iter(client.jobs(states=["running"], limit=1)), None)
+    except (DaemonError, TimeoutError) as exc:
+        yield _message(status, f"**Error:** {exc}")
+        return
+    if job is None:
+        yield (*status, "No job is running.", None, [], "", "", _queue_html(settings))
+        return
+    yield from _stream(_watch(settings, job), settings, status)
+
+
+def _control(job_id: str | None, action: str):
+    settings, error = _settings_or_error()
+    if settings is None:
+        return f"**Error:** {error}"
+    if host.exposed_without_login() and not settings.allow_remote:
+        return NOT_ALLOWED
+    if not job_id:
+        return f"No job to {action}: the Job box is empty"
+    try:
+        with _connect(settings) as client:
+            job = getattr(client, action)(job_id)
+    except (DaemonError, TimeoutError) as exc:
+        return f"**{action.capitalize()} failed:** {exc}"
+    done = "stopping: it saves what is trained and finishes" if action == "stop" else "cancelled: nothing is saved"
+    return f"{job.get('name', job_id)}: {done}"
+
+
+def stop(job_id):
+    return _control(job_id, "stop")
+
+
+def cancel(job_id):
+    return _control(job_id, "cancel")
+
+
+def refresh_checkpoints(current):
+    return gr.update(choices=host.checkpoint_titles(), value=current or host.default_checkpoint())
+
+
+# --- layout --------------------------------------------------------------------------------------
+
+
+def config_reference() -> str:
+    """Every config key the form does not show, with its default and help, from shared/config.py."""
+    lines = ["| key | default | what |", "| --- | --- | --- |"]
+    for name, field in config_mod.FIELDS.items():
+        if name in form.FORM_KEYS or name == "output_dir":
+            continue
+        default = f"`{field.default}`" if field.default is not None else "(none)"
+        lines.append(f"| `{name}` | {default} | {html.escape(field.metadata.get('help', ''))} |")
+    readme = Path(config_mod.__file__).resolve().parent.parent / "README.md"
+    return ("Any `key: value` lines here are added to the job's config (they win over the form). "
+            f"All keys are described in `{readme}`.\n\n" + "\n".join(lines))
+
+
+def build_tab():
+    """The Blocks for `on_ui_tabs`."""
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row():
+            status_md = gr.Markdown(elem_id="lora_daemon_status")
+        with gr.Row():
+            start_btn = gr.Button("Start the daemon", visible=False, elem_id="lora_daemon_start")
+            refresh_btn = gr.Button("Refresh", elem_id="lora_daemon_refresh")
+        with gr.Row():
+            with gr.Column(scale=1):
+                with gr.Row():
+                    base_model = gr.Dropdown(label="Base model", choices=host.checkpoint_titles(),
+                                             value=host.default_checkpoint(), allow_custom_value=True,
+                                             elem_id="lora_daemon_base_model")
+                    ckpt_refresh = gr.Button("Reload list", elem_id="lora_daemon_refresh_checkpoints")
+                dataset = gr.Textbox(label="Dataset folder", placeholder="/path/to/images (relative: WebUI folder)",
+                                     elem_id="lora_daemon_dataset")
+                caption_source = gr.Radio(form.CAPTION_CHOICES, value=form.CAPTION_AUTO, label="Captions",
+                                          elem_id="lora_daemon_captions")
+                output_name = gr.Textbox(label="Output name", placeholder="my_lora", elem_id="lora_daemon_output_name")
+                with gr.Row():
+                    rank = gr.Number(value=8, label="Rank", precision=0, elem_id="lora_daemon_rank")
+                    alpha = gr.Number(value=16, label="Alpha", elem_id="lora_daemon_alpha")
+                    learning_rate = gr.Number(value=2e-4, label="Learning rate", elem_id="lora_daemon_lr")
+                with gr.Row():
+                    epochs = gr.Number(value=10, label="Epochs", precision=0, elem_id="lora_daemon_epochs")
+                    batch_size = gr.Number(value=1, label="Batch size", precision=0, elem_id="lora_daemon_batch")
+                    resolution = gr.Number(value=512, label="Resolution", precision=0,
+                                           elem_id="lora_daemon_resolution")
+                with gr.Accordion("Advanced: every other config key", open=False):
+                    advanced = gr.Textbox(label="More config (YAML)", lines=6,
+                                          placeholder="max_train_steps: 1000\nsave_steps: 250\nseed: 1",
+                                          elem_id="lora_daemon_advanced")
+                    with gr.Accordion("Config reference", open=False):
+                        gr.Markdown(config_reference())
+                with gr.Row():
+                    train_btn = gr.Button("Train", variant="primary", elem_id="lora_daemon_train")
+                    stop_btn = gr.Button("Stop (save)", elem_id="lora_daemon_stop")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="lora_daemon_cancel")
+            with gr.Column(scale=1):
+                progress_md = gr.Markdown(elem_id="lora_daemon_progress")
+                loss_img = gr.Image(label="Loss", type="pil", interactive=False, elem_id="lora_daemon_loss")
+                samples = gr.Gallery(label="Samples", columns=4, visible=False, elem_id="lora_daemon_samples")
+                result_box = gr.Textbox(label="Use in a prompt", interactive=False, show_copy_button=True,
+                                        elem_id="lora_daemon_result")
+                job_box = gr.Textbox(label="Job", elem_id="lora_daemon_job")
+                queue_html = gr.HTML(elem_id="lora_daemon_queue")
+
+        status_outputs = [status_md, start_btn]
+        live_outputs = [*status_outputs, progress_md, loss_img, samples, result_box, job_box, queue_html]
+        form_inputs = [base_model, dataset, caption_source, output_name, rank, alpha, learning_rate, epochs,
+                       batch_size, resolution, advanced]
+
+        train_btn.click(train, inputs=form_inputs, outputs=live_outputs, show_progress="hidden")
+        refresh_btn.click(refresh, inputs=[job_box], outputs=live_outputs, show_progress="hidden")
+        start_btn.click(start_daemon, outputs=status_outputs)
+        stop_btn.click(stop, inputs=[job_box], outputs=[progress_md], queue=False)
+        cancel_btn.click(cancel, inputs=[job_box], outputs=[progress_md], queue=False)
+        ckpt_refresh.click(refresh_checkpoints, inputs=[base_model], outputs=[base_model], queue=False)
+        tab.load(check_daemon, outputs=status_outputs)
+    return tab

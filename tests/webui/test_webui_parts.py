@@ -1,0 +1,153 @@
+"""The tab's parts that need no browser: the form, the event view, the loss curve, the import bridge,
+install.py and the exposure check (each WebUI part in a subprocess with the stand-in modules)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import venv
+
+import pytest
+from webui_env import FAKE_WEBUI, REPO
+
+sys.path.insert(0, str(REPO / "extension_webui"))
+
+from lora_daemon_webui import form, plot, watch  # noqa: E402
+
+
+def form_values(tmp_path, **overrides):
+    values = dict(base_model="/models/sd15.safetensors", dataset=str(tmp_path), caption_source=form.CAPTION_AUTO,
+                  output_name="cat", rank=8, alpha=16, learning_rate=2e-4, epochs=10, batch_size=1, resolution=512,
+                  advanced="", deploy_dir="/webui/models/Lora", base_dir=tmp_path)
+    values.update(overrides)
+    return values
+
+
+def test_the_form_becomes_a_config_and_the_advanced_yaml_adds_and_wins(tmp_path):
+    config = form.build_config(**form_values(tmp_path, advanced="max_train_steps: 100\nlora_rank: 4\n"))
+    assert config == {"base_model": "/models/sd15.safetensors", "train_data_dir": str(tmp_path), "output_name": "cat",
+                      "lora_rank": 4, "lora_alpha": 16.0, "learning_rate": 2e-4, "epochs": 10, "batch_size": 1,
+                      "resolution": 512, "deploy_dir": "/webui/models/Lora", "max_train_steps": 100}
+    assert isinstance(config["epochs"], int)
+    csv = form.build_config(**form_values(tmp_path, caption_source=form.CAPTION_CSV, dataset="data"))
+    assert csv["metadata_path"] == str(tmp_path / "data" / "metadata.csv")  # relative: the WebUI folder
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dataset=" "), "Dataset folder: enter the folder"),
+    (dict(base_model=None), "Base model: choose a checkpoint"),
+    (dict(output_name="a/b"), "Output name: 'a/b' must be a plain file name"),
+    (dict(rank=2.5), "Rank: enter a whole number, not 2.5"),
+    (dict(rank=None), "Rank: enter a number"),
+    (dict(learning_rate=0), "Learning rate: must be above 0"),
+    (dict(resolution=32), "Resolution: must be at least 64"),
+    (dict(advanced="a: [1,"), "Advanced settings line 1: not valid YAML"),
+    (dict(advanced="- a\n- b"), "Advanced settings: expected `key: value` lines"),
+])
+def test_a_wrong_field_is_named_in_one_line(tmp_path, overrides, message):
+    with pytest.raises(form.FormError) as err:
+        form.build_config(**form_values(tmp_path, **overrides))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_txt_captions_refused_when_a_metadata_csv_would_win(tmp_path):
+    (tmp_path / "metadata.csv").write_text("file,caption\n")
+    with pytest.raises(form.FormError, match="Caption source: .*metadata.csv exists"):
+        form.build_config(**form_values(tmp_path, caption_source=form.CAPTION_TXT))
+
+
+def test_the_view_follows_a_jobs_events():
+    view = watch.JobView("j1", name="cat")
+    events = [("queued", {}), ("started", {"total": 3}),
+              ("progress", {"step": 1, "total": 3, "loss": 0.5, "it_s": 2.0, "eta_s": 1.0}),
+              ("progress", {"step": 2, "total": 3, "loss": 0.4, "it_s": 2.0, "eta_s": 0.5}),
+              ("interrupted", {"reason": "daemon stopped"}), ("queued", {"resume": True}),
+              ("started", {"total": 3, "attempt": 2}),
+              ("progress", {"step": 3, "total": 3, "loss": 0.3, "it_s": 2.5, "eta_s": 0.0}),
+              ("sample", {"step": 3, "paths": ["/s/1.png"]}),
+              ("finished", {"lora_name": "cat_2", "steps": 3, "stopped_early": False})]
+    lines = []
+    for kind, data in events:
+        view.apply({"kind": kind, "data": data})
+        lines.append(watch.progress_line(view))
+    assert lines[3] == "running · step 2/3 · loss 0.4000 · 2.00 it/s · ETA 0:00"
+    assert view.losses == [(3, 0.3)]  # the re-run's curve starts again
+    assert view.samples == ["/s/1.png"] and view.done and view.version == len(events)
+    assert watch.lora_prompt(view.result) == "<lora:cat_2:0.8>"
+    failed = watch.JobView("j2")
+    failed.apply({"kind": "failed", "data": {"error": "x.safetensors: not a readable checkpoint"}})
+    assert failed.done and failed.error.startswith("x.safetensors")
+    assert watch.format_duration(3725) == "1:02:05" and watch.format_duration(None) == "?"
+
+
+def test_a_watch_whose_daemon_is_gone_says_so_and_still_runs_its_end_step():
+    ended = []
+
+    def connect():
+        raise OSError("connection refused")
+
+    w = watch.JobWatch(connect, "j1", on_end=ended.append).start()
+    assert w.wait(10)
+    assert w.view.state == "lost" and "connection refused" in w.view.error
+    assert ended and ended[0].state == "lost"
+
+
+def test_the_loss_curve_is_an_image_once_there_are_two_points():
+    assert plot.loss_curve([(1, 0.5)]) is None
+    image = plot.loss_curve([(i, 1.0 / i) for i in range(1, 5000)])
+    assert image.size == (480, 220)
+    # the smoothed line is drawn in its colour somewhere inside the axes
+    assert any(image.getpixel((x, y)) == plot.SMOOTH for x in range(60, 470) for y in range(30, 190))
+    assert plot.smooth([1.0, 0.0], weight=0.5) == [1.0, 0.5]
+
+
+def run_python(python: str, code: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([python, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def test_our_client_is_imported_beside_another_top_level_shared(tmp_path):
+    (tmp_path / "shared.py").write_text("WHO = 'another extension'\n")
+    out = run_python(sys.executable, f"""
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}, {str(REPO / 'extension_webui')!r}]
+        sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]
+        import shared
+        from lora_daemon_webui.bridge import load_client_modules
+        mods = load_client_modules()
+        print(sys.modules['shared'].WHO, '|', mods['client'].__file__, '|', mods['launcher'].ensure_daemon.__module__,
+              '|', {str(REPO)!r} in sys.path)
+    """, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"another extension | {REPO / 'shared' / 'client.py'} | shared.launcher | False")
+
+
+def test_install_py_installs_websockets_only_when_missing(tmp_path):
+    bare = tmp_path / "bare"
+    venv.EnvBuilder(with_pip=False).create(bare)  # a Python without websockets
+    log = tmp_path / "calls.jsonl"
+    env = {"PYTHONPATH": str(FAKE_WEBUI), "FAKE_WEBUI_LOG": str(log), "FAKE_WEBUI_PIP_DRY_RUN": "1"}
+    installer = str(REPO / "extension_webui" / "install.py")
+    out = subprocess.run([str(bare / "bin" / "python"), installer], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(c["call"], c["command"]) for c in calls] == [("run_pip", 'install "websockets>=11"')]
+    log.unlink()
+    out = subprocess.run([sys.executable, installer], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not log.exists()  # present: nothing is installed or upgraded
+
+
+@pytest.mark.parametrize("args, refused", [([], False), (["--listen"], True), (["--share"], True),
+                                           (["--server-name", "0.0.0.0"], True),
+                                           (["--listen", "--gradio-auth", "me:secret"], False)])
+def test_the_tab_refuses_to_train_for_strangers_when_the_webui_is_open_without_login(tmp_path, args, refused):
+    out = run_python(sys.executable, f"""
+        import sys
+        sys.argv[1:] = {args!r}
+        sys.path[:0] = [{str(FAKE_WEBUI)!r}, {str(REPO / 'extension_webui')!r}]
+        from lora_daemon_webui import host
+        print(host.exposed_without_login())
+    """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(refused)

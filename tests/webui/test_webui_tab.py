@@ -1,0 +1,148 @@
+"""The Train LoRA tab in a real browser: real gradio 3.41.2 (its own environment, no torch), the
+stand-in WebUI modules, a real daemon started from the tab, training the tiny SD model on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from daemon_harness import free_port, pid_alive, wait_until
+from webui_env import FAKE_WEBUI, HERE, REPO, gradio3_python, make_webui_root, webui_env
+
+from shared.client import endpoint_path
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_tab_builds_without_torch_in_the_webui_python(tmp_path, tiny_sd):
+    python = gradio3_python()
+    root = make_webui_root(tmp_path / "webui", tiny_sd["safetensors"], {})
+    log = tmp_path / "calls.jsonl"
+    out = subprocess.run([python, str(FAKE_WEBUI / "webui.py"), "--build-only"], cwd=root, env=webui_env(root, log),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "TABS ['Train LoRA']" in out.stdout, out.stdout + out.stderr
+    assert "could not load" not in out.stdout + out.stderr
+    for key in ("lora_daemon_state_dir", "lora_daemon_autostart", "lora_daemon_free_vram", "lora_daemon_deploy_dir"):
+        assert key in out.stdout
+    install = [c for c in read_log(log) if c["call"] == "install.py"]
+    assert install == [{**install[0], "returncode": 0}]  # websockets is there: nothing to install
+    assert not [c for c in read_log(log) if c["call"] == "run_pip"]
+
+
+@pytest.mark.slow
+def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, image_dir):
+    python = gradio3_python()
+    state = tmp_path / "state"
+    state.mkdir()
+    daemon_port = free_port()
+    (state / "config.yaml").write_text(yaml.safe_dump({
+        "port": daemon_port, "read_roots": [str(tmp_path_factory.getbasetemp())], "write_roots": [str(tmp_path)]}))
+    # the daemon's environment is this test's Python; PYTHONPATH points it at this checkout
+    daemon_python = tmp_path / "daemon-python"
+    daemon_python.write_text(f'#!/bin/sh\nPYTHONPATH="{REPO}" OMP_NUM_THREADS=1 exec "{sys.executable}" "$@"\n')
+    daemon_python.chmod(0o755)
+    root = make_webui_root(tmp_path / "webui", tiny_sd["safetensors"], {
+        "sd_model_checkpoint": tiny_sd["safetensors"].name,
+        "lora_daemon_state_dir": str(state),
+        "lora_daemon_python": str(daemon_python),
+        "lora_daemon_autostart": False,  # so the tab has to offer the Start button
+        "lora_daemon_free_vram": True,
+    })
+    lora_dir = root / "models" / "Lora"
+    log = tmp_path / "calls.jsonl"
+    port = free_port()
+    webui_out = tmp_path / "webui.out"
+    with open(webui_out, "w") as out:  # a file, not a pipe: nobody reads it while the test runs
+        webui = subprocess.Popen([python, str(FAKE_WEBUI / "webui.py"), "--port", str(port)], cwd=root,
+                                 env=webui_env(root, log), stdout=out, stderr=subprocess.STDOUT)
+    shots = [str(tmp_path / "webui_tab.png")]
+    if os.environ.get("LORA_WEBUI_SCREENSHOT"):
+        shots.append(str(REPO / "docs" / "images" / "webui_tab.png"))
+    try:
+        def ready():
+            assert webui.poll() is None, f"the stand-in WebUI exited at start:\n{webui_out.read_text()[-3000:]}"
+            return "READY http" in webui_out.read_text()
+
+        wait_until(ready, 90, "the stand-in WebUI to serve", interval=0.2)
+        advanced = yaml.safe_dump({"model_config": str(tiny_sd["config"]), "max_train_steps": 30, "save_steps": 0,
+                                   "seed": 0})
+        long_advanced = yaml.safe_dump({"model_config": str(tiny_sd["config"]), "max_train_steps": 3000,
+                                        "save_steps": 0})
+        drive = subprocess.run(
+            [python, str(HERE / "drive_tab.py"), "--url", f"http://127.0.0.1:{port}/", "--out", str(tmp_path),
+             "--dataset", str(image_dir), "--output-name", "webui_test", "--advanced", advanced,
+             *[a for shot in shots for a in ("--screenshot", shot)],
+             "--then", "stop", "--then", "cancel", "--long-advanced", long_advanced],
+            capture_output=True, text=True, timeout=300, env=webui_env(root, log))
+        assert drive.returncode == 0, drive.stdout[-3000:] + drive.stderr[-3000:] + webui_out.read_text()[-3000:]
+        seen = json.loads(drive.stdout.strip().splitlines()[-1])
+    finally:
+        webui.send_signal(signal.SIGTERM)
+        try:
+            webui.wait(15)
+        except subprocess.TimeoutExpired:
+            webui.kill()
+        try:
+            daemon_pid = json.loads(endpoint_path(state).read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            daemon_pid = None
+        if daemon_pid and pid_alive(daemon_pid):
+            os.kill(daemon_pid, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(daemon_pid), 20, "the daemon the tab started to exit")
+
+    # before: no daemon, and the tab says so and offers to start it; the base model is the WebUI's
+    assert "No lora-daemon is running" in seen["no_daemon"] and seen["start_visible"] is True
+    assert seen["base_model_default"] == tiny_sd["safetensors"].name
+    assert "Daemon running: lora-daemon" in seen["daemon_up"] and seen["start_visible_after"] is False
+    # during: the progress moved, and a screenshot was taken mid-training with a loss curve
+    steps = seen["steps"]
+    assert len(set(steps)) >= 2 and steps == sorted(steps), seen["progress"]
+    assert steps[-1] == 30
+    assert seen["screenshot_taken"] and seen["loss_curve_shown"], seen
+    assert Path(shots[0]).stat().st_size > 10_000
+    assert "it/s" in seen["shot_progress"] and "loss " in seen["shot_progress"]
+    # after: the prompt text, the file in the WebUI's Lora folder, the queue lists the job
+    assert seen["result"] == "<lora:webui_test:0.8>", seen
+    assert "finished" in seen["final_progress"] and "step 30/30" in seen["final_progress"]
+    assert "webui_test" in seen["queue"] and "finished" in seen["queue"]
+
+    # Stop saves what was trained, under a new name beside the first; Cancel keeps nothing
+    stopped, cancelled = seen["stop"], seen["cancel"]
+    # after a page reload, Refresh found the running job and streamed it again
+    assert seen["job_box_after_reload"] == "" and seen["reattached"]["job"] == seen["reattached"]["running_job"]
+    assert seen["reattached"]["job"] == stopped["job"] and "running · step" in seen["reattached"]["progress"]
+    assert stopped["job"] != stopped["previous_job"] and cancelled["job"] != cancelled["previous_job"]
+    assert "stopped early; saved" in stopped["progress"], stopped
+    assert int(re.search(r"step (\d+)/3000", stopped["progress"]).group(1)) < 3000
+    assert stopped["result"] == "<lora:webui_test_2:0.8>"
+    assert "cancelled" in cancelled["progress"] and cancelled["result"] == ""
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["webui_test.json", "webui_test.safetensors",
+                                                         "webui_test_2.json", "webui_test_2.safetensors"]
+
+    # the WebUI side: the model left the GPU before the job and came back after, under the queue
+    # lock each time, and the Lora list was refreshed once the file was there
+    calls = read_log(log)
+    names = [c["call"] for c in calls]
+    assert "unload_model_weights_without_model" not in names
+    unload, back = names.index("unload_model_weights"), names.index("send_model_to_device")
+    refreshes = [c["names"] for c in calls if c["call"] == "list_available_networks"]
+    assert unload < back and calls[unload]["lock_held"] and calls[back]["lock_held"]
+    assert refreshes[0] == [] and refreshes[1:] == [["webui_test"], ["webui_test", "webui_test_2"]]
+    # one unload and one return per job (three jobs), alternating
+    moves = [c["call"] for c in calls if c["call"] in ("unload_model_weights", "send_model_to_device")]
+    assert moves == ["unload_model_weights", "send_model_to_device"] * 3
+    assert all(c["lock_held"] for c in calls if c["call"] in ("unload_model_weights", "send_model_to_device"))
+    assert calls[unload]["device"] == "cpu" and calls[back]["device"] == "cuda"
+    if os.environ.get("LORA_WEBUI_SCREENSHOT"):
+        shutil.copy(tmp_path / "webui_tab_done.png", REPO / "docs" / "images" / "webui_tab_done.png")
