@@ -124,23 +124,30 @@ def publish_new(
         suffixes = [main_suffix, *sidecars]
         if any((folder / f"{candidate}{s}").exists() for s in suffixes):
             continue
+        # Every file is complete (as a hidden temporary) before the first one gets its name: a writer
+        # killed or failing mid-way (a full disk) leaves no sidecar without its LoRA.
+        temps: dict[str, Path] = {}
+        try:
+            for suffix, writer in sidecars.items():
+                temps[suffix] = _write_temp(folder / f"{candidate}{suffix}", lambda p, w=writer, c=candidate: w(p, c))
+            temps[main_suffix] = _write_temp(folder / f"{candidate}{main_suffix}",
+                                             lambda p, c=candidate: write_main(p, c))
+        except BaseException:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+            raise
         placed: list[Path] = []
-        ok = True
-        for suffix, writer in sidecars.items():
+        for suffix in [*sidecars, main_suffix]:  # the main file last: a host that sees it sees its sidecars
             target = folder / f"{candidate}{suffix}"
-            tmp = _write_temp(target, lambda p, w=writer, c=candidate: w(p, c))
-            if not _link_new(tmp, target):
-                tmp.unlink()
-                ok = False
+            if not _link_new(temps[suffix], target):
                 break
+            del temps[suffix]
             placed.append(target)
-        if ok:
-            target = folder / f"{candidate}{main_suffix}"
-            tmp = _write_temp(target, lambda p, c=candidate: write_main(p, c))
-            if _link_new(tmp, target):
-                return target
-            tmp.unlink()
-        for path in placed:  # lost a race for this name: take back our sidecars, try the next
+        else:
+            return folder / f"{candidate}{main_suffix}"
+        for tmp in temps.values():  # lost a race for this name: take back what we placed, try the next
+            tmp.unlink(missing_ok=True)
+        for path in placed:
             path.unlink()
     raise AssertionError("unreachable")
 

@@ -61,7 +61,7 @@ def scan_folder(folder: Path) -> dict:
     """Every *.safetensors under `folder` must open and hold readable tensors; count what is there."""
     from safetensors import safe_open
 
-    seen = {"files": 0, "partial": [], "hidden_temporaries": [], "visible_temporaries": []}
+    seen = {"files": 0, "partial": [], "hidden_temporaries": [], "visible_temporaries": [], "orphan_sidecars": []}
     if not folder.exists():
         return seen
     for path in sorted(folder.rglob("*")):
@@ -71,6 +71,12 @@ def scan_folder(folder: Path) -> dict:
             continue
         if path.name.endswith((".tmp", ".part", ".partial")):
             seen["visible_temporaries"].append(str(path))
+        for sidecar in (".json", ".preview.png"):  # a LoRA's notes or preview without the LoRA itself
+            if path.name.endswith(sidecar) and path.parent.name != "checkpoints" and not path.parent.name.startswith(
+                    "state-step"):
+                stem = path.name[: -len(sidecar)]
+                if not (path.parent / f"{stem}.safetensors").exists() and not (path.parent / stem).is_dir():
+                    seen["orphan_sidecars"].append(str(path))
         if path.suffix != ".safetensors" or not path.is_file():
             continue
         seen["files"] += 1

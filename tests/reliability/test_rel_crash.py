@@ -6,7 +6,7 @@ open with the test-only fault hook (shared/faults.py: the worker sleeps right th
 mark file), so the kill lands exactly in them. After every kill: the worker is gone, no job is
 missing, and every *.safetensors in the output and Lora folders opens whole (a killed writer may
 leave only hidden `.name.XXXXXXXX.tmp` files, which the next start deletes). At the end every job
-has finished, or failed with a reason.
+has finished (a re-run resumes from the newest training state), or failed with a reason.
 
 RELIABILITY_CRASH_ROUNDS (default 20) and RELIABILITY_SEED change the number and order of kills.
 """
@@ -14,6 +14,7 @@ RELIABILITY_CRASH_ROUNDS (default 20) and RELIABILITY_SEED change the number and
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +29,7 @@ HOLD = "sleep:300"  # a worker held at a moment waits there until the daemon is 
 FAULTS = {
     "queued": f"load={HOLD}",  # nothing runs: the kill lands on jobs waiting in the queue
     "loading": "load=sleep:0",  # marks the worker's start; the kill follows 0.3-3 s later, mid-import or mid-load
-    "training": f"step@3={HOLD}",  # between steps 3 and 4 (no save at step 3)
+    "training": f"step={HOLD}",  # after the attempt's first step (a resumed run skips the ones it has)
     "checkpoint": f"write@checkpoints/*-step000004.safetensors={HOLD}",  # the second save: the first must survive
     "export": f"write@out-*/*.safetensors={HOLD}",
     "deploy": f"write@Lora/*.safetensors={HOLD}",
@@ -79,6 +80,9 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
         for moment in moments(rounds, seed):
             for mark in marks.iterdir():
                 mark.unlink()
+            if moment == "checkpoint":  # a resumed run would skip the save to interrupt: start it afresh
+                for state in (tmp_path / "exports").glob("*/checkpoints/state-step*"):
+                    shutil.rmtree(state)
             daemon.env[FAULT_ENV] = FAULTS[moment]
             daemon.start()
             with daemon.client() as client:
@@ -102,7 +106,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
                 wait_until(lambda w=worker: not pid_alive(w), 20, "the worker to exit with its daemon")
             for folder in folders:
                 seen = scan_folder(folder)
-                partial += seen["partial"]
+                partial += seen["partial"] + seen["orphan_sidecars"]
                 visible_temps += seen["visible_temporaries"]
                 temps_after_kill += len(seen["hidden_temporaries"])
             if moment == "checkpoint":  # the save before the one cut short is whole and loadable
@@ -153,7 +157,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
 
     assert lost == 0
     assert partial == [] and visible_temps == [], (partial, visible_temps)
-    assert all(s["partial"] == [] and s["hidden_temporaries"] == [] for s in end_scan), end_scan
+    assert all(s["partial"] == s["orphan_sidecars"] == s["hidden_temporaries"] == [] for s in end_scan), end_scan
     assert finished + failed_with_reason == len(submitted), {k: (j["state"], j["error"]) for k, j in final.items()}
     assert finished == len(submitted), {k: (j["state"], j["error"]) for k, j in final.items()}
     # every event of every job arrived once and in order, across all the restarts
