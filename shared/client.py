@@ -112,7 +112,7 @@ class DaemonClient:
         return client
 
     def open(self) -> None:
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
         from websockets.sync.client import connect
 
         headers = {TOKEN_HEADER: self.token}
@@ -123,7 +123,8 @@ class DaemonClient:
             body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
             raise DaemonUnavailable(f"{self.url}: the daemon refused the connection: "
                                     f"{exc.response.status_code} {body}") from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
+        # ConnectionClosed: a daemon that is going down or coming up may reset the handshake midway
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
             raise DaemonUnavailable(f"{self.url}: no daemon answered ({exc}); "
                                     "start it with `python -m daemon serve`") from None
         self.welcome = self._recv(self.timeout)

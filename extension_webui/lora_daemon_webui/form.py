@@ -97,3 +97,25 @@ def build_config(*, base_model: str | None, dataset: str | None, caption_source:
         config["deploy_dir"] = str(deploy_dir)
     config.update(parse_advanced(advanced))
     return config
+
+
+def build_label_options(*, dataset: str | None, caption_source: str, clip_model: str | None,
+                        clip_weights: str | None, trigger: str | None, base_dir: Path) -> dict:
+    """The options of a daemon auto-label job (`submit` kind "label") for the dataset folder.
+
+    Captions go where the chosen caption source reads them: `.txt` files for ".txt", else
+    metadata.csv. Existing captions are kept (the daemon's labeller only fills in missing ones)."""
+    if not dataset or not str(dataset).strip():
+        raise FormError("Dataset folder: enter the folder that holds your images")
+    folder = Path(str(dataset).strip()).expanduser()
+    folder = folder if folder.is_absolute() else Path(base_dir) / folder
+    options: dict = {"input_dir": str(folder), "format": "txt" if caption_source == CAPTION_TXT else "csv"}
+    if clip_model and clip_model.strip():
+        options["model"] = clip_model.strip()
+    if clip_weights and clip_weights.strip():
+        options["weights"] = str(Path(clip_weights.strip()).expanduser())
+    if trigger and trigger.strip():
+        if "\n" in trigger.strip():
+            raise FormError("Trigger word: one line only")
+        options["trigger"] = trigger.strip()
+    return options

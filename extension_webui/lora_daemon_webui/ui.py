@@ -238,6 +238,44 @@ def train(base_model, dataset, caption_source, output_name, rank, alpha, learnin
     yield from _stream(_watch(settings, job, freed), settings, status)
 
 
+def auto_label(dataset, caption_source, clip_model, clip_weights, trigger):
+    """Caption the dataset folder with CLIP as a daemon job (queued with training), streaming progress."""
+    settings, error = _settings_or_error()
+    if settings is None:
+        yield f"**Error:** {error}"
+        return
+    if host.exposed_without_login() and not settings.allow_remote:
+        yield NOT_ALLOWED
+        return
+    try:
+        options = form.build_label_options(dataset=dataset, caption_source=caption_source, clip_model=clip_model,
+                                           clip_weights=clip_weights, trigger=trigger, base_dir=host.base_dir())
+    except form.FormError as exc:
+        yield f"**Check the form:** {exc}"
+        return
+    try:
+        with _connect(settings) as client:
+            job = client.submit(options, base_dir=host.base_dir(), source="Train LoRA tab (auto-label)", kind="label")
+            yield f"Auto-label job {job['id']} queued"
+            for event in client.follow(job["id"]):
+                kind, data = event["kind"], event["data"]
+                if kind == "progress":
+                    yield f"Labelling: {data.get('step')}/{data.get('total')} images"
+                elif kind == "finished":
+                    unreadable = len(data.get("unreadable") or [])
+                    text = (f"Labelled {len(data.get('captions') or {})} images, kept "
+                            f"{len(data.get('kept') or [])} existing captions: `{data.get('output')}`")
+                    if unreadable:
+                        text += f" ({unreadable} images could not be read)"
+                    yield text + ". Review the captions, then press Train."
+                    return
+                elif kind in ("failed", "cancelled"):
+                    yield f"**Auto-label {kind}:** {data.get('error') or data.get('reason')}"
+                    return
+    except (DaemonError, TimeoutError, OSError) as exc:
+        yield f"**Auto-label failed:** {exc}"
+
+
 def refresh(job_id: str | None):
     """Status, queue and the live view of the job in the Job box (or the running one), e.g. after a
     page reload; streams until that job ends."""
@@ -322,6 +360,14 @@ def build_tab():
                                      elem_id="lora_daemon_dataset")
                 caption_source = gr.Radio(form.CAPTION_CHOICES, value=form.CAPTION_AUTO, label="Captions",
                                           elem_id="lora_daemon_captions")
+                with gr.Accordion("Auto-label captions (CLIP)", open=False):
+                    with gr.Row():
+                        clip_model = gr.Textbox(label="CLIP model", placeholder="ViT-B-32 (or a model config .json)",
+                                                elem_id="lora_daemon_clip_model")
+                        clip_weights = gr.Textbox(label="CLIP weights", placeholder="/path/to/open_clip_model.safetensors "
+                                                  "(empty: the local cache)", elem_id="lora_daemon_clip_weights")
+                        trigger = gr.Textbox(label="Trigger word", elem_id="lora_daemon_trigger")
+                    label_btn = gr.Button("Auto-label the dataset", elem_id="lora_daemon_label")
                 output_name = gr.Textbox(label="Output name", placeholder="my_lora", elem_id="lora_daemon_output_name")
                 with gr.Row():
                     rank = gr.Number(value=8, label="Rank", precision=0, elem_id="lora_daemon_rank")
@@ -359,6 +405,8 @@ def build_tab():
         train_btn.click(train, inputs=form_inputs, outputs=live_outputs, show_progress="hidden")
         refresh_btn.click(refresh, inputs=[job_box], outputs=live_outputs, show_progress="hidden")
         start_btn.click(start_daemon, outputs=status_outputs)
+        label_btn.click(auto_label, inputs=[dataset, caption_source, clip_model, clip_weights, trigger],
+                        outputs=[progress_md], show_progress="hidden")
         stop_btn.click(stop, inputs=[job_box], outputs=[progress_md], queue=False)
         cancel_btn.click(cancel, inputs=[job_box], outputs=[progress_md], queue=False)
         ckpt_refresh.click(refresh_checkpoints, inputs=[base_model], outputs=[base_model], queue=False)

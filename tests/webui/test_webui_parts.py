@@ -151,3 +151,15 @@ def test_the_tab_refuses_to_train_for_strangers_when_the_webui_is_open_without_l
     """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(refused)
+
+
+def test_auto_label_options_follow_the_caption_source(tmp_path):
+    options = form.build_label_options(dataset="data", caption_source=form.CAPTION_TXT, clip_model=" ViT-B-32 ",
+                                       clip_weights="", trigger=" sks ", base_dir=tmp_path)
+    assert options == {"input_dir": str(tmp_path / "data"), "format": "txt", "model": "ViT-B-32", "trigger": "sks"}
+    csv = form.build_label_options(dataset=str(tmp_path), caption_source=form.CAPTION_AUTO, clip_model=None,
+                                   clip_weights="/w/clip.safetensors", trigger=None, base_dir=tmp_path)
+    assert csv == {"input_dir": str(tmp_path), "format": "csv", "weights": "/w/clip.safetensors"}
+    with pytest.raises(form.FormError, match="Dataset folder"):
+        form.build_label_options(dataset="", caption_source=form.CAPTION_AUTO, clip_model=None, clip_weights=None,
+                                 trigger=None, base_dir=tmp_path)

@@ -1,0 +1,79 @@
+"""Do not train twice for the same workflow: a key from everything that shapes the LoRA, and a small
+JSON file mapping each key to the file that training produced.
+
+The key covers the training settings, the checkpoint's identity (path, size, modification time) and
+the data set's contents (every file's relative name, size and modification time). Hashing the bytes
+would notice a file rewritten with the same size and time, but would read gigabytes of checkpoint on
+every queued prompt: ComfyUI calls IS_CHANGED each time a workflow is queued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+from shared.client import default_state_dir
+from shared.files import atomic_write
+
+CACHE_FILE = "comfyui_train_cache.json"
+_lock = threading.Lock()
+
+
+def file_identity(path: Path) -> list:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def dataset_listing(folder: Path) -> list[list]:
+    """Every file under the data set folder (sorted relative names, sizes, modification times)."""
+    listing = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            st = path.stat()
+            listing.append([path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns])
+    return listing
+
+
+def cache_key(settings: dict, checkpoint: Path, dataset: Path) -> str:
+    """sha256 over the settings (JSON, sorted keys), the checkpoint identity and the data set listing."""
+    payload = {
+        "settings": settings,
+        "checkpoint": file_identity(checkpoint),
+        "dataset": [str(dataset), dataset_listing(dataset)],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TrainCache:
+    """key -> {"lora_name", "path", "job"} in `<daemon state folder>/comfyui_train_cache.json`."""
+
+    def __init__(self, state_dir: Path | None = None):
+        self.path = Path(state_dir or default_state_dir()) / CACHE_FILE
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def lookup(self, key: str) -> dict | None:
+        """The cached result for `key` if its file is still there."""
+        entry = self._read().get(key)
+        if isinstance(entry, dict) and entry.get("path") and Path(entry["path"]).is_file():
+            return entry
+        return None
+
+    def store(self, key: str, entry: dict) -> None:
+        with _lock:
+            data = self._read()
+            data[key] = entry
+            text = json.dumps(data, indent=1, sort_keys=True)
+            atomic_write(self.path, lambda p: Path(p).write_text(text, encoding="utf-8"))

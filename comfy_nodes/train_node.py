@@ -1,0 +1,209 @@
+"""The "Train LoRA" node: train on the daemon, deploy into ComfyUI's loras folder, optionally apply
+the new LoRA to the MODEL/CLIP passing through, so one workflow can train and then sample."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from . import host
+from .daemon_job import TrainingFailed, connect, run_job
+from .train_cache import TrainCache, cache_key
+from .wildcard import ANY
+
+log = logging.getLogger("lora_daemon.comfy")
+
+CAPTION_SOURCES = ["metadata.csv", ".txt"]
+PROGRESS_EVENT = "lora_daemon.progress"
+
+
+def parse_advanced(text: str) -> dict:
+    """The advanced settings: YAML `key: value` lines (any config key; the daemon validates them)."""
+    if not text or not text.strip():
+        return {}
+    try:
+        import yaml  # ComfyUI itself requires pyyaml
+    except ImportError:  # pragma: no cover - only outside ComfyUI
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise TrainingFailed("advanced settings: pyyaml is not installed here; write them as JSON") from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise TrainingFailed(f"advanced settings:{where} not valid YAML "
+                                 f"({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TrainingFailed(f"advanced settings: expected `key: value` lines, got a {type(data).__name__}")
+    return data
+
+
+class TrainPlan:
+    """What one set of node inputs means: the daemon config, where the file goes, and its cache key."""
+
+    def __init__(self, checkpoint, dataset_folder, caption_source, output_name, steps, epochs, rank, alpha,
+                 learning_rate, batch_size, resolution, seed, advanced=""):
+        self.checkpoint = host.checkpoint_path(checkpoint)
+        self.base_dir = host.base_path()
+        if not str(dataset_folder).strip():
+            raise TrainingFailed("dataset_folder: empty; give the folder of training images")
+        dataset = Path(str(dataset_folder).strip()).expanduser()
+        self.dataset = (dataset if dataset.is_absolute() else self.base_dir / dataset).resolve()
+        if not self.dataset.is_dir():
+            raise TrainingFailed(f"dataset_folder: {self.dataset} is not a folder")
+        if not str(output_name).strip():
+            raise TrainingFailed("output_name: empty; give the LoRA a file name (letters, digits, _ and -)")
+        self.lora_folder = host.first_lora_folder()
+        overrides = parse_advanced(advanced)
+
+        config = {
+            "base_model": str(self.checkpoint),
+            "train_data_dir": str(self.dataset),
+            "output_name": str(output_name).strip(),
+            "max_train_steps": int(steps) if int(steps) > 0 else None,
+            "epochs": int(epochs),
+            "lora_rank": int(rank),
+            "lora_alpha": float(alpha),
+            "learning_rate": float(learning_rate),
+            "batch_size": int(batch_size),
+            "resolution": int(resolution),
+            "seed": int(seed),
+        }
+        csv = self.dataset / "metadata.csv"
+        if caption_source == "metadata.csv":
+            config["metadata_path"] = str(csv)
+        elif caption_source == ".txt":
+            if csv.is_file() and "metadata_path" not in overrides:
+                raise TrainingFailed(f"{csv} exists, and the trainer reads captions from it when present: choose "
+                                     "caption source metadata.csv, or move that file away to use the .txt captions")
+        else:
+            raise TrainingFailed(f"caption_source: {caption_source!r} is not one of {', '.join(CAPTION_SOURCES)}")
+        config.update(overrides)
+        self.config = config
+
+        # deploy into ComfyUI's first loras folder, unless the config's own deploy_dir already is that folder
+        deploy_dir = overrides.get("deploy_dir")
+        same = deploy_dir and (self.base_dir / Path(str(deploy_dir)).expanduser()).resolve() == self.lora_folder
+        self.deploy_dirs = [] if same else [self.lora_folder]
+        self.key = cache_key({"config": config, "lora_folder": str(self.lora_folder)}, self.checkpoint, self.dataset)
+
+    def lora_file(self, result: dict) -> Path:
+        """The deployed copy that landed in the loras folder (its name may have a _2, _3 suffix)."""
+        for path in result.get("deployed") or []:
+            if Path(path).resolve().parent == self.lora_folder:
+                return self.lora_folder / Path(path).name
+        raise TrainingFailed(f"job {result.get('job')} finished but placed no file in {self.lora_folder}")
+
+
+class TrainLora:
+    DESCRIPTION = ("Train a LoRA on the lora-daemon (started if not running) and place it in ComfyUI's "
+                   "first loras folder. Unchanged inputs and data reuse the LoRA trained before.")
+    CATEGORY = "loaders/lora-daemon"
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "CLIP", ANY, "STRING")
+    RETURN_NAMES = ("model", "clip", "lora_name", "job_id")
+    OUTPUT_TOOLTIPS = (
+        "The connected model with the new LoRA applied (None when no model is connected).",
+        "The connected CLIP with the new LoRA applied (None when no CLIP is connected).",
+        "The LoRA's file name in the loras folder: connect it to a LoraLoader's lora_name.",
+        "The daemon job id (feed it to 'LoRA job status'); a reused LoRA gives the job that trained it.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "checkpoint": (host.checkpoint_names(), {"tooltip": "The base model to train on."}),
+                "dataset_folder": ("STRING", {"default": "", "tooltip": "Folder of training images with "
+                                   "captions; relative paths are read from ComfyUI's folder."}),
+                "caption_source": (CAPTION_SOURCES, {"default": "metadata.csv", "tooltip":
+                                   "metadata.csv (file,caption rows) or one .txt caption beside each image."}),
+                "output_name": ("STRING", {"default": "my_lora", "tooltip": "File name of the LoRA; "
+                                "an existing file is never overwritten (name_2, name_3, ... instead)."}),
+                "steps": ("INT", {"default": 500, "min": 0, "max": 1_000_000, "tooltip":
+                          "Optimizer steps (max_train_steps); 0 trains for the given epochs instead."}),
+                "epochs": ("INT", {"default": 10, "min": 1, "max": 10_000}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 512}),
+                "alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 1024.0, "step": 0.5}),
+                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                                            "round": False}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 2**32 - 1}),
+            },
+            "optional": {
+                "model": ("MODEL", {"tooltip": "Comes out with the new LoRA applied."}),
+                "clip": ("CLIP", {"tooltip": "Comes out with the new LoRA applied."}),
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+                "advanced": ("STRING", {"default": "", "multiline": True, "tooltip": "YAML `key: value` "
+                             "lines overriding any training config key (see shared/config.py)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **inputs):
+        """The cache key: the same key means the same LoRA. A key whose file was deleted reads as
+        changed, so the next run trains it again."""
+        plan = TrainPlan(**_plan_inputs(inputs))
+        return plan.key if TrainCache().lookup(plan.key) else f"{plan.key}:missing"
+
+    def train(self, model=None, clip=None, strength_model=1.0, strength_clip=1.0, unique_id=None, **inputs):
+        plan = TrainPlan(**_plan_inputs(inputs))
+        cache = TrainCache()
+        cached = cache.lookup(plan.key)
+        if cached:
+            log.info("lora-daemon: inputs and data unchanged, reusing %s", cached["path"])
+            path, job_id = Path(cached["path"]), cached.get("job", "")
+        else:
+            path, job_id = self._train(plan, unique_id)
+            cache.store(plan.key, {"path": str(path), "lora_name": path.name, "job": job_id,
+                                   "created_at": time.time()})
+        if model is not None or clip is not None:
+            model, clip = host.apply_lora(model, clip, path, strength_model, strength_clip)
+        return (model, clip, path.relative_to(plan.lora_folder).as_posix(), job_id)
+
+    def _train(self, plan: TrainPlan, node_id: str | None) -> tuple[Path, str]:
+        client = connect()
+        try:
+            host.free_vram()
+            steps = plan.config.get("max_train_steps") or 1
+            bar = host.progress_bar(steps, node_id)
+            job_id = ""
+
+            def submitted(job: dict) -> None:
+                nonlocal job_id
+                job_id = job["id"]
+                log.info("lora-daemon: job %s queued", job_id)
+
+            def on_event(event: dict) -> None:
+                data = event.get("data") or {}
+                host.send_event(PROGRESS_EVENT, {"node": node_id, "job": job_id, "kind": event["kind"], **data})
+                if event["kind"] == "progress":
+                    bar.update_absolute(data["step"], data["total"])
+                elif event["kind"] == "started":
+                    bar.update_absolute(0, data.get("total") or steps)
+
+            result = run_job(client, plan.config, base_dir=plan.base_dir, deploy_dirs=plan.deploy_dirs,
+                             on_submitted=submitted, on_event=on_event)
+        finally:
+            client.close()
+        path = plan.lora_file(result)
+        log.info("lora-daemon: job %s finished: %s", job_id, path)
+        return path, job_id
+
+
+def _plan_inputs(inputs: dict) -> dict:
+    """The node inputs that shape the LoRA (ComfyUI may also pass hidden and passthrough inputs)."""
+    names = ("checkpoint", "dataset_folder", "caption_source", "output_name", "steps", "epochs", "rank", "alpha",
+             "learning_rate", "batch_size", "resolution", "seed", "advanced")
+    return {k: inputs[k] for k in names if k in inputs}

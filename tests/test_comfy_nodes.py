@@ -1,0 +1,282 @@
+"""The ComfyUI node pack against a real daemon on the CPU, inside a stand-in ComfyUI host
+(tests/comfy_standins: ComfyUI's module signatures and behaviour, recording what the nodes do)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from comfy_host import ComfyHost
+from daemon_harness import DaemonProcess, pid_alive, wait_until
+
+from shared.fixtures.images import make_image_folder
+
+TRAIN, STATUS = "LoraDaemonTrainLoRA", "LoraDaemonJobStatus"
+
+
+@pytest.fixture
+def daemon(tmp_path, tmp_path_factory, monkeypatch):
+    proc = DaemonProcess(tmp_path / "state", [tmp_path_factory.getbasetemp()], [tmp_path]).start()
+    monkeypatch.setenv("LORA_DAEMON_HOME", str(proc.state_dir))  # where the node finds the daemon
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def comfy(tmp_path, tiny_sd):
+    host = ComfyHost(tmp_path / "ComfyUI").install()
+    (host.checkpoints / "tiny-sd15.safetensors").symlink_to(tiny_sd["safetensors"])
+    yield host
+    host.uninstall()
+
+
+def node_inputs(tiny_sd, dataset: Path, **overrides) -> dict:
+    values = dict(checkpoint="tiny-sd15.safetensors", dataset_folder=str(dataset), caption_source="metadata.csv",
+                  output_name="comfy_test", steps=4, epochs=1, rank=4, alpha=4.0, learning_rate=1e-3,
+                  batch_size=2, resolution=64, seed=0,
+                  # a tiny single-file model needs its component configs: an advanced setting
+                  advanced=f"model_config: {tiny_sd['config']}\nsave_steps: 0\n")
+    values.update(overrides)
+    return values
+
+
+def lora_files(folder: Path) -> list[str]:
+    """The LoRA files in a loras folder; anything else there must be one of their sidecars."""
+    loras = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    stems = {name.removesuffix(".safetensors") for name in loras}
+    others = [p.name for p in folder.iterdir() if p.suffix != ".safetensors"]
+    assert all(name.removesuffix(".json").removesuffix(".preview.png") in stems for name in others), others
+    return loras
+
+
+def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_dir):
+    train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]
+    assert "tiny-sd15.safetensors" in train.INPUT_TYPES()["required"]["checkpoint"][0]
+    args = node_inputs(tiny_sd, image_dir)
+    before = train.IS_CHANGED(**args, unique_id="7")
+
+    model, clip, name, job_id = train().train(**args, unique_id="7")
+
+    # VRAM freed before submitting; the bar followed the daemon's steps for this node
+    assert comfy.mm.calls == ["unload_all_models", "soft_empty_cache"]
+    assert comfy.progress == [(0, 4, "7")] + [(step, 4, "7") for step in range(1, 5)]
+    events = [data for event, data, _ in comfy.server.messages if event == "lora_daemon.progress"]
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "queued" and kinds[-1] == "finished" and kinds.count("progress") == 4
+    assert {e["job"] for e in events} == {job_id} and {e["node"] for e in events} == {"7"}
+
+    # the file landed in the loras folder under the returned name, complete, named as returned
+    assert (model, clip) == (None, None)
+    assert name == "comfy_test.safetensors" and lora_files(comfy.loras) == [name]
+    from safetensors import safe_open
+
+    with safe_open(str(comfy.loras / name), "pt") as fh:
+        assert fh.metadata()["ss_output_name"] == "comfy_test"
+        keys = sorted(fh.keys())
+    with daemon.client() as client:
+        assert client.get(job_id)["state"] == "finished"
+    status = comfy.pack.NODE_CLASS_MAPPINGS[STATUS]().status(job_id)
+    assert status["result"][0].startswith(f"{job_id} (comfy_test): finished, 4 steps -> ")
+    assert str(comfy.loras / name) in status["result"][0]
+
+    # IS_CHANGED: before training the key read "missing"; now it is the plain key
+    key = train.IS_CHANGED(**args, unique_id="7")
+    assert before == f"{key}:missing"
+
+    # an unchanged re-run (a restarted ComfyUI has no output cache) trains nothing and applies the
+    # same file to the MODEL/CLIP passing through, the way LoraLoader does
+    comfy.progress.clear()
+    model, clip, again, again_job = train().train(**args, model="M", clip="C", strength_model=0.5,
+                                                  strength_clip=0.7, unique_id="7")
+    assert (again, again_job) == (name, job_id) and comfy.progress == []
+    assert (model, clip) == (("patched", "M", 0.5), ("patched", "C", 0.7))
+    applied = comfy.sd.applied[-1]
+    assert applied["keys"] == keys and (applied["model"], applied["clip"]) == ("M", "C")
+    with daemon.client() as client:
+        assert [j["id"] for j in client.jobs()] == [job_id]
+
+    # a changed input is a new key and a new file; the first file is untouched
+    changed = dict(args, seed=1)
+    assert train.IS_CHANGED(**changed) != key
+    _, _, new_name, new_job = train().train(**changed)
+    assert new_name == "comfy_test_2.safetensors" and new_job != job_id
+    assert lora_files(comfy.loras) == [name, new_name]
+    assert train.IS_CHANGED(**changed) == train.IS_CHANGED(**changed)
+
+    # changing the data set changes the key; a deleted LoRA reads as changed and would train again
+    (image_dir / "extra.txt").write_text("notes")
+    assert train.IS_CHANGED(**args) not in (key, f"{key}:missing")
+    (image_dir / "extra.txt").unlink()
+    (comfy.loras / new_name).unlink()
+    assert train.IS_CHANGED(**changed).endswith(":missing")
+
+
+def test_cancel_in_comfyui_cancels_the_daemon_job_queued_or_running(daemon, comfy, tiny_sd, tmp_path):
+    train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]
+    dataset = make_image_folder(tmp_path / "txt_images", count=4, captions="txt")
+    args = node_inputs(tiny_sd, dataset, caption_source=".txt", steps=500, output_name="cancelled")
+
+    def press_cancel_when(ready, what):
+        def run():
+            wait_until(ready, 120, what)
+            comfy.mm.interrupt_current_processing(True)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    # queued behind another job: no events flow, and the node still notices the cancel
+    with daemon.client() as client:
+        blocker = client.submit({**node_inputs_config(tiny_sd, dataset), "output_name": "blocker"},
+                                deploy_dirs=[str(tmp_path / "elsewhere")])
+        wait_until(lambda: client.get(blocker["id"])["state"] == "running", 60, "the blocker to run")
+
+    def node_queued():
+        return any(d["kind"] == "queued" for e, d, _ in comfy.server.messages if e == "lora_daemon.progress")
+
+    press_cancel_when(node_queued, "the node's job to be queued")
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        train().train(**args)
+    queued_job = comfy.server.messages[0][1]["job"]
+    with daemon.client() as client:
+        assert client.get(queued_job)["state"] == "cancelled"
+        assert client.get(blocker["id"])["state"] == "running"
+        client.cancel(blocker["id"])
+
+    # running: cancel arrives through a progress update, and the daemon kills the job's process
+    comfy.server.messages.clear()
+    pids = []
+
+    def trained_two_steps():
+        if not any(value >= 2 for value, _, _ in comfy.progress):
+            return False
+        with daemon.client() as client:
+            pids.append(client.get(comfy.server.messages[0][1]["job"])["pid"])
+        return True
+
+    press_cancel_when(trained_two_steps, "two training steps")
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        train().train(**args)
+    running_job = comfy.server.messages[0][1]["job"]
+    with daemon.client() as client:
+        assert client.get(running_job)["state"] == "cancelled"  # the node waited for the daemon to say so
+    assert pids[0] and not pid_alive(pids[0])
+    assert not comfy.mm.processing_interrupted()  # the flag was consumed, as ComfyUI expects
+    assert lora_files(comfy.loras) == []  # cancel keeps nothing
+
+
+def node_inputs_config(tiny_sd, dataset: Path) -> dict:
+    """A long-running job submitted straight to the daemon (to keep the queue busy)."""
+    return {"base_model": str(tiny_sd["safetensors"]), "model_config": str(tiny_sd["config"]),
+            "train_data_dir": str(dataset), "resolution": 64, "max_train_steps": 5000, "save_steps": 0}
+
+
+def test_daemon_errors_become_the_node_error(daemon, comfy, tiny_sd, image_dir):
+    train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]()
+
+    # refused at submit: the daemon's config check, word for word
+    with pytest.raises(Exception) as refused:
+        train.train(**node_inputs(tiny_sd, image_dir, advanced="lerning_rate: 0.1\n"))
+    assert str(refused.value) == ("ComfyUI Train LoRA node: unknown key 'lerning_rate' "
+                                  "(did you mean 'learning_rate'?)")
+
+    # failed in the daemon's worker: the job's one-line error
+    (comfy.checkpoints / "broken.safetensors").write_text("hello")
+    with pytest.raises(Exception) as failed:
+        train.train(**node_inputs(tiny_sd, image_dir, checkpoint="broken.safetensors"))
+    with daemon.client() as client:
+        (job,) = client.jobs()
+    assert job["state"] == "failed" and str(failed.value) == job["error"]
+    assert "broken.safetensors: not a readable checkpoint" in job["error"]
+
+    # the node's own checks name the input and what to do
+    with pytest.raises(Exception, match=r"metadata.csv exists.*choose caption source metadata.csv"):
+        train.train(**node_inputs(tiny_sd, image_dir, caption_source=".txt"))
+    with pytest.raises(Exception, match="dataset_folder: .*nowhere is not a folder"):
+        train.train(**node_inputs(tiny_sd, image_dir / "nowhere"))
+    with pytest.raises(Exception, match="output_name: empty"):
+        train.train(**node_inputs(tiny_sd, image_dir, output_name="  "))
+    assert lora_files(comfy.loras) == []
+
+
+def test_the_documented_workflow_wires_the_nodes_as_they_are_declared(comfy, tiny_sd):
+    import json
+
+    from comfy_host import REPO
+
+    workflow = json.loads((REPO / "docs" / "comfyui_workflow_api.json").read_text())
+    ours = comfy.pack.NODE_CLASS_MAPPINGS
+    core_outputs = {"CheckpointLoaderSimple": ("MODEL", "CLIP", "VAE"), "CLIPTextEncode": ("CONDITIONING",),
+                    "EmptyLatentImage": ("LATENT",), "KSampler": ("LATENT",), "VAEDecode": ("IMAGE",),
+                    "SaveImage": ()}
+    outputs = {nid: ours[n["class_type"]].RETURN_TYPES if n["class_type"] in ours else core_outputs[n["class_type"]]
+               for nid, n in workflow.items()}
+    chain = ["CheckpointLoaderSimple", "LoraDaemonTrainLoRA", "CLIPTextEncode", "KSampler", "VAEDecode",
+             "SaveImage"]
+    assert all(any(n["class_type"] == c for n in workflow.values()) for c in chain)
+    for nid, node in workflow.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):  # a link: [node id, output slot]
+                assert value[0] in workflow and value[1] < len(outputs[value[0]]), (nid, name)
+        if node["class_type"] in ours:
+            declared = ours[node["class_type"]].INPUT_TYPES()
+            assert set(declared["required"]) <= set(node["inputs"]), nid
+            assert set(node["inputs"]) <= set(declared["required"]) | set(declared.get("optional", {})), nid
+    train = workflow["2"]["inputs"]
+    # the sampler gets the trained MODEL, the prompts the trained CLIP
+    assert workflow["6"]["inputs"]["model"] == ["2", 0] and workflow["3"]["inputs"]["clip"] == ["2", 1]
+    assert (train["model"], train["clip"]) == (["1", 0], ["1", 1])
+
+    # the demo data set path works from a ComfyUI folder with the pack linked as custom_nodes/lora_daemon
+    (comfy.checkpoints / train["checkpoint"]).symlink_to(tiny_sd["safetensors"])
+    plan = comfy.pack.train_node.TrainPlan(**{k: v for k, v in train.items() if not isinstance(v, list)
+                                              and k not in ("strength_model", "strength_clip")})
+    assert plan.dataset == REPO / "shared" / "demo" / "images"
+    assert plan.config["metadata_path"] == str(REPO / "shared" / "demo" / "images" / "metadata.csv")
+    assert plan.deploy_dirs == [comfy.loras]
+
+
+@pytest.mark.slow
+def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
+    """The daemon dies mid-job and comes back: the node reconnects, resumes its subscription after the
+    last event it saw, and returns the LoRA of the re-run job."""
+    train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]
+
+    def restart_after_two_steps():
+        wait_until(lambda: any(value >= 2 for value, _, _ in comfy.progress), 120, "two training steps")
+        daemon.kill()
+        daemon.start()
+
+    thread = threading.Thread(target=restart_after_two_steps, daemon=True)
+    thread.start()
+    _, _, name, job_id = train().train(**node_inputs(tiny_sd, image_dir, steps=16))
+    thread.join(10)
+    kinds = [d["kind"] for e, d, _ in comfy.server.messages if e == "lora_daemon.progress"]
+    assert "interrupted" in kinds and kinds[-1] == "finished"
+    assert kinds.count("started") == 2  # the daemon ran the job again after its restart
+    seqs = [d for e, d, _ in comfy.server.messages if e == "lora_daemon.progress"]
+    assert len(seqs) == len(kinds)
+    assert lora_files(comfy.loras) == [name] == ["comfy_test.safetensors"]
+    with daemon.client() as client:
+        assert client.get(job_id)["state"] == "finished"
+
+
+def test_auto_label_node_captions_the_folder_and_passes_it_on(daemon, comfy, tmp_path):
+    from shared.fixtures.tiny_clip import build_tiny_clip
+    from shared.sd.dataset import scan_dataset
+
+    clip_files = build_tiny_clip(tmp_path / "clip")
+    images = make_image_folder(tmp_path / "to_label", count=3, captions="none")
+    node = comfy.pack.NODE_CLASS_MAPPINGS["LoraDaemonAutoLabel"]
+    assert comfy.pack.NODE_DISPLAY_NAME_MAPPINGS["LoraDaemonAutoLabel"] == "Auto-label dataset (lora-daemon)"
+    folder, summary = node().label(str(images), "metadata.csv", str(clip_files["config"]),
+                                   str(clip_files["weights"]), "shapes_style", False, unique_id="9")
+    assert folder == str(images) and summary.startswith("labelled 3 images, kept 0 existing captions")
+    assert comfy.progress[-1] == (3, 3, "9")
+    scan = scan_dataset(images)  # what Train LoRA reads next
+    assert scan.captioned == 3 and all(item.caption.startswith("shapes_style") for item in scan.items)
+    # a second run keeps them
+    _, again = node().label(str(images), "metadata.csv", str(clip_files["config"]), str(clip_files["weights"]),
+                            "", False, unique_id="9")
+    assert again.startswith("labelled 0 images, kept 3 existing captions")
