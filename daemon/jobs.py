@@ -61,6 +61,7 @@ def validate_config(config: dict, source: str, base_dir: Path | None) -> tuple[A
     """The same checks `train --config` makes before anything heavy loads (no torch here)."""
     from shared.config import config_from_dict, detect_task
     from shared.errors import ConfigError
+    from shared.limits import check_limits
 
     if base_dir is None:
         for key in sorted(_path_keys() & set(config)):
@@ -71,6 +72,7 @@ def validate_config(config: dict, source: str, base_dir: Path | None) -> tuple[A
                     "(the folder the config's paths are relative to)"
                 )
     cfg = config_from_dict(config, source=source, base_dir=base_dir)
+    check_limits(cfg, source)
     task = detect_task(cfg)
     if task == "sd":
         from shared.sd.dataset import scan_dataset  # reads captions and image headers only (PIL, no torch)
@@ -106,14 +108,17 @@ class JobManager:
         """Jobs left "running" by a daemon that died: note the interruption, re-queue (or fail) them."""
         recovered = []
         for job in self.store.list(["running"], limit=10_000):
+            end_orphaned_worker(job)
             done = Path(job["job_dir"]) / RESULT_FILE
             if done.is_file():  # the worker finished; the daemon died before it heard the result
                 result = json.loads(done.read_text(encoding="utf-8"))
                 self.emit(job["id"], "finished", result, state="finished", result=result, pid=None,
                           finished_at=time.time())
                 continue
+            removed = remove_job_leftovers(job)
             self.emit(job["id"], "interrupted", {"reason": "the daemon stopped while the job ran",
-                                                 "attempt": job["attempts"]}, pid=None)
+                                                 "attempt": job["attempts"], "removed_temporaries": removed},
+                      pid=None)
             if self.settings.resume_interrupted:
                 self.emit(job["id"], "queued", {"priority": job["priority"], "resume": True}, state="queued")
             else:
@@ -172,13 +177,15 @@ class JobManager:
         return job
 
     async def submit(self, config: dict, *, base_dir: str | None, source: str | None, priority: int,
-                     deploy_dirs: list[str], kind: str = "train") -> dict:
+                     deploy_dirs: list[str], kind: str = "train", dry_run: bool = False) -> dict:
         from shared.errors import UserError
 
         source = source or "submit"
         if base_dir is not None and not Path(base_dir).is_absolute():
             raise ProtocolError("bad_message", f"submit: base_dir must be an absolute path, got {base_dir!r}",
                                 "base_dir")
+        if kind == "label" and dry_run:
+            raise ProtocolError("bad_message", "submit: dry_run is for training configs (kind train)", "dry_run")
         if kind == "label":
             return await self._submit_label(config, base_dir=base_dir, source=source, priority=priority)
         if kind != "train":
@@ -197,6 +204,8 @@ class JobManager:
             raise ProtocolError("invalid_config", str(exc), "config") from None
         self._check_paths(cfg, deploy_dirs)
         spec = {"source": source, "base_dir": base_dir, "deploy_dirs": [str(Path(d).resolve()) for d in deploy_dirs]}
+        if dry_run:
+            spec["dry_run"] = True
         job = self.store.create_job(name=cfg.resolved_output_name, task=task, priority=priority, spec=spec,
                                     jobs_dir=self.settings.jobs_dir)
         job_dir = Path(job["job_dir"])
@@ -398,7 +407,64 @@ class JobManager:
             self.emit(job_id, "finished", worker.result, state="finished", result=worker.result,
                       pid=None, finished_at=now)
         else:
-            failure = worker.error or {"error": f"the worker process ended with exit code {code} "
-                                                f"without a result; see the job log", "cause": "crash"}
+            failure = worker.error or {"error": f"the worker process {ended(code)} without a result; "
+                                                "see the job log", "cause": "crash"}
             self.emit(job_id, "failed", failure, state="failed", error=failure["error"],
                       error_cause=failure["cause"], pid=None, finished_at=now)
+
+
+def ended(code: int) -> str:
+    """How a worker process ended, in words (a negative code is the signal that killed it)."""
+    if code >= 0:
+        return f"ended with exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == getattr(signal, "SIGKILL", 9):
+        return (f"was killed ({name}; by hand, or by the system when it ran out of memory: then lower "
+                "batch_size or resolution)")
+    return f"was killed by {name}"
+
+
+def end_orphaned_worker(job: dict) -> None:
+    """A worker of a daemon that died exits when its pipe closes; if it is still alive (stuck in a long
+    native call) kill it, so the re-run never has two trainers writing the same files."""
+    pid = job.get("pid")
+    if not pid:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # gone (or no /proc: nothing to check it against)
+        return
+    if b"daemon.worker" not in cmdline or os.fsencode(job["job_dir"]) not in cmdline:
+        return  # the pid was reused by an unrelated process
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
+
+
+def remove_job_leftovers(job: dict) -> list[str]:
+    """The hidden temporaries a killed job left in the folders it writes (never a finished file)."""
+    from shared.files import remove_leftovers
+
+    spec = job.get("spec") or {}
+    config = spec.get("config") or {}
+    if not config.get("output_dir"):
+        return []
+    output_dir = Path(config["output_dir"])
+    stem = config.get("output_name") or output_dir.name
+    removed = remove_leftovers(output_dir / "checkpoints")  # the job's own folder
+    removed += remove_leftovers(output_dir, stem)  # may be a shared Lora folder
+    for folder in [config.get("deploy_dir"), *spec.get("deploy_dirs", [])]:
+        if folder:
+            removed += remove_leftovers(Path(folder), stem)
+    return [str(p) for p in removed]

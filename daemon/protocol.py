@@ -13,7 +13,10 @@ from typing import Any
 
 from shared.client import PROTOCOL_VERSION
 
-# field type names: "string", "integer", "object", "string[]"
+# field type names: "string", "integer", "boolean", "object", "string[]"
+# Integers are bounded (SQLite stores 64-bit ones; a log read asks for at most 16 MiB).
+INT_LIMIT = 2**53
+MAX_LOG_READ = 16 * 2**20
 _JOB = {"job": {"type": "string", "required": True, "help": "a job id"}}
 
 CLIENT_MESSAGES: dict[str, dict[str, dict[str, Any]]] = {
@@ -25,17 +28,21 @@ CLIENT_MESSAGES: dict[str, dict[str, dict[str, Any]]] = {
         "kind": {"type": "string", "help": "train (default) or label (caption a folder of images with CLIP)"},
         "base_dir": {"type": "string", "help": "absolute folder that relative paths in config are relative to"},
         "source": {"type": "string", "help": "name of the config (file) used in error messages"},
-        "priority": {"type": "integer", "help": "higher runs first; default 0"},
+        "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000,
+                     "help": "higher runs first; default 0"},
         "deploy_dirs": {"type": "string[]", "help": "extra Lora folders to place the finished file in"},
+        "dry_run": {"type": "boolean", "help": "only validate the config and dataset, in a worker, and report "
+                                               "as a job does (no training, no files); default false"},
     },
     "list": {
         "states": {"type": "string[]", "help": "only jobs in these states"},
-        "limit": {"type": "integer", "minimum": 1, "help": "at most this many jobs, newest first; default 100"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 100_000,
+                  "help": "at most this many jobs, newest first; default 100"},
     },
     "get": _JOB,
     "subscribe": {
         **_JOB,
-        "after": {"type": "integer", "minimum": 0, "help": "send the events after this sequence number; default 0"},
+        "after": {"type": "integer", "minimum": 0, "maximum": INT_LIMIT, "help": "send the events after this sequence number; default 0"},
     },
     "unsubscribe": _JOB,
     "stop": _JOB,
@@ -43,8 +50,10 @@ CLIENT_MESSAGES: dict[str, dict[str, dict[str, Any]]] = {
     "delete": _JOB,
     "logs": {
         **_JOB,
-        "offset": {"type": "integer", "minimum": 0, "help": "byte offset in the log file to read from"},
-        "max_bytes": {"type": "integer", "minimum": 1, "help": "at most this many bytes; default 1 MiB"},
+        "offset": {"type": "integer", "minimum": 0, "maximum": INT_LIMIT,
+                   "help": "byte offset in the log file to read from"},
+        "max_bytes": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_READ,
+                      "help": "at most this many bytes; default 1 MiB"},
     },
 }
 
@@ -71,7 +80,7 @@ EVENT_KINDS = ("queued", "started", "progress", "checkpoint", "sample", "finishe
                "interrupted", "stopping", "buckets", "cached")
 
 ERROR_CODES = {
-    "bad_json": "the frame is not a JSON object",
+    "bad_json": "the frame is not a JSON object (or is nested too deep, or holds invalid Unicode)",
     "unsupported_version": "field v is missing or not a protocol version this daemon speaks",
     "bad_message": "a field is missing, unknown or of the wrong type",
     "unknown_type": "no such message type",
@@ -105,14 +114,47 @@ def error_message(code: str, message: str, field: str | None = None, request_id:
 
 def decode(frame: str | bytes) -> dict:
     """Parse and validate one client frame. Raises ProtocolError with a code and a one-line message."""
+    if isinstance(frame, bytes):
+        try:
+            frame = frame.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("bad_json", f"not UTF-8 text: {exc}") from None
+    if _nesting(frame) > MAX_NESTING:
+        raise ProtocolError("bad_json", f"nested deeper than {MAX_NESTING} levels")
     try:
         msg = json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError("bad_json", f"not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("bad_json", f"not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("bad_json", f"expected a JSON object, got {type(msg).__name__}")
+    try:  # "\ud800" escapes decode to lone surrogates, which no file name or log line can hold
+        json.dumps(msg, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_json", "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff); send valid "
+                                        "Unicode") from None
     validate(msg)
     return msg
+
+
+MAX_NESTING = 64  # configs are flat; deep nesting only costs the parser stack and memory
+
+
+def _nesting(text: str) -> int:
+    """How deep brackets nest, counted without parsing (brackets inside strings count too, which
+    only over-estimates). A regex-free scan: cheap next to json.loads on the same text."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:  # C-speed counts settle almost every frame
+        return 0
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_NESTING:
+                    return deepest
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def validate(msg: dict) -> None:
@@ -147,9 +189,12 @@ def validate(msg: dict) -> None:
             fail("bad_message", f"{kind}: {name} must be {_TYPE_WORDS[rule['type']]}, got {value!r:.80}", name)
         if "minimum" in rule and value < rule["minimum"]:
             fail("bad_message", f"{kind}: {name} must be at least {rule['minimum']}, got {value}", name)
+        if rule["type"] == "integer" and value > rule.get("maximum", INT_LIMIT):
+            fail("bad_message", f"{kind}: {name} must be at most {rule.get('maximum', INT_LIMIT)}, got {value:.3g}",
+                 name)
 
 
-_TYPE_WORDS = {"string": "a string", "integer": "an integer", "object": "a JSON object",
+_TYPE_WORDS = {"string": "a string", "integer": "an integer", "boolean": "true or false", "object": "a JSON object",
                "string[]": "a list of strings"}
 
 
@@ -158,6 +203,8 @@ def _has_type(value: Any, type_name: str) -> bool:
         return isinstance(value, str) and value != ""
     if type_name == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
+    if type_name == "boolean":
+        return isinstance(value, bool)
     if type_name == "object":
         return isinstance(value, dict)
     if type_name == "string[]":
@@ -174,6 +221,7 @@ def encode(msg: dict) -> str:
 _SCHEMA_TYPES = {
     "string": {"type": "string", "minLength": 1},
     "integer": {"type": "integer"},
+    "boolean": {"type": "boolean"},
     "object": {"type": "object"},
     "string[]": {"type": "array", "items": {"type": "string", "minLength": 1}},
 }
@@ -192,6 +240,8 @@ def json_schema() -> dict:
             prop = {**_SCHEMA_TYPES[rule["type"]], "description": rule["help"]}
             if "minimum" in rule:
                 prop["minimum"] = rule["minimum"]
+            if rule["type"] == "integer":
+                prop["maximum"] = rule.get("maximum", INT_LIMIT)
             props[name] = prop
         client[kind] = {
             "type": "object",

@@ -147,7 +147,7 @@ class Daemon:
         if kind == "submit":
             job = await jobs.submit(msg["config"], base_dir=msg.get("base_dir"), source=msg.get("source"),
                                     priority=msg.get("priority", 0), deploy_dirs=msg.get("deploy_dirs", []),
-                                    kind=msg.get("kind", "train"))
+                                    kind=msg.get("kind", "train"), dry_run=msg.get("dry_run", False))
             return {"type": "submitted", "job": job}
         if kind == "list":
             return {"type": "jobs", "jobs": self.store.list(msg.get("states"), msg.get("limit", 100))}
@@ -277,6 +277,10 @@ class Daemon:
 def lock_state_dir(state_dir: Path):
     """One daemon per state folder: two would run the same queued job twice."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = state_dir.stat().st_mode & 0o777
+    if mode & 0o077 and os.name == "posix":  # job logs and configs name the user's files: theirs alone
+        print(f"warning: {state_dir} was open to others (mode {mode:o}); set to 0700", file=sys.stderr)
+        state_dir.chmod(0o700)
     lock = open(state_dir / "daemon.lock", "a+")  # noqa: SIM115 - held for the process's life
     try:
         import fcntl

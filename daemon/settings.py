@@ -10,7 +10,7 @@ read and write only under the user's home folder (and the daemon's own job folde
     write_roots: [~]          # output_dir, log_dir, deploy_dir must be under one (job folders always are)
     allowed_origins: []       # browser origins allowed to connect (no Origin header is always allowed)
     allowed_hosts: []         # extra Host header values (127.0.0.1/localhost/[::1] with the port are built in)
-    max_connections: 32
+    max_connections: 64       # a WebUI tab, a ComfyUI node and CLI followers each hold one
     max_message_bytes: 1048576
     max_parallel_jobs: 1
     heartbeat_s: 15
@@ -40,7 +40,7 @@ class Settings:
     write_roots: list[Path] = field(default_factory=lambda: [Path.home()])
     allowed_origins: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
-    max_connections: int = 32
+    max_connections: int = 64
     max_message_bytes: int = 1 << 20
     max_parallel_jobs: int = 1
     heartbeat_s: float = 15.0

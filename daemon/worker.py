@@ -5,7 +5,8 @@ down, and all GPU memory is released when the job ends. The daemon itself never 
 
 Talking to the daemon, over the process's standard streams:
 - stdout carries one JSON object per line: `{"event": KIND, "data": {...}}` for trainer events, then
-  one `{"result": {...}}` or `{"error": "...", "cause": "user" | "crash"}`. Everything else the job
+  one `{"result": {...}}` or `{"error": "...", "cause": CAUSE}` (CAUSE: `user` for bad input,
+  `out_of_memory`, `disk_full`, else `crash`). Everything else the job
   prints (libraries, tracebacks) goes to the job's log file, never into this channel.
 - stdin carries commands: a line `stop` asks the trainer to save what it has trained and finish at
   the next step boundary. End of file means the daemon is gone (killed, say): the worker exits at
@@ -14,6 +15,7 @@ Talking to the daemon, over the process's standard streams:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,6 +23,8 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+
+from shared import faults
 
 # A key of TrainConfig that, once the trainers can resume (issue 3), asks them to continue from the
 # newest checkpoint in output_dir. Until the key exists a re-run job starts from step 0.
@@ -70,6 +74,9 @@ def make_reporter(channel: Channel, stop: threading.Event):
             print(message, flush=True)  # the job's log file
 
         def event(self, kind: str, **data) -> None:
+            if kind == "progress":
+                self.last_step = data.get("step")
+                faults.hit("step", data.get("step"))
             if kind in ("finished", "label_finished"):
                 return  # the worker reports the final result itself, after any extra deploys
             if kind == "label_started":  # auto-label jobs use the same progress events as training
@@ -81,7 +88,41 @@ def make_reporter(channel: Channel, stop: threading.Event):
         def stop_requested(self) -> bool:
             return stop.is_set()
 
-    return WorkerReporter()
+    reporter = WorkerReporter()
+    reporter.last_step = None
+    return reporter
+
+
+def explain_failure(exc: BaseException, task: str | None, step: int | None) -> tuple[str, str]:
+    """One line and a cause for an exception out of a job: the ones people can act on get advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f" at step {step}" if step else ""
+    if type(exc).__name__ == "OutOfMemoryError" or (
+            isinstance(exc, RuntimeError) and "out of memory" in text.lower()):
+        smaller = "max_seq_len" if task == "llm" else "resolution"
+        return (f"out of GPU memory{where}: lower batch_size or {smaller}, set gradient_checkpointing: true, "
+                f"or close other programs using the GPU ({text})", "out_of_memory")
+    if isinstance(exc, MemoryError):
+        return (f"out of memory (RAM){where}: lower batch_size, or close other programs", "out_of_memory")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full{where} (writing {exc.filename or 'a file'}): free some space and run the "
+                "job again; files already saved are kept", "disk_full")
+    return f"{type(exc).__name__}: {text}", "crash"
+
+
+def dry_run(cfg, task: str, channel: Channel) -> dict:
+    """A validation-only job: check the config and the dataset again, in the worker, and report as a
+    job does (started, progress, result) without importing torch or writing any file but result.json.
+    The load tests queue these by the hundred; a user can use them to check a config on the daemon."""
+    channel.send(event="started", data={"total": 1, "dry_run": True})
+    images = None
+    if task == "sd":
+        from shared.sd.dataset import scan_dataset
+
+        images = len(scan_dataset(cfg.train_data_dir, cfg.metadata_path).items)
+    channel.send(event="progress", data={"step": 1, "total": 1})
+    return {"task": task, "dry_run": True, "lora": None, "deployed": [], "lora_name": cfg.resolved_output_name,
+            "steps": 0, "stopped_early": False, "final_loss": None, "checkpoints": [], "images": images}
 
 
 def job_config(spec: dict):
@@ -91,7 +132,11 @@ def job_config(spec: dict):
     data = dict(spec["config"])
     if spec.get("resume") and RESUME_KEY in FIELDS and data.get(RESUME_KEY) in (None, ""):
         data[RESUME_KEY] = RESUME_LATEST
-    return config_from_dict(data, source=spec.get("source") or "job config")
+    from shared.limits import check_limits
+
+    cfg = config_from_dict(data, source=spec.get("source") or "job config")
+    check_limits(cfg, spec.get("source") or "job config")
+    return cfg
 
 
 def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
@@ -132,19 +177,28 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
     from shared.files import atomic_write
 
     spec = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
+    task, reporter = None, make_reporter(channel, stop)
     try:
         if spec.get("kind") == "label":
             from shared.autolabel.labeller import label_folder
 
-            outcome = label_folder(**spec["label"], reporter=make_reporter(channel, stop)).as_dict()
+            outcome = label_folder(**spec["label"], reporter=reporter).as_dict()
             atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
             channel.send(result=outcome)
             return 0
         cfg = job_config(spec)
         from shared.config import detect_task
+
+        task = detect_task(cfg)
+        if spec.get("dry_run"):
+            outcome = dry_run(cfg, task, channel)
+            atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
+            channel.send(result=outcome)
+            return 0
+        faults.hit("load", cfg.resolved_output_name)
         from shared.train import run_training
 
-        result = run_training(cfg, make_reporter(channel, stop))
+        result = run_training(cfg, reporter)
         deployed = [str(result.deployed_path)] if result.deployed_path else []
         for folder in spec.get("deploy_dirs") or []:
             path = deploy_copy(result.output_path, Path(folder), cfg.resolved_output_name)
@@ -152,7 +206,7 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             deployed.append(str(path))
         name_source = Path(deployed[0]) if deployed else result.output_path
         outcome = {
-            "task": detect_task(cfg),
+            "task": task,
             "lora": str(result.output_path),
             "deployed": deployed,
             "lora_name": name_source.stem,
@@ -170,9 +224,11 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
         print(f"error: {exc}", flush=True)
         channel.send(error=str(exc), cause="user")
         return 2
-    except Exception as exc:  # a crash: the full traceback goes to the log, one line to the client
+    except Exception as exc:  # the full traceback goes to the log, one line (with advice if any) to the client
         traceback.print_exc()
-        channel.send(error=f"{type(exc).__name__}: {exc}", cause="crash")
+        message, cause = explain_failure(exc, task, reporter.last_step)
+        print(f"error: {message}", flush=True)
+        channel.send(error=message, cause=cause)
         return 1
 
 

@@ -180,9 +180,13 @@ class DaemonClient:
         return self.request("info")
 
     def submit(self, config: dict, *, base_dir: str | Path | None = None, source: str | None = None,
-               priority: int = 0, deploy_dirs: list[str] | None = None, kind: str = "train") -> dict:
-        """Queue a job: a training config (kind "train") or auto-label options (kind "label")."""
+               priority: int = 0, deploy_dirs: list[str] | None = None, kind: str = "train",
+               dry_run: bool = False) -> dict:
+        """Queue a job: a training config (kind "train") or auto-label options (kind "label").
+        `dry_run` only validates the config and dataset in a worker and reports like a job."""
         fields: dict[str, Any] = {"config": config, "priority": priority}
+        if dry_run:
+            fields["dry_run"] = True
         if kind != "train":
             fields["kind"] = kind
         if base_dir is not None:

@@ -10,14 +10,46 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from shared import faults
+
 
 def _temp_name(target: Path) -> Path:
     return target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+
+
+# Names of the temporaries above and of replace_folder's old copies: what a killed writer leaves.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.(tmp|old)$")
+
+
+def _named_after(name: str, stem: str) -> bool:
+    return name == stem or name.startswith((f"{stem}.", f"{stem}_", f"{stem}-"))
+
+
+def remove_leftovers(folder: Path, stem: str | None = None) -> list[Path]:
+    """Delete the hidden temporaries a killed writer left in `folder`; with `stem`, only those of files
+    named after it (`stem.safetensors`, `stem_2...`): a shared Lora folder may hold another program's
+    file being written right now."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if not match or (stem is not None and not _named_after(match["name"], stem)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 def _write_temp(target: Path, write: Callable[[Path], None]) -> Path:
@@ -25,6 +57,7 @@ def _write_temp(target: Path, write: Callable[[Path], None]) -> Path:
     tmp = _temp_name(target)
     try:
         write(tmp)
+        faults.hit("write", f"{target.parent.name}/{target.name}")  # tests: a kill or full disk right here
         # Some writers (safetensors) create 0600 files; a host running as another user must read it.
         os.chmod(tmp, 0o644)
         with open(tmp, "rb+") as fh:
@@ -91,23 +124,30 @@ def publish_new(
         suffixes = [main_suffix, *sidecars]
         if any((folder / f"{candidate}{s}").exists() for s in suffixes):
             continue
+        # Every file is complete (as a hidden temporary) before the first one gets its name: a writer
+        # killed or failing mid-way (a full disk) leaves no sidecar without its LoRA.
+        temps: dict[str, Path] = {}
+        try:
+            for suffix, writer in sidecars.items():
+                temps[suffix] = _write_temp(folder / f"{candidate}{suffix}", lambda p, w=writer, c=candidate: w(p, c))
+            temps[main_suffix] = _write_temp(folder / f"{candidate}{main_suffix}",
+                                             lambda p, c=candidate: write_main(p, c))
+        except BaseException:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+            raise
         placed: list[Path] = []
-        ok = True
-        for suffix, writer in sidecars.items():
+        for suffix in [*sidecars, main_suffix]:  # the main file last: a host that sees it sees its sidecars
             target = folder / f"{candidate}{suffix}"
-            tmp = _write_temp(target, lambda p, w=writer, c=candidate: w(p, c))
-            if not _link_new(tmp, target):
-                tmp.unlink()
-                ok = False
+            if not _link_new(temps[suffix], target):
                 break
+            del temps[suffix]
             placed.append(target)
-        if ok:
-            target = folder / f"{candidate}{main_suffix}"
-            tmp = _write_temp(target, lambda p, c=candidate: write_main(p, c))
-            if _link_new(tmp, target):
-                return target
-            tmp.unlink()
-        for path in placed:  # lost a race for this name: take back our sidecars, try the next
+        else:
+            return folder / f"{candidate}{main_suffix}"
+        for tmp in temps.values():  # lost a race for this name: take back what we placed, try the next
+            tmp.unlink(missing_ok=True)
+        for path in placed:
             path.unlink()
     raise AssertionError("unreachable")
 

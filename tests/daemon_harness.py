@@ -52,6 +52,7 @@ class DaemonProcess:
         self.write_roots = write_roots
         self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}  # extra environment for the next start (e.g. a fault to inject)
         self.output = self.state_dir.parent / f"{self.state_dir.name}-daemon.out"
 
     def start(self) -> DaemonProcess:
@@ -61,7 +62,7 @@ class DaemonProcess:
         for root in self.write_roots:
             args += ["--allow-write", str(root)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", **self.env}
         out = open(self.output, "ab")  # noqa: SIM115 - the child holds it
         self.proc = subprocess.Popen([*args, *self.extra], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         out.close()

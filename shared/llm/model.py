@@ -128,6 +128,12 @@ def load_causal_lm(folder: Path, *, trust_remote_code: bool = False, dtype=None,
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except Exception as exc:  # a broken or foreign folder fails in many ways; name the folder and the cause
+        if "Weights only load failed" in str(exc):  # torch's text would suggest weights_only=False: never
+            raise ModelError(
+                f"base_model: {folder} has a pickle weights file (.bin/.pt) holding Python objects besides "
+                "tensors, which could run code when loaded; it was not loaded. Use a .safetensors copy of "
+                "the model"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"base_model: cannot load {folder} as a causal LM ({first[:300]})") from None
     missing = list(info.get("missing_keys") or [])
