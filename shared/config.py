@@ -429,7 +429,7 @@ def check_output_name(name: str, source: str = "config") -> None:
     """A LoRA name becomes a file name and a `<lora:NAME:w>` alias: keep it to a safe alphabet."""
     if not name or len(name) > 100 or name.startswith(".") or not set(name) <= OUTPUT_NAME_CHARS:
         raise ConfigError(
-            f"{source}: output_name {name!r} must be 1-100 letters, digits, '_', '-' or '.', "
+            f"{source}: output_name {name!r} must be 1-100 ASCII letters, digits, '_', '-' or '.', "
             "not starting with '.'"
         )
 

@@ -83,6 +83,11 @@ def read_checkpoint(path: Path) -> dict:
             return load_file(str(path))
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every reader error means "not a usable checkpoint"
+        if "Weights only load failed" in str(exc):  # torch's own text suggests weights_only=False: never
+            raise ModelError(
+                f"{path}: not a readable checkpoint (it holds Python objects besides tensors, which could run "
+                "code when loaded; it was not loaded). Use a .safetensors copy of the model"
+            ) from None
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):

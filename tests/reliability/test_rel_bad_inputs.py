@@ -304,9 +304,6 @@ def check(case, ctx, config, change, submit_args, case_dir, capsys):
     assert not ctx.outside.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="SD side (shared/sd/base_model.read_checkpoint): the refusal quotes torch's "
-                   "hint to re-run torch.load with weights_only=False; it should say the file holds code-carrying "
-                   "pickle objects and point to a .safetensors copy, as the LLM loader now does")
 def test_pickle_ckpt_refusal_does_not_suggest_the_unsafe_load(tmp_path):
     from shared.errors import ModelError
     from shared.sd.base_model import read_checkpoint
