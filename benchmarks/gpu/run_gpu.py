@@ -113,13 +113,13 @@ def markdown(r: dict) -> str:
              f"{r['wall_s'] / 60:.1f} min", "", "| benchmark | variant | speed | peak VRAM MiB | vs ref |",
              "|---|---|---:|---:|---:|"]
     for key, title in (("sd15", "SD1.5 512 px"),):
-        for v, row in r[key]["variants"].items():
+        for row in r[key]["variants"].values():
             lines.append(f"| {title} | {row['label']} | {row['median_step_s']:.3f} s/step | "
                          f"{row.get('peak_vram_mb') or 0:.0f} | {row['time_ratio_vs_ref']:.2f} |")
     x = r["sdxl"]
     lines.append(f"| SDXL {x['resolution']} px | {x['label']} | {x['median_step_s']:.3f} s/step | "
                  f"{x.get('peak_vram_mb') or 0:.0f} | |")
-    for v, row in r["llm"]["variants"].items():
+    for row in r["llm"]["variants"].values():
         lines.append(f"| LLaMA {r['llm']['params'] / 1e9:.2f} B | {row['label']} | {row['tokens_per_s']:.0f} tokens/s | "
                      f"{row.get('peak_vram_mb') or 0:.0f} | {row['speed_ratio_vs_ref']:.2f} |")
     lc = r["sd15"]["loss_curves"]
