@@ -33,15 +33,20 @@ def _sections(quick: bool) -> dict:
     if quick:
         return {"sd": dict(size="tiny", steps=3, warmup=1, rounds=1), "llm": dict(size="tiny", steps=3, warmup=1, rounds=1),
                 "daemon": dict(steps=4, subscribers=50, runs=1)}
-    return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", steps=6, warmup=2, rounds=2),
+    return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", steps=12, warmup=2, rounds=2),
             "daemon": dict(steps=20, subscribers=50, runs=2)}
 
 
 def run_all(out: Path, workdir: Path, quick: bool = False, threads: int = 1, only: list[str] | None = None) -> dict:
     plan = _sections(quick)
     started = time.time()
+    previous = out / "latest.json"
+    # --only refreshes some sections of an earlier run of the same kind and keeps the others
+    kept = json.loads(previous.read_text()) if only and previous.is_file() else {}
+    if kept.get("quick") != quick:
+        kept = {}
     load = [os.getloadavg()]
-    result = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
+    result = {**{k: kept[k] for k in ("sd", "llm", "daemon") if k in kept}, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
               "threads": threads, "machine": machine(), "targets": TARGETS}
     if not only or "sd" in only:
         result["sd"] = sd_compare.run(workdir / "sd", threads=threads, model_cache=workdir, **plan["sd"])
@@ -103,12 +108,14 @@ def markdown(r: dict) -> str:
                   f"{llm['trainable_params'] / 1e6:.2f} M trainable, batch {s['batch_size']}, max {s['max_len']} tokens, "
                   f"{s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up, "
                   f"{llm['variants']['ref']['runs']} run(s) each)", "",
-                  "| variant | trained tokens/s | s/step (median) | peak RSS MiB | speed vs ref | RSS vs ref | MFU |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | trained tokens/s | processed tokens/s | s/step (median) | peak RSS MiB | speed vs ref "
+                  "(trained / processed) | RSS vs ref | MFU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for v in ("ref", "ours"):
             row = llm["variants"][v]
-            lines.append(f"| {row['label']} | {row['tokens_per_s']:.0f} | {_f(row['median_step_s'], '{:.3f}')} | "
-                         f"{row['peak_rss_mb']:.0f} | {row['speed_ratio_vs_ref']:.2f} | {row['rss_ratio_vs_ref']:.2f} | "
+            lines.append(f"| {row['label']} | {row['tokens_per_s']:.0f} | {row.get('padded_tokens_per_s', 0):.0f} | "
+                         f"{_f(row['median_step_s'], '{:.3f}')} | {row['peak_rss_mb']:.0f} | {row['speed_ratio_vs_ref']:.2f} / "
+                         f"{row.get('padded_speed_ratio_vs_ref', 0):.2f} | {row['rss_ratio_vs_ref']:.2f} | "
                          f"{_f(row['mfu'], '{:.0%}')} |")
         ours = llm["variants"]["ours"]
         lines += ["", f"Targets: speed >= {t['llm_speed_ratio']}x: {_mark(ours['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])}; "
