@@ -26,7 +26,7 @@ SIZES = {
     "gpu": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, max_len=512),
 }
-LABELS = {"ref": "reference (HF Trainer + PEFT)", "ours": "ours (defaults)"}
+LABELS = {"ref": "reference (HF Trainer + PEFT)", "ours": "ours (defaults)", "ours_packed": "ours (packing: true)"}
 WORDS = ("the model answers every question about gardens rivers and mountains with care while the small "
          "robot paints a blue house near the old bridge because light changes quickly in autumn and "
          "people write short notes about trains music bread and weather").split()
@@ -74,7 +74,7 @@ def _rate(stamps, tokens, padded, warmup):
             "seconds": seconds, "tokens_per_s": trained / seconds if seconds else None}
 
 
-def worker_ours(spec: dict) -> dict:
+def worker_ours(spec: dict, packing: bool = False) -> dict:
     import torch
 
     from shared.config import config_from_dict
@@ -106,7 +106,7 @@ def worker_ours(spec: dict) -> dict:
         base_model=spec["model"], train_data_dir=spec["data"], output_dir=spec["out"], batch_size=spec["batch_size"],
         max_train_steps=spec["steps"], save_steps=0, lora_rank=spec["rank"], lora_alpha=spec["alpha"],
         learning_rate=spec["lr"], seed=spec["seed"], max_seq_len=spec["max_len"], device=spec.get("device", "cpu"),
-        mixed_precision=spec.get("mixed_precision", "no"), sample_max_tokens=1))
+        mixed_precision=spec.get("mixed_precision", "no"), sample_max_tokens=1, packing=packing))
     t0 = time.perf_counter()
     run_training(cfg, Recorder())
     return {**_rate(stamps, tokens, padded, spec["warmup"]), "total_s": time.perf_counter() - t0}
@@ -151,9 +151,10 @@ def run(workdir: Path, size: str = "full", steps: int = 8, warmup: int = 2, roun
     data = make_data(workdir / "llm-data" / "alpaca.json")
     base = dict(model=str(model), data=str(data), batch_size=batch_size, device=device, mixed_precision=mixed_precision, steps=warmup + steps, warmup=warmup, rank=8,
                 alpha=16.0, lr=2e-4, seed=42, threads=threads, max_len=SIZES[size]["max_len"])
-    runs: dict[str, list[dict]] = {"ref": [], "ours": []}
+    runs: dict[str, list[dict]] = {"ref": [], "ours": [], "ours_packed": []}
+    order = list(runs)
     for r in range(rounds):
-        for variant in ("ref", "ours") if r % 2 == 0 else ("ours", "ref"):
+        for variant in order[r % 3:] + order[:r % 3]:  # rotate: each variant runs early and late
             spec = {**base, "out": str(workdir / f"llm-out-{variant}-{r}"), "count_flops": variant == "ref" and r == 0}
             result = run_worker("llm_compare", variant, spec, workdir)
             runs[variant].append(result)
@@ -195,7 +196,7 @@ def worker_main(name: str, spec: dict) -> None:
     elif name == "ref":
         emit(worker_ref(spec))
     else:
-        emit(worker_ours(spec))
+        emit(worker_ours(spec, packing=name == "ours_packed"))
 
 
 def main(argv=None) -> int:

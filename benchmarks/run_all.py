@@ -33,7 +33,7 @@ def _sections(quick: bool) -> dict:
     if quick:
         return {"sd": dict(size="tiny", steps=3, warmup=1, rounds=1), "llm": dict(size="tiny", steps=3, warmup=1, rounds=1),
                 "daemon": dict(steps=4, subscribers=50, runs=1)}
-    return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", steps=12, warmup=2, rounds=2),
+    return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", steps=10, warmup=2, rounds=2),
             "daemon": dict(steps=20, subscribers=50, runs=2)}
 
 
@@ -111,14 +111,18 @@ def markdown(r: dict) -> str:
                   "| variant | trained tokens/s | processed tokens/s | s/step (median) | peak RSS MiB | speed vs ref "
                   "(trained / processed) | RSS vs ref | MFU |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for v in ("ref", "ours"):
+        for v in ("ref", "ours", "ours_packed"):
+            if v not in llm["variants"]:
+                continue
             row = llm["variants"][v]
             lines.append(f"| {row['label']} | {row['tokens_per_s']:.0f} | {row.get('padded_tokens_per_s', 0):.0f} | "
                          f"{_f(row['median_step_s'], '{:.3f}')} | {row['peak_rss_mb']:.0f} | {row['speed_ratio_vs_ref']:.2f} / "
                          f"{row.get('padded_speed_ratio_vs_ref', 0):.2f} | {row['rss_ratio_vs_ref']:.2f} | "
                          f"{_f(row['mfu'], '{:.0%}')} |")
         ours = llm["variants"]["ours"]
-        lines += ["", f"Targets: speed >= {t['llm_speed_ratio']}x: {_mark(ours['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])}; "
+        packed = llm["variants"].get("ours_packed", ours)
+        lines += ["", f"Targets: speed >= {t['llm_speed_ratio']}x: {_mark(ours['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])} "
+                  f"(defaults), {_mark(packed['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])} (packing); "
                   f"peak memory <= ref: {_mark(ours['rss_ratio_vs_ref'] <= 1.0)}. FLOPs per padded token "
                   f"{llm['flops_per_padded_token'] / 1e6:.0f} M (forward + backward).", ""]
     if "daemon" in r:
