@@ -112,7 +112,8 @@ def markdown(r: dict) -> str:
     lines = [f"GPU run {r['started_at']} on {r.get('gpu', r['device'])} ({r['precision']}), "
              f"{r['wall_s'] / 60:.1f} min", "", "| benchmark | variant | speed | peak VRAM MiB | vs ref |",
              "|---|---|---:|---:|---:|"]
-    for key, title in (("sd15", "SD1.5 512 px"),):
+    title = f"SD1.5 {r['sd15']['settings']['resolution']} px"
+    for key in ("sd15",):
         for row in r[key]["variants"].values():
             lines.append(f"| {title} | {row['label']} | {row['median_step_s']:.3f} s/step | "
                          f"{row.get('peak_vram_mb') or 0:.0f} | {row['time_ratio_vs_ref']:.2f} |")
