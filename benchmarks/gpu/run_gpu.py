@@ -1,0 +1,155 @@
+"""The same comparisons on a CUDA GPU at real sizes, bf16: SD1.5 at 512 px (ours, ours with caches,
+the reference loop), an SDXL-layout UNet at 1024 px (ours with caches: the reference loop is SD1.5's),
+and a 1B-class LLaMA layout (ours against HF Trainer + PEFT). Random weights, nothing downloaded.
+Sized to finish in under 8 minutes on one H100-class card (model folders are written first and reused).
+
+    python -m benchmarks.gpu.run_gpu [--out DIR]     # needs CUDA; refuses without it
+    python -m benchmarks.gpu.run_gpu --dry-run       # the same plan on the CPU with tiny models
+
+Writes `gpu-latest.json` and `gpu-latest.md` beside the CPU results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks import llm_compare, sd_compare
+from benchmarks.common import REPO, machine, run_worker
+
+
+def plan(dry_run: bool) -> dict:
+    if dry_run:
+        return {"device": "cpu", "precision": "no",
+                "sd15": dict(size="tiny", steps=2, warmup=1, rounds=1),
+                "sdxl": dict(size="tiny", steps=2, warmup=1),
+                "llm": dict(size="tiny", steps=2, warmup=1, rounds=1, batch_size=4)}
+    return {"device": "cuda", "precision": "bf16",
+            "sd15": dict(size="gpu", steps=20, warmup=5, rounds=1),
+            "sdxl": dict(size="gpu", steps=10, warmup=3),
+            "llm": dict(size="gpu", steps=20, warmup=5, rounds=1, batch_size=8)}
+
+
+def sdxl_ours(workdir: Path, size: str, steps: int, warmup: int, device: str, precision: str) -> dict:
+    """Our trainer on an SDXL-layout model with the caches (what SDXL users run)."""
+    model = workdir / f"sdxl-{size}-random"
+    run_worker("gpu.run_gpu", "build_sdxl", {"threads": 1, "model": str(model), "size": size}, workdir)
+    resolution = 1024 if size == "gpu" else 64
+    data = sd_compare.make_data(workdir / f"sdxl-data-{resolution}", resolution)
+    spec = dict(model=str(model), data=str(data), resolution=resolution, batch_size=1, steps=steps + warmup,
+                warmup=warmup, rank=8, alpha=16.0, lr=2e-4, seed=42, threads=1, device=device,
+                mixed_precision=precision, out=str(workdir / "sdxl-out"))
+    result = run_worker("gpu.run_gpu", "sdxl_ours_cached", spec, workdir)
+    s = sorted(result["step_s"])[len(result["step_s"]) // 2] if result["step_s"] else None
+    return {"label": "ours (latent+TE cache)", "resolution": resolution, "median_step_s": s,
+            "images_per_s": 1 / s if s else None, "peak_rss_mb": result["peak_rss_mb"],
+            "peak_vram_mb": result.get("peak_vram_mb"), "losses": result["losses"]}
+
+
+def build_sdxl(folder: Path, size: str) -> None:
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from shared.fixtures.tiny_sd import TINY_SDXL
+    from shared.sd.base_model import shipped_config_dir
+    from shared.sd.tokenizer import clip_tokenizer
+
+    if (folder / ".complete").is_file():
+        return
+    shipped = Path(shipped_config_dir("sdxl"))
+    if size == "gpu":
+        configs = {c: json.loads((shipped / c / "config.json").read_text())
+                   for c in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    else:
+        configs = TINY_SDXL
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(configs["unet"]).save_pretrained(folder / "unet")
+    AutoencoderKL.from_config(configs["vae"]).save_pretrained(folder / "vae")
+    for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        cls(CLIPTextConfig(**{k: v for k, v in configs[sub].items() if not k.startswith("_")})).save_pretrained(folder / sub)
+    clip_tokenizer().save_pretrained(folder / "tokenizer")
+    clip_tokenizer(pad_token="!").save_pretrained(folder / "tokenizer_2")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    shutil.copy(shipped / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    shutil.copy(shipped / "model_index.json", folder / "model_index.json")
+    (folder / ".complete").write_text("ok")
+
+
+def run(out: Path, workdir: Path, dry_run: bool) -> dict:
+    import torch
+
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu needs a CUDA GPU (torch.cuda.is_available() is False here); "
+                         "run `python -m benchmarks.run_all` for the CPU benchmarks, or add --dry-run to "
+                         "check this script's plan on the CPU with tiny models")
+    p = plan(dry_run)
+    started = time.time()
+    result = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dry_run": dry_run,
+              "machine": machine(), "device": p["device"], "precision": p["precision"]}
+    if torch.cuda.is_available() and not dry_run:
+        result["gpu"] = torch.cuda.get_device_name(0)
+    common = dict(device=p["device"], mixed_precision=p["precision"], model_cache=workdir)
+    result["sd15"] = sd_compare.run(workdir / "sd15", **p["sd15"], **common)
+    result["sdxl"] = sdxl_ours(workdir, p["sdxl"]["size"], p["sdxl"]["steps"], p["sdxl"]["warmup"], p["device"],
+                               p["precision"])
+    result["llm"] = llm_compare.run(workdir / "llm", **p["llm"], **common)
+    result["wall_s"] = time.time() - started
+    out.mkdir(parents=True, exist_ok=True)
+    name = "gpu-dry-run" if dry_run else "gpu-latest"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / f"{name}.md").write_text(markdown(result))
+    return result
+
+
+def markdown(r: dict) -> str:
+    lines = [f"GPU run {r['started_at']} on {r.get('gpu', r['device'])} ({r['precision']}), "
+             f"{r['wall_s'] / 60:.1f} min", "", "| benchmark | variant | speed | peak VRAM MiB | vs ref |",
+             "|---|---|---:|---:|---:|"]
+    title = f"SD1.5 {r['sd15']['settings']['resolution']} px"
+    for key in ("sd15",):
+        for row in r[key]["variants"].values():
+            lines.append(f"| {title} | {row['label']} | {row['median_step_s']:.3f} s/step | "
+                         f"{row.get('peak_vram_mb') or 0:.0f} | {row['time_ratio_vs_ref']:.2f} |")
+    x = r["sdxl"]
+    lines.append(f"| SDXL {x['resolution']} px | {x['label']} | {x['median_step_s']:.3f} s/step | "
+                 f"{x.get('peak_vram_mb') or 0:.0f} | |")
+    for row in r["llm"]["variants"].values():
+        lines.append(f"| LLaMA {r['llm']['params'] / 1e9:.2f} B | {row['label']} | {row['tokens_per_s']:.0f} tokens/s | "
+                     f"{row.get('peak_vram_mb') or 0:.0f} | {row['speed_ratio_vs_ref']:.2f} |")
+    lc = r["sd15"]["loss_curves"]
+    lines += ["", f"SD1.5 loss curves, max |ours - ref| = {lc['max_abs_diff']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker")
+    parser.add_argument("--spec")
+    parser.add_argument("--dry-run", action="store_true", help="the CPU-side plan with tiny models (no CUDA needed)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--workdir", default="/tmp/lora-daemon-bench-gpu")
+    args = parser.parse_args(argv)
+    if args.worker:
+        from benchmarks.common import emit
+
+        spec = json.loads(Path(args.spec).read_text())
+        if args.worker == "build_sdxl":
+            build_sdxl(Path(spec["model"]), spec["size"])
+            emit({})
+        else:
+            emit(sd_compare.worker_ours(spec, cached=True))
+        return 0
+    result = run(Path(args.out), Path(args.workdir), args.dry_run)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Every benchmark in one run: SD and LLM training against the reference loops, their model FLOPs
+utilisation, and the daemon's costs. Writes `benchmarks/results/latest.json` and `latest.md` (or
+into --out).
+
+    python -m benchmarks.run_all            # full sizes: SD1.5 at 256 px, a 52 M LLaMA (about 20 min)
+    python -m benchmarks.run_all --quick    # tiny models, few steps (a smoke test, under 3 min)
+
+Variants run one after another, each in its own process, alternating; both sides use the same
+thread count (default 1: on a small shared machine one thread per process is the stable choice).
+Nothing is asserted: the targets of issue 11 are printed next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks import daemon_bench, llm_compare, sd_compare
+from benchmarks.common import REPO, machine
+
+TARGETS = {
+    "sd_time_ratio": 0.6, "sd_rss_ratio": 1.0, "llm_speed_ratio": 1.3, "llm_rss_ratio": 1.0,
+    "daemon_idle_rss_mb": 80, "daemon_start_s": 1.0, "daemon_first_progress_delay_s": 1.0, "daemon_overhead_s": 2.0,
+}
+
+
+def _sections(quick: bool) -> dict:
+    if quick:
+        return {"sd": dict(size="tiny", steps=3, warmup=1, rounds=1), "llm": dict(size="tiny", steps=3, warmup=1, rounds=1),
+                "daemon": dict(steps=4, subscribers=50, runs=1)}
+    return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", steps=10, warmup=2, rounds=2),
+            "daemon": dict(steps=20, subscribers=50, runs=2)}
+
+
+def run_all(out: Path, workdir: Path, quick: bool = False, threads: int = 1, only: list[str] | None = None) -> dict:
+    plan = _sections(quick)
+    started = time.time()
+    previous = out / "latest.json"
+    # --only refreshes some sections of an earlier run of the same kind and keeps the others
+    kept = json.loads(previous.read_text()) if only and previous.is_file() else {}
+    if kept.get("quick") != quick:
+        kept = {}
+    load = [os.getloadavg()]
+    result = {**{k: kept[k] for k in ("sd", "llm", "daemon") if k in kept}, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
+              "threads": threads, "machine": machine(), "targets": TARGETS}
+    if not only or "sd" in only:
+        result["sd"] = sd_compare.run(workdir / "sd", threads=threads, model_cache=workdir, **plan["sd"])
+        load.append(os.getloadavg())
+    if not only or "llm" in only:
+        result["llm"] = llm_compare.run(workdir / "llm", threads=threads, model_cache=workdir, **plan["llm"])
+        load.append(os.getloadavg())
+    if not only or "daemon" in only:
+        result["daemon"] = daemon_bench.run(workdir / "daemon", **plan["daemon"])
+        load.append(os.getloadavg())
+    result["load_avg"] = {"samples": load, "mean_1min": sum(x[0] for x in load) / len(load)}
+    result["wall_s"] = time.time() - started
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(result, indent=2, default=float))
+    (out / "latest.md").write_text(markdown(result))
+    return result
+
+
+def _f(value, fmt="{:.2f}", none="n/a"):
+    return none if value is None else fmt.format(value)
+
+
+def _mark(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "missed")
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"Run {r['started_at']} ({'quick, tiny models' if r['quick'] else 'full sizes'}), {r['threads']} thread(s) "
+             f"per process, load average {r['load_avg']['mean_1min']:.1f} on {m['cores']} cores; "
+             f"{m['cpu']}; torch {m['torch']}, Python {m['python']}; {r['wall_s'] / 60:.1f} min in all.", ""]
+    t = r["targets"]
+    if "sd" in r:
+        sd = r["sd"]
+        s = sd["settings"]
+        lines += [f"### SD1.5 LoRA ({sd['size']}: {s['resolution']} px, batch {s['batch_size']}, rank {s['rank']}, "
+                  f"{s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up, "
+                  f"{sd['variants']['ref']['runs']} run(s) each)", "",
+                  "| variant | s/step (median) | images/s | peak RSS MiB | time vs ref | RSS vs ref | GFLOP/step | MFU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for v in ("ref", "ours", "ours_cached"):
+            row = sd["variants"][v]
+            lines.append(f"| {row['label']} | {_f(row['median_step_s'], '{:.3f}')} | {_f(row['images_per_s'], '{:.3f}')} | "
+                         f"{row['peak_rss_mb']:.0f} | {row['time_ratio_vs_ref']:.2f} | {row['rss_ratio_vs_ref']:.2f} | "
+                         f"{row['flops_per_step'] / 1e9:.1f} | {_f(row['mfu'], '{:.0%}')} |")
+        lc = sd["loss_curves"]
+        best = min(sd["variants"][v]["time_ratio_vs_ref"] for v in ("ours", "ours_cached"))
+        lines += ["", f"Loss curves, same seed, {lc['steps']} steps: max |ours - ref| = {_f(lc['max_abs_diff'], '{:.2e}')} "
+                  f"(ours {', '.join(f'{x:.4f}' for x in lc['ours'])}; ref {', '.join(f'{x:.4f}' for x in lc['ref'])}).",
+                  f"Targets: time ratio <= {t['sd_time_ratio']}: defaults {_mark(sd['variants']['ours']['time_ratio_vs_ref'] <= t['sd_time_ratio'])}, "
+                  f"with caches {_mark(best <= t['sd_time_ratio'])}; peak memory <= ref: "
+                  f"{_mark(sd['variants']['ours']['rss_ratio_vs_ref'] <= 1.0)} (defaults), "
+                  f"{_mark(sd['variants']['ours_cached']['rss_ratio_vs_ref'] <= 1.0)} (caches). "
+                  f"Matmul peak measured: {sd['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", ""]
+    if "llm" in r:
+        llm = r["llm"]
+        s = llm["settings"]
+        lines += [f"### LLM LoRA ({llm['size']}: LLaMA layout, {llm['params'] / 1e6:.1f} M parameters, "
+                  f"{llm['trainable_params'] / 1e6:.2f} M trainable, batch {s['batch_size']}, max {s['max_len']} tokens, "
+                  f"{s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up, "
+                  f"{llm['variants']['ref']['runs']} run(s) each)", "",
+                  "| variant | trained tokens/s | processed tokens/s | s/step (median) | peak RSS MiB | speed vs ref "
+                  "(trained / processed) | RSS vs ref | MFU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for v in ("ref", "ours", "ours_packed"):
+            if v not in llm["variants"]:
+                continue
+            row = llm["variants"][v]
+            lines.append(f"| {row['label']} | {row['tokens_per_s']:.0f} | {row.get('padded_tokens_per_s', 0):.0f} | "
+                         f"{_f(row['median_step_s'], '{:.3f}')} | {row['peak_rss_mb']:.0f} | {row['speed_ratio_vs_ref']:.2f} / "
+                         f"{row.get('padded_speed_ratio_vs_ref', 0):.2f} | {row['rss_ratio_vs_ref']:.2f} | "
+                         f"{_f(row['mfu'], '{:.0%}')} |")
+        ours = llm["variants"]["ours"]
+        packed = llm["variants"].get("ours_packed", ours)
+        lines += ["", f"Targets: speed >= {t['llm_speed_ratio']}x: {_mark(ours['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])} "
+                  f"(defaults), {_mark(packed['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])} (packing); "
+                  f"peak memory <= ref: {_mark(ours['rss_ratio_vs_ref'] <= 1.0)}. FLOPs per padded token "
+                  f"{llm['flops_per_padded_token'] / 1e6:.0f} M (forward + backward).", ""]
+    if "daemon" in r:
+        d = r["daemon"]
+        fan = d["fanout"]
+        rows = [
+            ("start to first answered request", f"{d['start_s_median']:.2f} s", f"< {t['daemon_start_s']} s",
+             d["start_s_median"] < t["daemon_start_s"]),
+            ("idle RSS (torch loaded: " + ("yes" if d["torch_loaded"] else "no") + ")", f"{d['idle_rss_mb_median']:.1f} MiB",
+             f"< {t['daemon_idle_rss_mb']} MB", d["idle_rss_mb_median"] < t["daemon_idle_rss_mb"]),
+            ("submit to first progress (in-process: launch to first step)",
+             f"{d['submit_to_first_progress_s']:.2f} s ({d['in_process_first_progress_s']:.2f} s)", "", None),
+            ("first progress later than in-process", f"{d['first_progress_delay_s']:.2f} s",
+             f"< {t['daemon_first_progress_delay_s']} s", d["first_progress_delay_s"] < t["daemon_first_progress_delay_s"]),
+            ("first progress: daemon emit to client", f"{d['first_progress_emit_to_client_s'] * 1000:.1f} ms", "", None),
+            (f"event latency, {fan['subscribers']} subscribers (median / p95 / max)",
+             f"{_f(fan['event_latency_median_s'], '{:.3f}')} / {_f(fan['event_latency_p95_s'], '{:.3f}')} / "
+             f"{_f(fan['event_latency_max_s'], '{:.3f}')} s ({fan['subscribers_complete']}/{fan['subscribers']} "
+             f"saw the end)", "", None),
+            (f"job total, {d['job_steps']} steps: daemon vs in-process",
+             f"{d['daemon_total_s']:.2f} s vs {d['in_process_total_s']:.2f} s", "", None),
+            ("overhead per job", f"{d['overhead_s']:+.2f} s", f"< {t['daemon_overhead_s']} s",
+             d["overhead_s"] < t["daemon_overhead_s"]),
+        ]
+        lines += ["### Daemon (tiny SD1.5 job)", "", "| measure | value | target | |", "|---|---:|---:|---|"]
+        lines += [f"| {a} | {b} | {c} | {_mark(ok) if ok is not None else ''} |" for a, b, c, ok in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny models and few steps (smoke test)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="where latest.json/.md go")
+    parser.add_argument("--workdir", default="/tmp/lora-daemon-bench",
+                        help="scratch space; the random-weight models are written here once and reused")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in every variant's process")
+    parser.add_argument("--only", nargs="*", choices=("sd", "llm", "daemon"), help="run only these sections")
+    args = parser.parse_args(argv)
+    result = run_all(Path(args.out), Path(args.workdir), args.quick, args.threads, args.only)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

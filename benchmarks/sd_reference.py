@@ -1,0 +1,144 @@
+"""The reference SD LoRA loop, written the textbook way (the shape of diffusers'
+`train_text_to_image_lora.py` example): diffusers components from a folder, `unet.add_adapter` with a
+peft `LoraConfig`, and every step loads and transforms the image, runs the VAE encoder and the text
+encoder, then the UNet forward and backward, AdamW and the cosine schedule through accelerate.
+
+Two choices make its loss curve comparable with ours (benchmarks/sd_compare.py):
+- its random numbers come from one seeded generator, drawn in the same order as our trainer draws them
+  (latent sample, noise, timestep), where the example uses the global RNG;
+- the LoRA targets are the same 192 UNet modules ours trains (kohya's set: attention projections, the
+  feed-forward and proj_in/proj_out) rather than the example's four attention projections, and the
+  initial LoRA weights can be loaded from a file that our run wrote, so both start from the same point.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+# The modules inside SD1.5's Transformer2D blocks that kohya-style LoRAs train (192 in SD1.5).
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def load(folder: Path):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    return tokenizer, text_encoder, vae, unet, scheduler
+
+
+class ImageCaptionSet:
+    """The example's dataset: each access opens the image and applies the torchvision transforms."""
+
+    def __init__(self, folder: Path, resolution: int, tokenizer):
+        from torchvision import transforms
+
+        self.items = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg"))
+        self.transform = transforms.Compose([
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ])
+        self.tokenizer = tokenizer
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path = self.items[i]
+        with Image.open(path) as img:
+            pixels = self.transform(img.convert("RGB"))
+        caption = path.with_suffix(".txt").read_text().strip()
+        ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
+                             truncation=True, return_tensors="pt").input_ids[0]
+        return {"pixel_values": pixels, "input_ids": ids}
+
+
+def train(spec: dict, on_step=None) -> dict:
+    """Run spec["steps"] steps; `on_step(step, loss)` after each. Returns the loop's objects for
+    FLOP counting."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from peft import LoraConfig
+
+    folder = Path(spec["model"])
+    precision = spec.get("mixed_precision", "no")
+    accelerator = Accelerator(mixed_precision=precision, cpu=spec.get("device", "cpu") == "cpu")
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load(folder)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    device = accelerator.device
+    # the example keeps the frozen weights in the mixed-precision type and the LoRA weights in fp32
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    unet.to(device, dtype=weight_dtype)
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec.get("dropout", 0.0),
+                                init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    if spec.get("lora_init"):
+        from safetensors.torch import load_file
+
+        init = load_file(spec["lora_init"])
+        params = dict(unet.named_parameters())
+        if set(init) != {n for n, p in params.items() if p.requires_grad}:
+            raise RuntimeError("the initial LoRA weights name other modules than the reference trains")
+        with torch.no_grad():
+            for name, tensor in init.items():
+                params[name].copy_(tensor)
+    lora_layers = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_layers:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(lora_layers, lr=spec["lr"], betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    dataset = ImageCaptionSet(Path(spec["data"]), spec["resolution"], tokenizer)
+    loader = torch.utils.data.DataLoader(dataset, shuffle=False, batch_size=spec["batch_size"], num_workers=0)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0,
+                                 num_training_steps=spec["steps"])
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    generator = torch.Generator().manual_seed(spec["seed"])
+
+    def step_loss(batch):
+        pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = latents * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator)
+        timesteps = timesteps.to(device).long()
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+    unet.train()
+    step = 0
+    while step < spec["steps"]:
+        for batch in loader:
+            loss = step_loss(batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(lora_layers, 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            if on_step:
+                on_step(step, loss.detach().item())
+            if step >= spec["steps"]:
+                break
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "loader": loader, "step_loss": step_loss,
+            "n_lora_modules": sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A")),
+            "trainable": sum(p.numel() for p in lora_layers), "time": time.perf_counter()}
