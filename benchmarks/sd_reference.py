@@ -62,6 +62,27 @@ class ImageCaptionSet:
         return {"pixel_values": pixels, "input_ids": ids}
 
 
+def trainer_noise_seeds(spec: dict, vae, unet):
+    """(epoch, batch index) -> the noise seed our trainer gives that step's sample. Only for the benchmark's
+    data set of one image at batch 1, where both loops see the same image every step."""
+    from types import SimpleNamespace
+
+    from shared.config import config_from_dict
+    from shared.reporting import Reporter
+    from shared.sd.trainer import plan_data
+
+    cfg = config_from_dict(dict(base_model=spec["model"], train_data_dir=spec["data"], output_dir="unused",
+                                resolution=spec["resolution"], batch_size=spec["batch_size"], seed=spec["seed"]))
+    data = plan_data(cfg, SimpleNamespace(vae=vae, unet=unet), Reporter())
+    if len(data.items) != 1 or spec["batch_size"] != 1:
+        raise ValueError("the loss-curve comparison is defined for one image at batch 1")
+
+    def seed(epoch: int, index: int) -> int:
+        return data.sample(epoch, index, 0, data.batches(epoch)[index][0]).noise_seed
+
+    return seed
+
+
 def train(spec: dict, on_step=None) -> dict:
     """Run spec["steps"] steps; `on_step(step, loss)` after each. Returns the loop's objects for
     FLOP counting."""
@@ -104,9 +125,12 @@ def train(spec: dict, on_step=None) -> dict:
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0,
                                  num_training_steps=spec["steps"])
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    generator = torch.Generator().manual_seed(spec["seed"])
+    noise_seeds = trainer_noise_seeds(spec, vae, unet)
 
-    def step_loss(batch):
+    def step_loss(batch, epoch, index):
+        # the same random numbers as our trainer draws for this step: one generator per sample, seeded
+        # from its plan (latent sample, then noise, then timestep), so the loss curves can be compared
+        generator = torch.Generator().manual_seed(noise_seeds(epoch, index))
         pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
         latents = vae.encode(pixels).latent_dist.sample(generator=generator)
         latents = latents * vae.config.scaling_factor
@@ -125,9 +149,10 @@ def train(spec: dict, on_step=None) -> dict:
 
     unet.train()
     step = 0
+    epoch = 0
     while step < spec["steps"]:
-        for batch in loader:
-            loss = step_loss(batch)
+        for index, batch in enumerate(loader):
+            loss = step_loss(batch, epoch, index)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(lora_layers, 1.0)
@@ -139,6 +164,7 @@ def train(spec: dict, on_step=None) -> dict:
                 on_step(step, loss.detach().item())
             if step >= spec["steps"]:
                 break
+        epoch += 1
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "loader": loader, "step_loss": step_loss,
             "n_lora_modules": sum(1 for n, _ in unet.named_modules() if n.endswith("lora_A")),
             "trainable": sum(p.numel() for p in lora_layers), "time": time.perf_counter()}
