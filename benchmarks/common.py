@@ -124,3 +124,26 @@ def step_times(stamps: list[float], warmup: int) -> list[float]:
     """Durations of the steps after the first `warmup` ones, from the times each step ended."""
     durations = [b - a for a, b in zip(stamps, stamps[1:])]
     return durations[max(0, warmup - 1):]
+
+
+def compare_main(argv, *, doc: str, sizes, default_steps: int, section: str, run, worker_main) -> int:
+    """The command line both comparisons share: `--worker NAME --spec FILE` runs one variant in this
+    process (what run_worker starts); without it, the whole comparison runs and prints its JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker")
+    parser.add_argument("--spec")
+    parser.add_argument("--size", choices=sizes, default="full")
+    parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workdir", default="/tmp/lora-daemon-bench")
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, json.loads(Path(args.spec).read_text()))
+        return 0
+    result = run(Path(args.workdir) / section, args.size, args.steps, rounds=args.rounds, threads=args.threads,
+                 model_cache=Path(args.workdir))
+    print(json.dumps(result, indent=2, default=float))
+    return 0

@@ -8,14 +8,13 @@ alternate (ref, ours, ours cached, ref, ...) so a change in the machine's load h
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import count_flops, emit, median, run_worker, step_times
+from benchmarks.common import compare_main, count_flops, emit, median, run_worker, step_times
 
 SIZES = {  # resolution in pixels, the config source
     "full": {"resolution": 256, "configs": "sd15"},
@@ -249,22 +248,8 @@ def worker_main(name: str, spec: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker")
-    parser.add_argument("--spec")
-    parser.add_argument("--size", choices=SIZES, default="full")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--workdir", default="/tmp/lora-daemon-bench")
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker_main(args.worker, json.loads(Path(args.spec).read_text()))
-        return 0
-    result = run(Path(args.workdir) / "sd", args.size, args.steps, rounds=args.rounds, threads=args.threads,
-                 model_cache=Path(args.workdir))
-    print(json.dumps(result, indent=2, default=float))
-    return 0
+    return compare_main(argv, doc=__doc__, sizes=SIZES, default_steps=6, section="sd", run=run,
+                        worker_main=worker_main)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ def validate_config(config: dict, source: str, base_dir: Path | None) -> tuple[A
     """The same checks `train --config` makes before anything heavy loads (no torch here)."""
     from shared.config import config_from_dict, detect_task
     from shared.errors import ConfigError
-    from shared.limits import check_limits
 
     if base_dir is None:
         for key in sorted(_path_keys() & set(config)):
@@ -72,7 +71,6 @@ def validate_config(config: dict, source: str, base_dir: Path | None) -> tuple[A
                     "(the folder the config's paths are relative to)"
                 )
     cfg = config_from_dict(config, source=source, base_dir=base_dir)
-    check_limits(cfg, source)
     task = detect_task(cfg)
     if task == "sd":
         from shared.sd.dataset import scan_dataset  # reads captions and image headers only (PIL, no torch)

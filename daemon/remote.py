@@ -94,21 +94,10 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    import yaml
-
-    from shared.config import parse_overrides
-    from shared.errors import ConfigError
+    from shared.config import read_config_file
 
     path = Path(args.config)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: is not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of `key: value` lines, got {type(data).__name__}")
-    data.update(parse_overrides(args.set))
+    data = read_config_file(path, args.set)
     # YAML dates, sets, ... are not JSON: send what YAML gave us as text the config parser understands
     data = json.loads(json.dumps(data, default=str))
     with _connect(args) as client:

@@ -132,11 +132,7 @@ def job_config(spec: dict):
     data = dict(spec["config"])
     if spec.get("resume") and RESUME_KEY in FIELDS and data.get(RESUME_KEY) in (None, ""):
         data[RESUME_KEY] = RESUME_LATEST
-    from shared.limits import check_limits
-
-    cfg = config_from_dict(data, source=spec.get("source") or "job config")
-    check_limits(cfg, spec.get("source") or "job config")
-    return cfg
+    return config_from_dict(data, source=spec.get("source") or "job config")
 
 
 def deploy_copy(src: Path, folder: Path, stem: str) -> Path:

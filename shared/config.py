@@ -213,6 +213,14 @@ _HINTS = typing.get_type_hints(TrainConfig)
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config, apply `key=value` overrides, validate, return a TrainConfig."""
     path = Path(path)
+    data = read_config_file(path, overrides)
+    return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def read_config_file(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw `key: value` mapping of a YAML config with `key=value` overrides applied, unvalidated
+    (what `submit` sends to the daemon, which validates it)."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -227,7 +235,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         raise ConfigError(f"{path}: expected a mapping of `key: value` lines, got {type(data).__name__}")
     data = dict(data)
     data.update(parse_overrides(overrides or []))
-    return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+    return data
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -366,6 +374,7 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
     if cfg.resolution % 8:
         raise ConfigError(f"{source}: resolution must be a multiple of 8, got {cfg.resolution}")
     _check_sd_keys(cfg, source)
+    _check_upper_bounds(cfg, source)
     _check_multi_process(cfg, source)
 
 
@@ -391,6 +400,28 @@ def _check_multi_process(cfg: TrainConfig, source: str) -> None:
     if cfg.accelerate_config is not None and not Path(cfg.accelerate_config).is_file():
         raise ConfigError(f"{source}: accelerate_config: {cfg.accelerate_config} is not a file "
                           "(expected the YAML that `accelerate config` writes)")
+
+
+# Far above any real LoRA run: a typo like `resolution: 51200` or `max_train_steps: 1e12` is refused up
+# front with the key named, instead of failing an hour later out of memory (or running for a year).
+UPPER_BOUNDS = {
+    "resolution": 8192,
+    "batch_size": 4096,
+    "gradient_accumulation_steps": 4096,
+    "lora_rank": 4096,
+    "max_train_steps": 10_000_000,
+    "epochs": 1_000_000,
+    "save_steps": 10_000_000,
+    "max_seq_len": 1_048_576,
+    "sample_max_tokens": 1_048_576,
+}
+
+
+def _check_upper_bounds(cfg: TrainConfig, source: str) -> None:
+    for key, top in UPPER_BOUNDS.items():
+        value = getattr(cfg, key)
+        if value is not None and value > top:
+            raise ConfigError(f"{source}: {key} must be at most {top:,}, got {value:,} (a typo?)")
 
 
 def _check_sd_keys(cfg: TrainConfig, source: str) -> None:
