@@ -44,7 +44,7 @@ from shared.training.ranks import (
     shard,
     stop_all,
 )
-from shared.training.task import Evaluation, Progress, Samples, Task, task_class
+from shared.training.task import Progress, Samples, Task, task_class
 
 
 def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
@@ -124,23 +124,20 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
         states.prune(checkpoints, cfg.save_last_n, stem)
         return path
 
-    def show(evaluation: Evaluation | Samples | None, step: int) -> None:
-        """An evaluation's numbers and any samples into TensorBoard and a `sample` event."""
-        samples = evaluation.samples if isinstance(evaluation, Evaluation) else evaluation
-        if isinstance(evaluation, Evaluation) and writer is not None:
-            for name, value in evaluation.metrics.items():
-                writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, step)
-        if samples is None:
-            return
+    def show(samples: Samples | None, step: int, metrics: dict | None = None) -> None:
+        """An evaluation's numbers into TensorBoard; samples into TensorBoard and a `sample` event."""
         if writer is not None:
             import numpy as np
 
-            for i, image in enumerate(samples.images):
+            for name, value in (metrics or {}).items():
+                writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, step)
+            for i, image in enumerate(samples.images if samples else []):
                 writer.add_image(f"sample/{i:02d}", np.asarray(image), step, dataformats="HWC")
-            if samples.texts:
-                writer.add_text("samples", "\n\n".join(f"**{p}**\n\n{t}" for p, t in zip(samples.prompts, samples.texts)),
-                                step)
-        send(reporter, "sample", step=step, paths=[str(p) for p in samples.paths], texts=samples.texts)
+            if samples and samples.texts:
+                text = "\n\n".join(f"**{p}**\n\n{t}" for p, t in zip(samples.prompts, samples.texts))
+                writer.add_text("samples", text, step)
+        if samples is not None:
+            send(reporter, "sample", step=step, paths=[str(p) for p in samples.paths], texts=samples.texts)
 
     # --- the loop --------------------------------------------------------------------------------
     while progress.step < total and not result.stopped_early:
@@ -186,7 +183,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
                     reporter.log(f"Saved checkpoint {path} and training state {state.name}")
                     evaluation = task.evaluate(step, log_dir)
                     send(reporter, "checkpoint", step=step, path=str(path), state=str(state), **evaluation.metrics)
-                    show(evaluation, step)
+                    show(evaluation.samples, step, evaluation.metrics)
             if main and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
                 show(task.sample(step, log_dir), step)
             if step >= total:
@@ -209,7 +206,8 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
     if not main:  # the main process alone writes the outputs
         accelerator.wait_for_everyone()
         return result
-    show(task.evaluate(progress.step, log_dir), progress.step)
+    evaluation = task.evaluate(progress.step, log_dir)
+    show(evaluation.samples, progress.step, evaluation.metrics)
     finish = task.finish(output_dir, progress)
     if writer is not None:
         writer.close()

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from shared.config import load_config
-from shared.reporting import Reporter
 from shared.train import run_training
 from shared.training import state as states
 from shared.training.events import EVENTS, METRICS, send
 from tests.llm_fixtures import PAIRS, llm_config
+from tests.test_llm_training import Recorder  # events and log lines; stop_at asks to stop after that step
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO / "shared"
@@ -29,22 +29,6 @@ SHARED = REPO / "shared"
 # an epoch and the RNG behind the dropout masks, not only the weights.
 COMMON = dict(max_train_steps=6, batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, save_steps=0)
 LLM_ONLY = dict(learning_rate=5e-3, sample_prompts=[PAIRS[0][0]], sample_max_tokens=4)
-
-
-class Recorder(Reporter):
-    def __init__(self, stop_at: int | None = None):
-        self.events, self.lines, self.stop_at, self.step = [], [], stop_at, 0
-
-    def log(self, message):
-        self.lines.append(message)
-
-    def event(self, kind, **data):
-        self.events.append((kind, data))
-        if kind == "progress":
-            self.step = data["step"]
-
-    def stop_requested(self):
-        return self.stop_at is not None and self.step >= self.stop_at
 
 
 @pytest.fixture(params=["sd", "llm"])
