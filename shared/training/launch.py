@@ -58,7 +58,7 @@ def free_port() -> int:
 def launch_command(cfg: TrainConfig, run_dir: Path, port: int | None = None) -> list[str]:
     """The `accelerate launch` command line for this machine. Without an accelerate config file,
     `--multi_gpu` is what gives several processes even on a CPU-only box (gloo; `--cpu` with
-    several processes silently runs one, FIELD-NOTES §6)."""
+    several processes silently runs a single one)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.accelerate_config is not None:
         cmd += ["--config_file", str(cfg.accelerate_config)]
