@@ -77,13 +77,13 @@ def worker_ours(spec: dict, packing: bool = False) -> dict:
     import torch
 
     from shared.config import config_from_dict
-    from shared.llm import trainer as llm_trainer
+    from shared.llm import task as llm_task
     from shared.reporting import Reporter
     from shared.train import run_training
 
     torch.set_num_threads(spec["threads"])
     stamps, tokens, padded = [], [], []
-    original = llm_trainer.token_loss
+    original = llm_task.token_loss
 
     def counting_loss(logits, labels):  # the trained tokens of each batch, as the trainer counts them
         total, count = original(logits, labels)
@@ -91,7 +91,7 @@ def worker_ours(spec: dict, packing: bool = False) -> dict:
         padded.append(labels.numel())
         return total, count
 
-    llm_trainer.token_loss = counting_loss
+    llm_task.token_loss = counting_loss
 
     class Recorder(Reporter):
         def log(self, message):

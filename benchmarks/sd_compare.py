@@ -87,8 +87,8 @@ def worker_ours(spec: dict, cached: bool) -> dict:
 
     from shared.config import config_from_dict
     from shared.reporting import Reporter
-    from shared.sd import trainer as sd_trainer
     from shared.sd.lora import lora_state
+    from shared.sd.task import SDTask
     from shared.train import run_training
 
     torch.set_num_threads(spec["threads"])
@@ -107,7 +107,7 @@ def worker_ours(spec: dict, cached: bool) -> dict:
                 losses.append(data["loss"])
 
     if spec.get("dump_lora_init"):  # the starting LoRA weights, so the reference can start there too
-        original = sd_trainer.SDTraining.build_caches
+        original = SDTask.build_caches
 
         def build_caches(self):
             from safetensors.torch import save_file
@@ -115,7 +115,7 @@ def worker_ours(spec: dict, cached: bool) -> dict:
             save_file({k: v.contiguous() for k, v in lora_state(self.model.unet).items()}, spec["dump_lora_init"])
             return original(self)
 
-        sd_trainer.SDTraining.build_caches = build_caches
+        SDTask.build_caches = build_caches
     extra = {"cache_latents": "memory", "cache_text_encoder_outputs": True} if cached else {}
     cfg = config_from_dict(dict(
         base_model=spec["model"], train_data_dir=spec["data"], output_dir=spec["out"], resolution=spec["resolution"],

@@ -69,7 +69,7 @@ def trainer_noise_seeds(spec: dict, vae, unet):
 
     from shared.config import config_from_dict
     from shared.reporting import Reporter
-    from shared.sd.trainer import plan_data
+    from shared.sd.train_data import plan_data
 
     cfg = config_from_dict(dict(base_model=spec["model"], train_data_dir=spec["data"], output_dir="unused",
                                 resolution=spec["resolution"], batch_size=spec["batch_size"], seed=spec["seed"]))

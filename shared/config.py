@@ -91,8 +91,8 @@ class TrainConfig:
     # --- both trainers -------------------------------------------------------------------------
     resume: str | None = _key(
         None,
-        "Continue a run from <output_dir>/checkpoints: `latest` (the newest; a fresh start when there is "
-        "none yet) or a checkpoint's name (LLM: step-000200; SD: state-step000200).",
+        "Continue a run from <output_dir>/checkpoints: `latest` (the newest training state; a fresh start "
+        "when there is none yet) or a state folder's name such as state-step000200.",
     )
     use_dora: bool = _key(
         False,
@@ -165,9 +165,17 @@ class TrainConfig:
     conv_alpha: float | None = _key(None, "LoCon alpha. Default: conv_rank.")
     optimizer: Literal["adamw", "adamw8bit"] = _key("adamw", "adamw8bit needs bitsandbytes and a CUDA GPU.")
     save_last_n: int = _key(3, "Keep the last N checkpoints and training states (0: keep all).")
-    sample_every_n_steps: int = _key(0, "Render sample_prompts every N steps (0: only at the end).")
+    sample_every_n_steps: int = _key(
+        0, "Sample every N steps (SD: render sample_prompts; LLM: answer them) (0: SD only at the end, LLM at "
+        "each checkpoint and the end)."
+    )
     sample_steps: int = _key(20, "Denoising steps per sample image.")
     preferred_weight: float = _key(0.8, "The LoRA weight suggested in the sidecar .json.")
+    preview: bool = _key(
+        True,
+        "SD: write <name>.preview.png beside the LoRA (the picture on its AUTOMATIC1111/Forge card): the first "
+        "sample prompt at preferred_weight, or without sample_prompts a training caption. false: no preview.",
+    )
     description: str | None = _key(None, "Description for the sidecar .json.")
     # --- multi-process (issue 10): data-parallel through `accelerate launch` -----------------
     num_processes: int = _key(

@@ -17,9 +17,7 @@ class Reporter:
         print(message, flush=True)
 
     def event(self, kind: str, **data) -> None:
-        """kinds: started(total), progress(step, total, loss, lr, it_s, eta_s), checkpoint(step, path;
-        LLM runs with a validation split add eval_loss, perplexity), sample(step, paths; LLM runs add
-        texts), finished(outputs)."""
+        """One training event: the kinds and their fields are in shared/training/events.py."""
 
     def stop_requested(self) -> bool:
         """True asks the trainer to save what it has trained and finish at the next step boundary."""

@@ -98,7 +98,8 @@ def test_submit_follow_and_deploy_with_subscribers_that_miss_nothing(daemon, sd_
     deployed = Path(result["deployed"][0])
     assert deployed == lora_dir / "e2e_2.safetensors" and deployed.is_file()
     assert existing.read_bytes() == b"not ours"
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["e2e.safetensors", "e2e_2.json", "e2e_2.safetensors"]  # no temp files
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["e2e.safetensors", "e2e_2.json", "e2e_2.preview.png",
+                                                         "e2e_2.safetensors"]  # no temp files
 
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
@@ -111,7 +112,7 @@ def test_submit_follow_and_deploy_with_subscribers_that_miss_nothing(daemon, sd_
     assert result["deployed"][1] == str(comfy_dir / "e2e.safetensors")
     with safe_open(result["deployed"][1], "pt") as f, safe_open(str(deployed), "pt") as g:
         assert f.metadata()["ss_output_name"] == "e2e" and set(f.keys()) == set(g.keys())
-    assert sorted(p.name for p in comfy_dir.iterdir()) == ["e2e.json", "e2e.safetensors"]
+    assert sorted(p.name for p in comfy_dir.iterdir()) == ["e2e.json", "e2e.preview.png", "e2e.safetensors"]
 
     # the job's folder: config snapshot (absolute paths) and log
     job_dir = Path(final["job_dir"])
@@ -158,7 +159,7 @@ def test_stop_saves_cancel_discards_and_priority_orders_the_queue(daemon, sd_con
         assert events[-1]["kind"] == "cancelled"
         wait_until(lambda: not pid_alive(pid), 10, "the cancelled worker to exit")
         assert client.get(high["id"])["state"] == "cancelled"
-        assert sorted(p.name for p in lora_dir.iterdir()) == ["first.json", "first.safetensors"]
+        assert sorted(p.name for p in lora_dir.iterdir()) == ["first.json", "first.preview.png", "first.safetensors"]
         assert client.info()["queue"] == {"running": [], "queued": []}
         states = {j["name"]: j["state"] for j in client.jobs()}
         assert states == {"first": "finished", "low": "cancelled", "high": "cancelled"}

@@ -59,7 +59,7 @@ def test_job_survives_a_daemon_sigkill(tmp_path, tmp_path_factory, sd_config):
     assert kinds[-1] == "finished" and events[-1]["data"]["steps"] == 30
 
     # exactly one complete file in the Lora folder, named as reported
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["survivor.json", "survivor.safetensors"]
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["survivor.json", "survivor.preview.png", "survivor.safetensors"]
     assert events[-1]["data"]["lora_name"] == "survivor"
     log = (Path(final["job_dir"]) / "job.log").read_text()
     assert "--- attempt 1" in log and "--- attempt 2" in log

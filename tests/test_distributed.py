@@ -113,7 +113,7 @@ def test_launch_keys_are_checked(sd_config, values, message):
 
 
 def test_launch_command_for_each_machine(sd_config, tmp_path):
-    from shared.distributed import launch_command
+    from shared.training.launch import launch_command
 
     local = launch_command(load_config(sd_config(num_processes=2)), tmp_path, 29555)
     assert local[1:3] == ["-m", "accelerate.commands.launch"]
@@ -137,7 +137,7 @@ def test_launch_command_for_each_machine(sd_config, tmp_path):
 def test_sd_shard_weights_give_the_whole_batch_mean_even_for_a_short_last_batch():
     import types
 
-    from shared.sd.trainer import TrainData
+    from shared.sd.train_data import TrainData
 
     cfg = types.SimpleNamespace(batch_size=2)
 

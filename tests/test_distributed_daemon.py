@@ -53,7 +53,7 @@ def test_two_process_job_streams_once_and_deploys_one_file(daemon, sd_config, tm
     assert "x 2 processes = effective batch 4" in log
     result = events[-1]["data"]
     assert result["steps"] == 4 and result["deployed"] == [str(lora_dir / "ddp.safetensors")]
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["ddp.json", "ddp.safetensors"]
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["ddp.json", "ddp.preview.png", "ddp.safetensors"]
     out = tmp_path / "out" / "my_lora"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["ddp.safetensors"]
 

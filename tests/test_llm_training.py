@@ -80,7 +80,7 @@ def test_training_teaches_answers_and_eos_and_the_adapter_reloads(tiny_llama, ti
     log = "\n".join(rec.lines)
     assert "Injected LoRA adapters with rank=8" in log and "Training started... total steps: 150" in log
     assert f"Sample at step 100: {PAIRS[0][0]!r} -> " in log  # samples at each checkpoint, in the log
-    assert (tmp_path / "out" / "facts" / "checkpoints" / "step-000100" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "facts" / "checkpoints" / "facts-step000100" / "adapter_model.safetensors").is_file()
     assert [k for k, _ in rec.events].count("checkpoint") == 1
     assert list((tmp_path / "out" / "facts" / "logs").glob("events.out.tfevents.*"))  # TensorBoard
 
@@ -100,9 +100,9 @@ def test_resume_matches_an_unbroken_run_and_nothing_is_replaced(tiny_llama, chat
 
     rec = Recorder()
     second = run_training(llm_config(tiny_llama, chat_data, out, resume="latest", **common), rec)
-    assert f"Resumed from {out / 'checkpoints' / 'step-000003'} at step 3" in rec.lines
-    assert second.steps == 6 and len(second.losses) == 3
-    assert second.losses == pytest.approx(whole.losses[3:], rel=1e-4)
+    assert f"Resumed from {out / 'checkpoints' / 'state-step000003'} at step 3" in rec.lines
+    assert second.steps == 6 and len(second.losses) == 6  # the state carries the losses before it
+    assert second.losses == pytest.approx(whole.losses, rel=1e-4)
     a = load_file(str(whole.output_path / "adapter_model.safetensors"))
     b = load_file(str(second.output_path / "adapter_model.safetensors"))
     for key in a:

@@ -13,7 +13,7 @@ from shared.config import load_config
 from shared.errors import ConfigError
 from shared.sd.base_model import load_sd_model
 from shared.sd.lora import inject_lora, kohya_conv_targets, kohya_unet_targets, lora_modules
-from shared.sd.trainer import noise_loss
+from shared.sd.loss import noise_loss
 from shared.train import run_training
 
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from shared.config import load_config
 from shared.errors import ConfigError
-from shared.sd import checkpoints as ckpt
 from shared.train import run_training
+from shared.training import state as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 

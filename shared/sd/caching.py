@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 
 from shared.files import atomic_write
+from shared.sd.conditioning import encode_text
+from shared.sd.dataset import load_pixels, plan_crop, tokenize
 
 
 def default_cache_dir() -> Path:
@@ -87,3 +89,41 @@ class LatentCache:
             from safetensors.torch import save_file
 
             atomic_write(self.folder / f"{key}.safetensors", lambda p: save_file({"latent_dist": value}, str(p)))
+
+
+def build_latent_cache(cfg, model, data, device, reporter) -> LatentCache:
+    """Encode every image once (both ways when flips are on) at its bucket size and centre crop."""
+    import torch
+
+    cache = LatentCache(cfg.cache_latents, cfg.cache_dir, module_hash(model.vae))
+    for index, item in enumerate(data.items):
+        bucket = data.plan.buckets[index]
+        resized, crop = plan_crop(data.sizes[index], bucket, random_crop=False, rng=None)
+        for flip in (False, True) if cfg.random_flip else (False,):
+            key = cache.key(item.path, bucket, crop, flip)
+            if cache.get(key) is None:
+                pixels = load_pixels(item.path, bucket, resized, crop, flip)[None]
+                with torch.no_grad():
+                    dist = model.vae.encode(pixels.to(device, model.vae.dtype)).latent_dist
+                cache.put(key, dist.parameters[0].float())
+    reporter.log(f"Latent cache ({cfg.cache_latents}): {cache.hits} reused, {cache.new} encoded")
+    return cache
+
+
+def build_text_cache(model, data, device, reporter, prompts: list[str] = ()) -> dict:
+    """caption -> (hidden states, pooled or None) for every distinct fixed caption and for `prompts`
+    (what the job will render: samples, the preview, the empty negative prompt), so no text encoder
+    runs after this; they then leave an accelerator."""
+    import torch
+
+    cache = {}
+    captions = sorted({data.fixed_caption(i) for i in range(len(data.items))} | set(prompts))
+    with torch.no_grad():
+        for caption in captions:
+            ehs, pooled = encode_text(model, tokenize(model.tokenizers, [caption]))
+            cache[caption] = (ehs[0].cpu(), None if pooled is None else pooled[0].cpu())
+    if device.type != "cpu":
+        for encoder in model.text_encoders:
+            encoder.to("cpu")
+    reporter.log(f"Text-encoder cache: {len(captions)} captions and prompts encoded")
+    return cache

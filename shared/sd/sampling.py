@@ -1,4 +1,4 @@
-"""Images people can look at: samples during training and the before/after grid at the end.
+"""Images people can look at: samples during training, the before/after grid and the preview at the end.
 
 Samples use the model being trained (LoRA layers in place), an Euler scheduler built from the
 training scheduler's config (so v-prediction models sample right) and a fixed seed per prompt, so
@@ -8,6 +8,12 @@ the images of successive steps differ only by what was learned.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+
+from shared.files import atomic_write
+from shared.training.task import Samples
+
+GRID_WEIGHTS = (0.0, 0.5, 0.8, 1.0)
 
 
 def build_pipeline(model):
@@ -67,8 +73,22 @@ def eval_mode(model):
             m.train(training)
 
 
-def render(model, prompts: list[str], *, seed: int, steps: int, size: int, weight: float = 1.0) -> list:
-    """One PIL image per prompt; prompt i always uses seed + i."""
+def _cached_embeds(model, conditioning: dict, prompt: str) -> dict:
+    """The pipeline's embedding arguments for `prompt` from the text-encoder cache (no encoder runs)."""
+    device, dtype = model.unet.device, model.unet.dtype
+    hidden, pooled = conditioning[prompt]
+    kwargs = {"prompt_embeds": hidden[None].to(device, dtype)}
+    if model.is_sdxl:  # the SDXL pipeline then uses zeros for the empty negative prompt, as it does uncached
+        kwargs["pooled_prompt_embeds"] = pooled[None].to(device, dtype)
+    else:
+        kwargs["negative_prompt_embeds"] = conditioning[""][0][None].to(device, dtype)
+    return kwargs
+
+
+def render(model, prompts: list[str], *, seed: int, steps: int, size: int, weight: float = 1.0,
+           conditioning: dict | None = None) -> list:
+    """One PIL image per prompt; prompt i always uses seed + i. With `conditioning` (the text-encoder
+    cache: prompt -> (hidden states, pooled), "" included) the text encoders do not run."""
     import torch
 
     pipe = build_pipeline(model)
@@ -76,7 +96,8 @@ def render(model, prompts: list[str], *, seed: int, steps: int, size: int, weigh
     with torch.no_grad(), eval_mode(model), lora_weight(model, weight):
         for i, prompt in enumerate(prompts):
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            images.append(pipe(prompt, num_inference_steps=steps, height=size, width=size,
+            text = {"prompt": prompt} if conditioning is None else _cached_embeds(model, conditioning, prompt)
+            images.append(pipe(**text, num_inference_steps=steps, height=size, width=size,
                                generator=generator, guidance_scale=7.0).images[0])
     return images
 
@@ -95,3 +116,43 @@ def grid(rows: list[list], column_labels: list[str]):
         for c, img in enumerate(row):
             out.paste(img, (c * w, label_h + r * h))
     return out
+
+
+def _on_device(model, device) -> None:
+    """The text encoders back on the device if the text cache sent them away (the pipeline takes
+    its device from its modules, even when no encoder runs)."""
+    for encoder in model.text_encoders:
+        encoder.to(device)
+
+
+def _save_png(path: Path, image) -> Path:
+    return atomic_write(path, lambda p: image.save(p, format="PNG"))
+
+
+def render_samples(model, cfg, device, step: int, folder: Path, conditioning: dict | None = None) -> Samples:
+    """`sample_prompts` at the trained weights into `folder/stepNNNNNN-II.png`."""
+    _on_device(model, device)
+    images = render(model, cfg.sample_prompts, seed=cfg.seed, steps=cfg.sample_steps, size=cfg.resolution,
+                    conditioning=conditioning)
+    paths = [_save_png(folder / f"step{step:06d}-{i:02d}.png", image) for i, image in enumerate(images)]
+    return Samples(paths=paths, prompts=list(cfg.sample_prompts), images=images)
+
+
+def before_after_grid(model, cfg, device, path: Path, conditioning: dict | None = None):
+    """Write the grid of every sample prompt at LoRA weight 0 (the base), 0.5, 0.8 and 1.0 to `path`;
+    returns the first prompt's image at the weight nearest `preferred_weight` (the preview)."""
+    _on_device(model, device)
+    columns = [render(model, cfg.sample_prompts, seed=cfg.seed, steps=cfg.sample_steps, size=cfg.resolution,
+                      weight=w, conditioning=conditioning) for w in GRID_WEIGHTS]
+    rows = [[col[i] for col in columns] for i in range(len(cfg.sample_prompts))]
+    _save_png(path, grid(rows, ["base" if w == 0 else f"LoRA {w}" for w in GRID_WEIGHTS]))
+    preferred = min(range(len(GRID_WEIGHTS)), key=lambda i: abs(GRID_WEIGHTS[i] - cfg.preferred_weight))
+    return rows[0][preferred]
+
+
+def preview_image(model, cfg, device, prompt: str, conditioning: dict | None = None):
+    """One image of `prompt` at `preferred_weight`: the card picture of a LoRA trained without
+    sample prompts (the prompt is then a training caption)."""
+    _on_device(model, device)
+    return render(model, [prompt], seed=cfg.seed, steps=cfg.sample_steps, size=cfg.resolution,
+                  weight=cfg.preferred_weight, conditioning=conditioning)[0]

@@ -127,8 +127,9 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     assert int(re.search(r"step (\d+)/3000", stopped["progress"]).group(1)) < 3000
     assert stopped["result"] == "<lora:webui_test_2:0.8>"
     assert "cancelled" in cancelled["progress"] and cancelled["result"] == ""
-    assert sorted(p.name for p in lora_dir.iterdir()) == ["webui_test.json", "webui_test.safetensors",
-                                                         "webui_test_2.json", "webui_test_2.safetensors"]
+    assert sorted(p.name for p in lora_dir.iterdir()) == ["webui_test.json", "webui_test.preview.png",
+                                                         "webui_test.safetensors", "webui_test_2.json",
+                                                         "webui_test_2.preview.png", "webui_test_2.safetensors"]
 
     # the WebUI side: the model left the GPU before the job and came back after, under the queue
     # lock each time, and the Lora list was refreshed once the file was there

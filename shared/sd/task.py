@@ -1,0 +1,214 @@
+"""The SD family as a task of the training loop (SD1.x, SD2.x epsilon/v, SDXL).
+
+Frozen base, LoRA (LoCon, DoRA) on the UNet and optionally the text encoders; images bucketed by
+aspect ratio; the noise (or v) loss with offset noise and min-SNR; latent and text-encoder caches.
+The adapter is a kohya-layout `.safetensors` with its metadata; the end adds the `.json` sidecar, a
+`.preview.png` (unless `preview: false`) and, with sample prompts, a before/after grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.sd.base_model import load_sd_model
+from shared.sd.caching import build_latent_cache, build_text_cache
+from shared.sd.conditioning import encode_text, sdxl_time_ids, unet_kwargs
+from shared.sd.dataset import load_pixels, tokenize
+from shared.sd.export import legacy_model_hash, sidecar_json, training_metadata
+from shared.sd.kohya_export import model_lora_tensors, save_lora_file
+from shared.sd.lora import (
+    inject_lora,
+    is_lora_param,
+    kohya_conv_targets,
+    kohya_text_encoder_targets,
+    kohya_unet_targets,
+)
+from shared.sd.loss import noise_losses
+from shared.sd.sampling import before_after_grid, preview_image, render_samples
+from shared.sd.train_data import Sample, plan_data
+from shared.training.task import Finish, Precision, Progress, Samples, Task
+
+
+def _place(module, device, dtype) -> None:
+    import torch
+
+    module.to(device)
+    if dtype != torch.float32:  # frozen base weights in the mixed-precision type save memory
+        module.to(dtype)
+
+
+class SDTask(Task):
+    name = "sd"
+    adapter_suffix = ".safetensors"
+
+    # --- set-up ----------------------------------------------------------------------------------
+    def load(self, precision: Precision) -> None:
+        import torch
+
+        cfg = self.cfg
+        self.device, self.weight_dtype, self.autocast = precision.device, precision.weight_dtype, precision.autocast
+        self.model = model = load_sd_model(cfg.base_model, cfg.model_config, cfg.prediction_type)
+        self.reporter.log(f"Loaded base model from {cfg.base_model} ({model.arch}, {model.prediction_type})")
+        # SDXL's VAE overflows in fp16: keep it in fp32 (its config says force_upcast)
+        vae_dtype = torch.float32 if getattr(model.vae.config, "force_upcast", False) else self.weight_dtype
+        model.vae.requires_grad_(False).eval()
+        _place(model.vae, self.device, vae_dtype)
+        for encoder in model.text_encoders:
+            _place(encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
+        _place(model.unet, self.device, self.weight_dtype)
+        self.data = plan_data(cfg, model, self.reporter)
+        self._inject()
+        base = Path(cfg.base_model)
+        self.base_hash = legacy_model_hash(base) if base.is_file() else None
+        self.latent_cache = self.text_cache = None
+
+    def _inject(self) -> None:
+        cfg, model = self.cfg, self.model
+        targets = kohya_unet_targets(model.unet)
+        conv = kohya_conv_targets(model.unet) if cfg.conv_rank else []
+        lora_args = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init=cfg.lora_init,
+                         init_std=cfg.lora_init_std, dora=cfg.use_dora)
+        self.unet_params = inject_lora(model.unet, targets, conv_targets=conv, conv_rank=cfg.conv_rank,
+                                       conv_alpha=cfg.conv_alpha, **lora_args)
+        what = f"{len(targets)} UNet modules" + (f" + {len(conv)} LoCon modules" if conv else "")
+        self.te_params = []
+        if cfg.train_text_encoder:
+            for encoder in model.text_encoders:
+                te_targets = kohya_text_encoder_targets(encoder)
+                self.te_params += inject_lora(encoder, te_targets, **lora_args)
+                what += f" + {len(te_targets)} text-encoder modules"
+                encoder.train()
+        for p in self.unet_params + self.te_params:  # LoRA weights train in fp32 under autocast
+            p.data = p.data.float()
+        self.reporter.log(f"Injected LoRA adapters with rank={cfg.lora_rank} (alpha={cfg.lora_alpha}, {what})")
+        if cfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        model.unet.train()
+        self.trained_encoders = list(model.text_encoders) if cfg.train_text_encoder else []
+
+    def histogram(self) -> dict[str, int]:
+        return self.data.histogram()
+
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": self.unet_params, "lr": self.cfg.learning_rate}]
+        if self.te_params:
+            groups.append({"params": self.te_params, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
+        return groups
+
+    def train_modules(self) -> list:
+        # the text encoders run outside a data-parallel wrapper (encode_text calls them directly);
+        # the loop averages their LoRA gradients itself
+        return [self.model.unet]
+
+    def trainable(self) -> dict:
+        modules = {"unet": self.model.unet, **{f"te{i}": e for i, e in enumerate(self.trained_encoders)}}
+        return {f"{prefix}.{n}": p for prefix, m in modules.items() for n, p in m.named_parameters()
+                if is_lora_param(n)}
+
+    def fingerprint(self) -> dict:
+        cfg = self.cfg
+        return {"conv_rank": cfg.conv_rank, "train_text_encoder": cfg.train_text_encoder,
+                "images": len(self.data.items)}
+
+    def build_caches(self) -> dict[str, bool]:
+        """Encode every image (and caption) once when asked; afterwards no step runs the VAE (or the
+        text encoders)."""
+        cfg = self.cfg
+        if cfg.cache_latents != "no":
+            self.latent_cache = build_latent_cache(cfg, self.model, self.data, self.device, self.reporter)
+        if cfg.cache_text_encoder_outputs:
+            prompts = [*(cfg.sample_prompts or []), ""]  # "": the negative prompt of every render
+            self.text_cache = build_text_cache(self.model, self.data, self.device, self.reporter, prompts)
+        return {"latents": self.latent_cache is not None, "text": self.text_cache is not None}
+
+    # --- a step ----------------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int, size: int) -> list[list[Sample]]:
+        return self.data.epoch_samples(epoch, size)
+
+    def batch_inputs(self, samples: list[Sample]):
+        """(latents, text conditioning, SDXL's extra UNet inputs, one generator per sample)."""
+        import torch
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        model, data = self.model, self.data
+        bucket = data.plan.buckets[samples[0].index]
+        if self.latent_cache is not None:
+            params = []
+            for s in samples:
+                key = self.latent_cache.key(data.items[s.index].path, bucket, s.crop, s.flip)
+                cached = self.latent_cache.get(key)
+                if cached is None:
+                    raise RuntimeError(f"latent cache miss for {data.items[s.index].path}")  # a bug, not user input
+                params.append(cached)
+            params = torch.stack(params).to(self.device)
+        else:
+            pixels = torch.stack([load_pixels(data.items[s.index].path, bucket, s.resized, s.crop, s.flip)
+                                  for s in samples])
+            with torch.no_grad():
+                params = model.vae.encode(pixels.to(self.device, model.vae.dtype)).latent_dist.parameters.float()
+        # sampling from the stored distribution with each sample's own generator: cached == uncached,
+        # and a sample draws the same numbers whichever process trains it
+        generators = [torch.Generator().manual_seed(s.noise_seed) for s in samples]
+        latents = torch.cat([DiagonalGaussianDistribution(params[i : i + 1].cpu()).sample(generator=g)
+                             for i, g in enumerate(generators)])
+        latents = latents.to(self.device) * model.vae.config.scaling_factor
+        captions = [s.caption for s in samples]
+        if self.text_cache is not None:
+            ehs = torch.stack([self.text_cache[c][0] for c in captions]).to(self.device)
+            pooled = (torch.stack([self.text_cache[c][1] for c in captions]).to(self.device)
+                      if model.is_sdxl else None)
+        elif self.trained_encoders:
+            ehs, pooled = encode_text(model, tokenize(model.tokenizers, captions))
+        else:
+            with torch.no_grad():
+                ehs, pooled = encode_text(model, tokenize(model.tokenizers, captions))
+        extra = {}
+        if model.is_sdxl:
+            target = [(bucket[1], bucket[0])] * len(samples)
+            originals = [(data.sizes[s.index][1], data.sizes[s.index][0]) for s in samples]
+            time_ids = sdxl_time_ids(originals, [s.crop for s in samples], target, self.device)
+            extra = unet_kwargs(model, pooled.to(self.weight_dtype), time_ids.to(self.weight_dtype))
+        return latents.to(self.weight_dtype), ehs.to(self.weight_dtype), extra, generators
+
+    def loss(self, items: list[Sample], modules: list):
+        latents, ehs, extra, generators = self.batch_inputs(items)
+        with self.autocast():
+            losses = noise_losses(self.model, latents, ehs, generators, noise_offset=self.cfg.noise_offset,
+                                  min_snr_gamma=self.cfg.min_snr_gamma, unet_extra=extra, unet=modules[0])
+        return losses.sum(), len(items)
+
+    # --- looking at it ---------------------------------------------------------------------------
+    def sample(self, step: int, log_dir: Path) -> Samples | None:
+        if not self.cfg.sample_prompts:
+            return None
+        return render_samples(self.model, self.cfg, self.device, step, log_dir / "samples", self.text_cache)
+
+    # --- output ----------------------------------------------------------------------------------
+    def tensors(self) -> dict:
+        return model_lora_tensors(self.model.arch, self.model.unet, self.trained_encoders)
+
+    def write_adapter(self, path: Path, name: str, progress: Progress, final: bool) -> None:
+        tensors = self.tensors()
+        metadata = training_metadata(self.cfg, self.model, self.data, progress, tensors, name, self.base_hash)
+        save_lora_file(path, tensors, metadata)
+
+    def finish(self, output_dir: Path, progress: Progress) -> Finish:
+        """The before/after grid (with sample prompts) and the preview, then the sidecars."""
+        import json
+
+        cfg = self.cfg
+        outputs, preview = {}, None
+        if cfg.sample_prompts:
+            outputs["grid"] = output_dir / f"{cfg.resolved_output_name}-grid.png"
+            preview = before_after_grid(self.model, cfg, self.device, outputs["grid"], self.text_cache)
+            self.reporter.log(f"Saved before/after grid {outputs['grid']}")
+        elif cfg.preview:  # the card picture: a training caption at the preferred weight
+            preview = preview_image(self.model, cfg, self.device, self.data.fixed_caption(0), self.text_cache)
+        notes = sidecar_json(cfg, self.model.arch, len(self.data.items))
+        sidecars = {".json": lambda p, name: Path(p).write_text(json.dumps(notes, indent=2), encoding="utf-8")}
+        if preview is not None and cfg.preview:
+            sidecars[".preview.png"] = lambda p, name: preview.save(p, format="PNG")
+        return Finish(sidecars=sidecars, outputs=outputs)
+
+    def usage(self, published: Path) -> str:
+        return f" (use it as <lora:{published.stem}:{self.cfg.preferred_weight}>)"

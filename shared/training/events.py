@@ -1,0 +1,45 @@
+"""The events a training job sends, for every task: one kind, one set of fields.
+
+The loop (shared/train.py) is the only sender; a task returns data and the loop turns it into
+these events, so an SD job and an LLM job stream the same kinds with the same fields. The daemon
+stores and forwards them (docs/protocol.md lists them with the daemon's own kinds).
+
+| kind | fields |
+| --- | --- |
+| `buckets` | `histogram`: training items per size bucket (SD: `"WxH"` aspect-ratio buckets; LLM: token-length ranges `"33-64"`) |
+| `cached` | `latents`, `text`: which caches were built before the first step (false where the task has none) |
+| `started` | `total` steps, `step` (where a resumed run continues; 0 otherwise) |
+| `progress` | `step`, `total`, `loss`, `lr`, `it_s`, `eta_s` (after each optimizer step) |
+| `checkpoint` | `step`, `path` (the loadable adapter; "" for the state a stop writes), `state` (the training state folder); plus the evaluation's `METRICS` where the task computed them |
+| `sample` | `step`, `paths` (the files holding the samples), `texts` (generated text per prompt; empty for image tasks) |
+| `finished` | `outputs` (name -> path: `lora`, `deployed`, and the task's own such as `grid` or `merged`), `steps` |
+"""
+
+from __future__ import annotations
+
+EVENTS: dict[str, tuple[str, ...]] = {
+    "buckets": ("histogram",),
+    "cached": ("latents", "text"),
+    "started": ("total", "step"),
+    "progress": ("step", "total", "loss", "lr", "it_s", "eta_s"),
+    "checkpoint": ("step", "path", "state"),
+    "sample": ("step", "paths", "texts"),
+    "finished": ("outputs", "steps"),
+}
+
+# Numbers an evaluation may add to a `checkpoint` event (and to TensorBoard as eval/<name>).
+METRICS: dict[str, str] = {
+    "eval_loss": "mean loss on the held-out split (LLM: per answer token)",
+    "perplexity": "exp(eval_loss) (LLM)",
+}
+
+
+def send(reporter, kind: str, **data) -> None:
+    """Send one event after checking its fields against `EVENTS` (a mismatch is a bug in the loop)."""
+    extra = set(data) - set(EVENTS[kind])
+    if kind == "checkpoint":
+        extra -= set(METRICS)
+    missing = set(EVENTS[kind]) - set(data)
+    if extra or missing:
+        raise ValueError(f"event {kind}: unexpected fields {sorted(extra)}, missing {sorted(missing)}")
+    reporter.event(kind, **data)
