@@ -6,7 +6,7 @@ the ranks it starts run `python -m shared.distributed RUN_DIR`, which re-reads t
 the trainer. Between them lies a run folder (a file channel, because torch's launcher does not pass
 inherited file descriptors on to the ranks):
 
-- `spec.json`: the config (every key, paths absolute) and the launcher's pid;
+- `spec.json`: the config as the pre-flight left it (every key, paths absolute) and the launcher's pid;
 - `events.jsonl`: rank 0 appends one JSON object a line, `{"event": KIND, "data": {...}}` or
   `{"log": "..."}`; the launcher tails it and replays each line to its own reporter, so the
   worker's JSON-lines channel to the daemon stays a single stream from the main rank;
@@ -58,8 +58,8 @@ def free_port() -> int:
 
 def launch_command(cfg: TrainConfig, run_dir: Path, port: int | None = None) -> list[str]:
     """The `accelerate launch` command line for this machine. Without an accelerate config file,
-    `--multi_gpu` is what gives several processes even on a CPU-only box (gloo; `--cpu` with
-    several processes silently runs one, FIELD-NOTES §6)."""
+    `--multi_gpu` is what gives several processes even on a CPU-only box (gloo); `--cpu` with several
+    processes silently runs one (seen with accelerate 1.x)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.accelerate_config is not None:
         cmd += ["--config_file", str(cfg.accelerate_config)]
@@ -250,12 +250,11 @@ def _has_gpu() -> bool:
 def child_main(run_dir: Path) -> int:
     from accelerate import PartialState
 
-    from shared.config import config_from_dict
     from shared.files import atomic_write
     from shared.train import train_task
 
     spec = json.loads((run_dir / "spec.json").read_text(encoding="utf-8"))
-    cfg = config_from_dict(spec["config"], source=f"{run_dir}/spec.json")
+    cfg = TrainConfig.from_canonical(spec["config"])  # checked once, before the launch
     # Without a GPU accelerate only joins the ranks when told it runs on the CPU (gloo); otherwise
     # each rank would quietly train alone.
     cpu = cfg.device == "cpu" or not _has_gpu()
