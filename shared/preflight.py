@@ -8,8 +8,9 @@ before anything heavy loads:
 2. the roots (the daemon): every path against its read or write roots, before it is opened or stat-ed;
 3. existence: the files and folders the job reads, and no file where a folder is to be written;
 4. the model family, from the checkpoint's header (shared/model_family.py; never a pickle);
-5. the family's rules: the resolution multiple its own VAE and UNet need, and which keys apply to it (an
-   SD setting on an LLM job is refused);
+5. the family's rules: which keys apply to it (an SD setting on an LLM job is refused), and the rules
+   declared with `family=True` beside the settings they concern (resolution: the multiple the model's
+   own VAE and UNet need);
 6. the data set: SD images and captions (image headers only), LLM rows (parsed, not tokenized).
 
 What passes is stored as the canonical dict (every key, paths absolute, `task` resolved); the worker and
@@ -21,7 +22,6 @@ worker checks those first, before any weight loads. No torch, no transformers: t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,23 +121,17 @@ def _a(words: str) -> str:
 
 
 def check_family(values: Mapping[str, Any], given: set[str], family: ModelFamily, where: Callable[[str], str]) -> None:
-    """The model family's rules: every given key applies to it, and the resolution fits its downsampling."""
-    task = family.task
+    """The model family's rules: every given key applies to it, and its declared family rules hold
+    (the resolution multiple its VAE and UNet need, declared beside `resolution`)."""
     for name, setting in schema.TRAIN.items():
-        if name in given and task not in setting.tasks:
+        if name in given and family.task not in setting.tasks:
             kinds = " and ".join(schema.TASK_NAMES[t] for t in sorted(setting.tasks))
             raise ConfigError(f"{where(name)}: {name} is {_a(kinds)} setting and does not apply here: base_model "
                               f"{values['base_model']} is {family.describe()}; remove {name}")
-    multiple = family.resolution_multiple
-    if task == "sd" and multiple and values["resolution"] % multiple:
-        resolution = values["resolution"]
-        lower = resolution // multiple * multiple
-        options = " or ".join(str(n) for n in (lower, lower + multiple) if n >= 64)
-        raise ConfigError(
-            f"{where('resolution')}: resolution {resolution} is not a multiple of {multiple}, which this "
-            f"{family.name} model needs (its VAE and UNet halve the image {int(math.log2(multiple))} times; "
-            f"{family.how}); use {options}"
-        )
+    for rule in schema.FAMILY_RULES:
+        problem = family.task in rule.tasks and rule.check(values, family)
+        if problem:
+            raise ConfigError(f"{where(rule.keys[0])}: {problem}")
 
 
 def scan_data(values: Mapping[str, Any], family: ModelFamily) -> int:

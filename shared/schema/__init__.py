@@ -41,7 +41,7 @@ from .setting import (
     did_you_mean,
 )
 
-__all__ = ["BASIC", "COMMON", "LABEL", "LABEL_ONLY", "LLM", "LLM_ONLY", "RULES", "SD", "SD_ONLY", "SECTIONS",
+__all__ = ["BASIC", "COMMON", "FAMILY_RULES", "LABEL", "LABEL_ONLY", "LLM", "LLM_ONLY", "RULES", "SD", "SD_ONLY", "SECTIONS",
            "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical", "coerce", "coerce_config",
            "for_task", "form_settings", "unset_number"]
 
@@ -60,7 +60,8 @@ def _table(modules) -> dict[str, Setting]:
 
 TRAIN: dict[str, Setting] = _table(_TRAIN_SECTIONS)
 LABEL: dict[str, Setting] = _table((label,))
-RULES: list[Rule] = [rule for module in _TRAIN_SECTIONS for rule in module.RULES]
+RULES: list[Rule] = [rule for module in _TRAIN_SECTIONS for rule in module.RULES if not rule.family]
+FAMILY_RULES: list[Rule] = [rule for module in _TRAIN_SECTIONS for rule in module.RULES if rule.family]
 SECTIONS: list[str] = [module.SECTION for module in _TRAIN_SECTIONS]
 
 

@@ -6,7 +6,6 @@ from .setting import SD_ONLY, Form, Rule, Setting
 
 SECTION = "Images (SD)"
 SETTINGS = (
-    # The model family adds its own multiple (the VAE's and UNet's downsampling) in the pre-flight.
     Setting("resolution", int, 512, "Training resolution in pixels (images are resized and cropped to it). The "
             "model adds its own multiple, read from its VAE and UNet: 64 for SD1.x/SD2.x, 32 for SDXL.",
             tasks=SD_ONLY, minimum=64, maximum=8192, multiple_of=8, form=Form("basic", "Resolution")),
@@ -49,7 +48,19 @@ def _latent_cache_keeps_one_crop(v) -> str | None:
     return None
 
 
+def _fits_the_models_downsampling(v, family) -> str | None:
+    """The image must survive the model's own VAE and UNet downsampling, read from the checkpoint."""
+    multiple, resolution = family.resolution_multiple, v["resolution"]
+    if not multiple or resolution % multiple == 0:
+        return None
+    lower = resolution // multiple * multiple
+    options = " or ".join(str(n) for n in (lower, lower + multiple) if n >= 64)
+    return (f"resolution {resolution} is not a multiple of {multiple}, which this {family.name} model needs (its "
+            f"VAE and UNet halve the image {multiple.bit_length() - 1} times; {family.how}); use {options}")
+
+
 RULES = (
+    Rule(("resolution",), _fits_the_models_downsampling, tasks=SD_ONLY, family=True),
     Rule(("cache_text_encoder_outputs", "train_text_encoder", "shuffle_caption", "caption_dropout_rate"),
          _text_cache_needs_fixed_captions, tasks=SD_ONLY),
     Rule(("cache_latents", "random_crop"), _latent_cache_keeps_one_crop, tasks=SD_ONLY),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -99,11 +99,15 @@ class Setting:
 @dataclass(frozen=True)
 class Rule:
     """A check across settings, declared beside the settings it concerns. `check` gets every value (given
-    or default) and returns the problem in words, or None. The message names the first key of `keys`."""
+    or default) and returns the problem in words, or None; a `family` rule also gets the base model's
+    family as the pre-flight read it from the checkpoint (its `task`, `name`, `how`,
+    `resolution_multiple`) and runs only for jobs of its `tasks`. The message names where the first of
+    `keys` came from."""
 
     keys: tuple[str, ...]
-    check: Callable[[Mapping[str, Any]], str | None]
+    check: Callable[..., str | None]
     tasks: frozenset[str] = COMMON
+    family: bool = False
 
 
 def number_text(value: float) -> str:
