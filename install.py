@@ -7,6 +7,7 @@
     python3 install.py --check              report what is installed and whether the daemon answers
     python3 install.py --uninstall          remove exactly what install.py added
     python3 install.py --service            also write a systemd user unit that starts the daemon at login
+    python3 install.py --copy ...           copy the extensions instead of linking them
     python3 install.py --demo               set up, then run the bundled demo through the daemon
     python3 install.py --test               set up with the test tools, then run the test suite
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 STAMP = ".lora-daemon-install"
+COPY_MARKER = ".lora-daemon-copy"
 RECORD = "install.json"
 LINK_NAME = "lora-daemon"
 SERVICE = Path.home() / ".config" / "systemd" / "user" / "lora-daemon.service"
@@ -111,31 +113,37 @@ def host_layout(kind: str, path: Path) -> tuple[Path, Path, Path]:
     return path / "custom_nodes" / LINK_NAME, ROOT / "comfy_nodes", path / "models" / "loras"
 
 
-def link_extension(link: Path, target: Path) -> str:
-    """Symlink (or copy, where links cannot be made) `target` at `link`. Never replaces a stranger."""
+def link_extension(link: Path, target: Path, copy: bool = False) -> str:
+    """Symlink (or copy, where links cannot be made or `copy` asks) `target` at `link`. Never replaces a
+    stranger. A copy gets COPY_MARKER, naming this checkout: the extension reads it to find the
+    repository (the thin client, the daemon's environment), which a link finds by resolving itself."""
     if link.is_symlink():
-        if link.resolve() == target.resolve():
+        if link.resolve() == target.resolve() and not copy:
             return "present"
-        raise SystemExit(f"error: {link} is a link to {os.readlink(link)}, not to {target}; remove it first")
+        if link.resolve() != target.resolve():
+            raise SystemExit(f"error: {link} is a link to {os.readlink(link)}, not to {target}; remove it first")
+        link.unlink()  # ours, but a copy was asked for
     if link.exists():
-        if (link / ".lora-daemon-copy").is_file():
+        if (link / COPY_MARKER).is_file():
             shutil.rmtree(link)  # our own earlier copy: refresh it
         else:
             raise SystemExit(f"error: {link} already exists and is not lora-daemon's; move it away first")
-    try:
-        link.symlink_to(target, target_is_directory=True)
-        return "linked"
-    except OSError:
-        shutil.copytree(target, link)
-        (link / ".lora-daemon-copy").write_text(str(target))
-        return "copied"
+    if not copy:
+        try:
+            link.symlink_to(target, target_is_directory=True)
+            return "linked"
+        except OSError:
+            pass
+    shutil.copytree(target, link, ignore=shutil.ignore_patterns("__pycache__"))
+    (link / COPY_MARKER).write_text(json.dumps({"repo": str(ROOT), "copied_from": str(target)}) + "\n")
+    return "copied"
 
 
 def remove_link(link: Path, target: Path) -> bool:
     if link.is_symlink() and link.resolve() == target.resolve():
         link.unlink()
         return True
-    if link.is_dir() and (link / ".lora-daemon-copy").is_file():
+    if link.is_dir() and (link / COPY_MARKER).is_file():
         shutil.rmtree(link)
         return True
     return False
@@ -187,7 +195,7 @@ def install(args: argparse.Namespace, python: Path, created_venv: bool) -> None:
             what = "extensions/ and webui.py" if kind == "webui" else "custom_nodes/ and folder_paths.py"
             raise SystemExit(f"error: --{kind} {path}: not a {kind} folder (expected {what})")
         link, target, lora_dir = host_layout(kind, path)
-        status = link_extension(link, target)
+        status = link_extension(link, target, copy=args.copy)
         print(f"{kind}: {status} {link} -> {target}; the daemon may write into {lora_dir}")
         hosts[kind] = {"path": str(path), "link": str(link), "lora_dir": str(lora_dir)}
     service = record.get("service")
@@ -262,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--comfyui", help="a ComfyUI folder: link the Train LoRA nodes into it")
     parser.add_argument("--state-dir", help="the daemon's state folder (default ~/.local/state/lora-daemon)")
     parser.add_argument("--service", action="store_true", help="write a systemd user unit for the daemon")
+    parser.add_argument("--copy", action="store_true",
+                        help="copy the extensions instead of linking them (for folders where links cannot be made; "
+                             "run install.py again after updating the checkout)")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--uninstall", action="store_true", help="remove what install.py added")
     action.add_argument("--check", action="store_true", help="report what is installed; is the daemon up?")

@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.client import TERMINAL_EVENTS, DaemonClient, DaemonError, DaemonUnavailable, default_state_dir
-from shared.launcher import ensure_daemon, recorded_python
+from . import host, thin
 
-from . import host
+DaemonClient, DaemonError, DaemonUnavailable = thin.client.DaemonClient, thin.client.DaemonError, thin.client.DaemonUnavailable
+TERMINAL_EVENTS, default_state_dir = thin.client.TERMINAL_EVENTS, thin.client.default_state_dir
+ensure_daemon, recorded_python = thin.launcher.ensure_daemon, thin.launcher.recorded_python
 
 # How often a quiet wait (model loading, a job queued behind another) looks at ComfyUI's cancel flag.
 POLL_S = 0.5
@@ -42,7 +43,7 @@ def daemon_python(state_dir: Path) -> str | None:
     own `.venv` (what `python install.py` creates next to this folder)."""
     if os.environ.get("LORA_DAEMON_PYTHON") or recorded_python(state_dir):
         return None  # ensure_daemon finds these itself
-    venv = Path(__file__).resolve().parent.parent / ".venv"
+    venv = thin.REPO_ROOT / ".venv"
     python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
     return str(python) if python.exists() else None
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from shared.client import DaemonError
-
-from .daemon_job import TrainingFailed, connect
+from .daemon_job import DaemonError, TrainingFailed, connect
 
 
 def describe(job: dict) -> str:

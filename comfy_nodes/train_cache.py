@@ -15,8 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from shared.client import default_state_dir
-from shared.files import atomic_write
+from .thin import client
 
 CACHE_FILE = "comfyui_train_cache.json"
 _lock = threading.Lock()
@@ -55,7 +54,7 @@ class TrainCache:
     """key -> {"lora_name", "path", "job"} in `<daemon state folder>/comfyui_train_cache.json`."""
 
     def __init__(self, state_dir: Path | None = None):
-        self.path = Path(state_dir or default_state_dir()) / CACHE_FILE
+        self.path = Path(state_dir or client.default_state_dir()) / CACHE_FILE
 
     def _read(self) -> dict:
         try:
@@ -75,5 +74,8 @@ class TrainCache:
         with _lock:
             data = self._read()
             data[key] = entry
-            text = json.dumps(data, indent=1, sort_keys=True)
-            atomic_write(self.path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+            # written beside, then renamed: a reader never sees half a file (the pack loads only the thin
+            # client, so shared/files.py is not here)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.path)

@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import host
+from . import host, inputs
 from .daemon_job import TrainingFailed, connect, run_job
 from .train_cache import TrainCache, cache_key
 from .wildcard import ANY
@@ -48,8 +48,7 @@ def parse_advanced(text: str) -> dict:
 class TrainPlan:
     """What one set of node inputs means: the daemon config, where the file goes, and its cache key."""
 
-    def __init__(self, checkpoint, dataset_folder, caption_source, output_name, steps, epochs, rank, alpha,
-                 learning_rate, batch_size, resolution, seed, advanced=""):
+    def __init__(self, checkpoint, dataset_folder, caption_source, output_name, advanced="", **settings):
         self.checkpoint = host.checkpoint_path(checkpoint)
         self.base_dir = host.base_path()
         if not str(dataset_folder).strip():
@@ -67,14 +66,7 @@ class TrainPlan:
             "base_model": str(self.checkpoint),
             "train_data_dir": str(self.dataset),
             "output_name": str(output_name).strip(),
-            "max_train_steps": int(steps) if int(steps) > 0 else None,
-            "epochs": int(epochs),
-            "lora_rank": int(rank),
-            "lora_alpha": float(alpha),
-            "learning_rate": float(learning_rate),
-            "batch_size": int(batch_size),
-            "resolution": int(resolution),
-            "seed": int(seed),
+            **inputs.config_values(settings),
         }
         csv = self.dataset / "metadata.csv"
         if caption_source == "metadata.csv":
@@ -128,16 +120,7 @@ class TrainLora:
                                    "metadata.csv (file,caption rows) or one .txt caption beside each image."}),
                 "output_name": ("STRING", {"default": "my_lora", "tooltip": "File name of the LoRA; "
                                 "an existing file is never overwritten (name_2, name_3, ... instead)."}),
-                "steps": ("INT", {"default": 500, "min": 0, "max": 1_000_000, "tooltip":
-                          "Optimizer steps (max_train_steps); 0 trains for the given epochs instead."}),
-                "epochs": ("INT", {"default": 10, "min": 1, "max": 10_000}),
-                "rank": ("INT", {"default": 8, "min": 1, "max": 512}),
-                "alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 1024.0, "step": 0.5}),
-                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
-                                            "round": False}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 256}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 2**32 - 1}),
+                **inputs.inputs(),  # the basic settings, generated from their declarations
             },
             "optional": {
                 "model": ("MODEL", {"tooltip": "Comes out with the new LoRA applied."}),
@@ -145,20 +128,20 @@ class TrainLora:
                 "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
                 "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
                 "advanced": ("STRING", {"default": "", "multiline": True, "tooltip": "YAML `key: value` "
-                             "lines overriding any training config key (see shared/config.py)."}),
+                             "lines overriding any training config key (see docs/config.md)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
-    def IS_CHANGED(cls, **inputs):
+    def IS_CHANGED(cls, **values):
         """The cache key: the same key means the same LoRA. A key whose file was deleted reads as
         changed, so the next run trains it again."""
-        plan = TrainPlan(**_plan_inputs(inputs))
+        plan = TrainPlan(**_plan_inputs(values))
         return plan.key if TrainCache().lookup(plan.key) else f"{plan.key}:missing"
 
-    def train(self, model=None, clip=None, strength_model=1.0, strength_clip=1.0, unique_id=None, **inputs):
-        plan = TrainPlan(**_plan_inputs(inputs))
+    def train(self, model=None, clip=None, strength_model=1.0, strength_clip=1.0, unique_id=None, **values):
+        plan = TrainPlan(**_plan_inputs(values))
         cache = TrainCache()
         cached = cache.lookup(plan.key)
         if cached:
@@ -202,8 +185,8 @@ class TrainLora:
         return path, job_id
 
 
-def _plan_inputs(inputs: dict) -> dict:
+def _plan_inputs(values: dict) -> dict:
     """The node inputs that shape the LoRA (ComfyUI may also pass hidden and passthrough inputs)."""
-    names = ("checkpoint", "dataset_folder", "caption_source", "output_name", "steps", "epochs", "rank", "alpha",
-             "learning_rate", "batch_size", "resolution", "seed", "advanced")
-    return {k: inputs[k] for k in names if k in inputs}
+    names = ("checkpoint", "dataset_folder", "caption_source", "output_name", "advanced",
+             *(inputs.input_name(s) for s in inputs.basic_settings()))
+    return {k: values[k] for k in names if k in values}

@@ -1,6 +1,6 @@
 """`python -m daemon COMMAND`: train in-process, run the demo, run the daemon, and talk to it.
 
-`train` and `demo` work without a daemon. `serve` runs the daemon; `submit`, `jobs`, `status`,
+`train`, `demo` and `schema` work without a daemon. `serve` runs the daemon; `submit`, `jobs`, `status`,
 `follow`, `stop`, `cancel`, `logs`, `delete` and `info` are its command-line client (they need only
 `websockets` and PyYAML, never torch).
 """
@@ -32,9 +32,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from shared.demo import run_demo
+    from daemon.demo import run_demo
 
     run_demo(Path(args.workdir))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from shared.schema.json_schema import document
+
+    print(json.dumps(document(args.kind), indent=2))
     return 0
 
 
@@ -66,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the bundled tiny SD model on the bundled images")
     demo.add_argument("--workdir", default="demo_output", help="where the demo writes (default: ./demo_output)")
     demo.set_defaults(func=_cmd_demo)
+
+    schema = sub.add_parser("schema", help="print the job config's JSON Schema (every key, its type, rule and "
+                            "default), for other clients")
+    schema.add_argument("--kind", choices=("train", "label"), default="train",
+                        help="train (default): a training config; label: an auto-label job's options")
+    schema.set_defaults(func=_cmd_schema)
 
     serve = sub.add_parser("serve", help="run the trainer daemon (websocket server and job queue)")
     serve.add_argument("--state-dir", help="state folder (default $LORA_DAEMON_HOME, else "

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import shutil
 import signal
 import sys
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,13 +24,11 @@ from typing import Any
 import yaml
 
 from daemon.protocol import ProtocolError
-from daemon.settings import Settings, confine
+from daemon.settings import Settings
 from daemon.store import FINAL_STATES, Store
 from daemon.worker import RESULT_FILE  # the worker module itself imports nothing heavy
+from shared.roots import Roots, confine
 
-# Config keys the job writes into; every other path-typed key of TrainConfig is something it reads
-# (so a key added later is confined as a read until it is listed here).
-WRITE_KEYS = ("output_dir", "log_dir", "deploy_dir")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding `daemon/` and `shared/`
 
 
@@ -44,39 +40,6 @@ def kill_worker(process) -> None:
             os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         process.kill()
-
-
-@functools.cache
-def _path_keys() -> frozenset[str]:
-    from shared.config import TrainConfig
-
-    keys = set()
-    for name, hint in typing.get_type_hints(TrainConfig).items():
-        if hint is Path or Path in typing.get_args(hint):
-            keys.add(name)
-    return frozenset(keys)
-
-
-def validate_config(config: dict, source: str, base_dir: Path | None) -> tuple[Any, str]:
-    """The same checks `train --config` makes before anything heavy loads (no torch here)."""
-    from shared.config import config_from_dict, detect_task
-    from shared.errors import ConfigError
-
-    if base_dir is None:
-        for key in sorted(_path_keys() & set(config)):
-            value = config[key]
-            if isinstance(value, str) and value.strip() and not Path(value).expanduser().is_absolute():
-                raise ConfigError(
-                    f"{source}: {key}: {value!r} is a relative path; send absolute paths or base_dir "
-                    "(the folder the config's paths are relative to)"
-                )
-    cfg = config_from_dict(config, source=source, base_dir=base_dir)
-    task = detect_task(cfg)
-    if task == "sd":
-        from shared.sd.dataset import scan_dataset  # reads captions and image headers only (PIL, no torch)
-
-        scan_dataset(cfg.train_data_dir, cfg.metadata_path)
-    return cfg, task
 
 
 class Worker:
@@ -176,8 +139,6 @@ class JobManager:
 
     async def submit(self, config: dict, *, base_dir: str | None, source: str | None, priority: int,
                      deploy_dirs: list[str], kind: str = "train", dry_run: bool = False) -> dict:
-        from shared.errors import UserError
-
         source = source or "submit"
         if base_dir is not None and not Path(base_dir).is_absolute():
             raise ProtocolError("bad_message", f"submit: base_dir must be an absolute path, got {base_dir!r}",
@@ -188,51 +149,68 @@ class JobManager:
             return await self._submit_label(config, base_dir=base_dir, source=source, priority=priority)
         if kind != "train":
             raise ProtocolError("bad_message", f"submit: kind must be train or label, got {kind!r}", "kind")
+        for folder in deploy_dirs:
+            if not Path(folder).is_absolute():
+                raise ProtocolError("bad_message", f"deploy_dirs: {folder} must be an absolute path", "deploy_dirs")
+        # The job's id and folder come first, so the config is checked with the output_dir it will use;
+        # nothing is stored or created until the pre-flight has passed.
+        job_id = self.store.new_job_id()
+        job_dir = self.settings.jobs_dir / job_id
         config = dict(config)
-        default_output = config.get("output_dir") in (None, "")
-        if default_output:  # keep the files in the job's own folder (a placeholder until the id exists)
+        if config.get("output_dir") in (None, ""):  # keep the files in the job's own folder
             if not config.get("output_name"):
                 raise ProtocolError("invalid_config", f"{source}: missing required key 'output_dir' (or give "
                                     "output_name and the daemon keeps the files in the job's folder)", "config")
-            config["output_dir"] = str(self.settings.jobs_dir / "_pending" / "output")
-        try:
-            cfg, task = await asyncio.to_thread(validate_config, config, source,
-                                                Path(base_dir) if base_dir else None)
-        except UserError as exc:
-            raise ProtocolError("invalid_config", str(exc), "config") from None
-        self._check_paths(cfg, deploy_dirs)
-        spec = {"source": source, "base_dir": base_dir, "deploy_dirs": [str(Path(d).resolve()) for d in deploy_dirs]}
+            config["output_dir"] = str(job_dir / "output")
+        checked = await asyncio.to_thread(self._preflight, config, source, base_dir, deploy_dirs)
+        spec = {"source": source, "base_dir": base_dir, "config": checked.canonical,
+                "deploy_dirs": [str(Path(d).resolve()) for d in deploy_dirs]}
         if dry_run:
             spec["dry_run"] = True
-        job = self.store.create_job(name=cfg.resolved_output_name, task=task, priority=priority, spec=spec,
-                                    jobs_dir=self.settings.jobs_dir)
-        job_dir = Path(job["job_dir"])
-        if default_output:
-            cfg.output_dir = job_dir / "output"
-        spec["config"] = cfg.to_dict()
         job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "config.yaml").write_text(yaml.safe_dump(spec["config"], sort_keys=False), encoding="utf-8")
-        self.store.update(job["id"], spec=spec)
+        (job_dir / "config.yaml").write_text(yaml.safe_dump(checked.canonical, sort_keys=False), encoding="utf-8")
+        job = self.store.create_job(name=checked.config.resolved_output_name, task=checked.task, priority=priority,
+                                    spec=spec, jobs_dir=self.settings.jobs_dir, job_id=job_id)
         position = len(self.store.queue())
         self.emit(job["id"], "queued", {"priority": priority, "position": position})
         self._wake.set()
         return self.get(job["id"])
 
-    async def _submit_label(self, config: dict, *, base_dir: str | None, source: str, priority: int) -> dict:
-        """An auto-label job: caption a folder with CLIP in a worker, queued like training."""
-        from shared.autolabel.job import READ_PATHS, label_options, write_target
-        from shared.errors import UserError
+    def _roots(self) -> Roots:
+        return Roots(read=list(self.settings.read_roots), write=[*self.settings.write_roots, self.settings.jobs_dir])
 
+    def _preflight(self, config: dict, source: str, base_dir: str | None, deploy_dirs: list[str]):
+        """shared.preflight.check with this daemon's roots; its refusals as protocol errors."""
+        from shared.errors import UserError
+        from shared.preflight import PathNotAllowed, check
+
+        roots = self._roots()
+        for folder in deploy_dirs:
+            problem = confine(Path(folder), roots.write, "deploy_dirs", "write")
+            if problem:
+                raise ProtocolError("path_not_allowed", problem, "deploy_dirs")
         try:
-            options = label_options(config, source=source, base_dir=Path(base_dir) if base_dir else None)
+            return check(config, source=source, base_dir=Path(base_dir) if base_dir else None, roots=roots,
+                         require_absolute=base_dir is None)
+        except PathNotAllowed as exc:
+            raise ProtocolError("path_not_allowed", str(exc), f"config.{exc.key}") from None
         except UserError as exc:
             raise ProtocolError("invalid_config", str(exc), "config") from None
-        checks = [(key, options[key], self.settings.read_roots, "read") for key in READ_PATHS]
-        checks.append(("output", write_target(options), self.settings.write_roots, "write"))
-        for key, value, roots, access in checks:
-            problem = value is not None and confine(Path(value), roots, key, access)
-            if problem:
-                raise ProtocolError("path_not_allowed", problem, f"config.{key}")
+
+    async def _submit_label(self, config: dict, *, base_dir: str | None, source: str, priority: int) -> dict:
+        """An auto-label job: caption a folder with CLIP in a worker, queued like training."""
+        from shared.autolabel.job import label_options
+        from shared.errors import UserError
+        from shared.preflight import PathNotAllowed
+
+        try:
+            options = await asyncio.to_thread(label_options, config, source=source, roots=self._roots(),
+                                              base_dir=Path(base_dir) if base_dir else None,
+                                              require_absolute=base_dir is None)
+        except PathNotAllowed as exc:
+            raise ProtocolError("path_not_allowed", str(exc), f"config.{exc.key}") from None
+        except UserError as exc:
+            raise ProtocolError("invalid_config", str(exc), "config") from None
         label = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
         spec = {"kind": "label", "source": source, "base_dir": base_dir, "label": label, "deploy_dirs": []}
         job = self.store.create_job(name=f"label-{Path(options['input_dir']).name}", task="label",
@@ -241,22 +219,6 @@ class JobManager:
         self.emit(job["id"], "queued", {"priority": priority, "position": len(self.store.queue())})
         self._wake.set()
         return self.get(job["id"])
-
-    def _check_paths(self, cfg: Any, deploy_dirs: list[str]) -> None:
-        read_roots = self.settings.read_roots
-        write_roots = [*self.settings.write_roots, self.settings.jobs_dir]
-        read_keys = sorted(_path_keys() - set(WRITE_KEYS))
-        checks = [(key, getattr(cfg, key), read_roots, "read") for key in read_keys]
-        checks += [(key, getattr(cfg, key), write_roots, "write") for key in WRITE_KEYS]
-        checks += [("deploy_dirs", Path(d), write_roots, "write") for d in deploy_dirs]
-        for key, value, roots, kind in checks:
-            if value is None:
-                continue
-            if key == "deploy_dirs" and not Path(value).is_absolute():
-                raise ProtocolError("bad_message", f"deploy_dirs: {value} must be an absolute path", key)
-            problem = confine(Path(value), roots, key, kind)
-            if problem:
-                raise ProtocolError("path_not_allowed", problem, key if key == "deploy_dirs" else f"config.{key}")
 
     def stop(self, job_id: str) -> dict:
         job = self.get(job_id)

@@ -1,8 +1,10 @@
-"""The daemon's wire protocol: versioned JSON messages, their fields, and their validation.
+"""The daemon's side of the wire protocol: decoding and validating client frames, encoding replies.
 
-One table below describes every message a client may send; `validate` checks a decoded message
-against it and `json_schema()` turns it into the JSON Schema shipped as `protocol.schema.json`
-(a test keeps the two identical). docs/protocol.md has the prose and examples.
+The tables (every message a client may send, what the daemon sends, event kinds, error codes and the
+protocol version) live in shared/protocol.py, which the client shares. `validate` checks a decoded
+message against them and `json_schema()` turns them, with the job-config schema generated from
+shared/schema, into the JSON Schema shipped as `protocol.schema.json` (a test keeps the two identical).
+docs/protocol.md has the prose and examples.
 """
 
 from __future__ import annotations
@@ -11,85 +13,16 @@ import json
 from importlib import resources
 from typing import Any
 
-from shared.client import PROTOCOL_VERSION
-
-# field type names: "string", "integer", "boolean", "object", "string[]"
-# Integers are bounded (SQLite stores 64-bit ones; a log read asks for at most 16 MiB).
-INT_LIMIT = 2**53
-MAX_LOG_READ = 16 * 2**20
-_JOB = {"job": {"type": "string", "required": True, "help": "a job id"}}
-
-CLIENT_MESSAGES: dict[str, dict[str, dict[str, Any]]] = {
-    "info": {},
-    "ping": {},
-    "submit": {
-        "config": {"type": "object", "required": True,
-                   "help": "training config keys, as in a `train --config` YAML (for kind label: label options)"},
-        "kind": {"type": "string", "help": "train (default) or label (caption a folder of images with CLIP)"},
-        "base_dir": {"type": "string", "help": "absolute folder that relative paths in config are relative to"},
-        "source": {"type": "string", "help": "name of the config (file) used in error messages"},
-        "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000,
-                     "help": "higher runs first; default 0"},
-        "deploy_dirs": {"type": "string[]", "help": "extra Lora folders to place the finished file in"},
-        "dry_run": {"type": "boolean", "help": "only validate the config and dataset, in a worker, and report "
-                                               "as a job does (no training, no files); default false"},
-    },
-    "list": {
-        "states": {"type": "string[]", "help": "only jobs in these states"},
-        "limit": {"type": "integer", "minimum": 1, "maximum": 100_000,
-                  "help": "at most this many jobs, newest first; default 100"},
-    },
-    "get": _JOB,
-    "subscribe": {
-        **_JOB,
-        "after": {"type": "integer", "minimum": 0, "maximum": INT_LIMIT, "help": "send the events after this sequence number; default 0"},
-    },
-    "unsubscribe": _JOB,
-    "stop": _JOB,
-    "cancel": _JOB,
-    "delete": _JOB,
-    "logs": {
-        **_JOB,
-        "offset": {"type": "integer", "minimum": 0, "maximum": INT_LIMIT,
-                   "help": "byte offset in the log file to read from"},
-        "max_bytes": {"type": "integer", "minimum": 1, "maximum": MAX_LOG_READ,
-                      "help": "at most this many bytes; default 1 MiB"},
-    },
-}
-
-# What the daemon sends: type -> required fields (replies also echo the request's "id").
-SERVER_MESSAGES: dict[str, list[str]] = {
-    "welcome": ["protocol", "version"],
-    "info": ["protocol", "version", "devices", "queue"],
-    "pong": [],
-    "submitted": ["job"],
-    "jobs": ["jobs"],
-    "job": ["job"],
-    "subscribed": ["job", "last_seq"],
-    "unsubscribed": ["job"],
-    "stopping": ["job"],
-    "cancelled": ["job"],
-    "deleted": ["job"],
-    "logs": ["job", "text", "offset", "size"],
-    "event": ["job", "seq", "kind", "data", "time"],
-    "heartbeat": ["time"],
-    "error": ["code", "message"],
-}
-
-EVENT_KINDS = ("queued", "started", "progress", "checkpoint", "sample", "finished", "failed", "cancelled",
-               "interrupted", "stopping", "buckets", "cached")
-
-ERROR_CODES = {
-    "bad_json": "the frame is not a JSON object (or is nested too deep, or holds invalid Unicode)",
-    "unsupported_version": "field v is missing or not a protocol version this daemon speaks",
-    "bad_message": "a field is missing, unknown or of the wrong type",
-    "unknown_type": "no such message type",
-    "not_found": "no job with that id",
-    "invalid_config": "the training config was refused (same message as `train --config`)",
-    "path_not_allowed": "a path is outside the folders the daemon config allows",
-    "bad_state": "the job is not in a state that allows this (e.g. delete while running)",
-    "internal": "a bug in the daemon; the connection stays up",
-}
+from shared.protocol import (  # noqa: F401 - re-exported: the daemon's code and tests read them here
+    CLIENT_MESSAGES,
+    ERROR_CODES,
+    EVENT_KINDS,
+    INT_LIMIT,
+    MAX_LOG_READ,
+    PROTOCOL_VERSION,
+    SERVER_MESSAGES,
+)
+from shared.schema.json_schema import config_schema
 
 
 class ProtocolError(Exception):
@@ -249,6 +182,10 @@ def json_schema() -> dict:
             "required": ["v", "type", *[n for n, r in spec.items() if r.get("required")]],
             "additionalProperties": False,
         }
+    # a submit's config: a training config, or the auto-label options when kind is "label"
+    client["submit"]["if"] = {"properties": {"kind": {"const": "label"}}, "required": ["kind"]}
+    client["submit"]["then"] = {"properties": {"config": {"$ref": "#/$defs/label_options"}}}
+    client["submit"]["else"] = {"properties": {"config": {"$ref": "#/$defs/train_config"}}}
     server = {}
     for kind, required in SERVER_MESSAGES.items():
         props = {**common, "type": {"const": kind}}
@@ -265,6 +202,8 @@ def json_schema() -> dict:
         "$defs": {
             **{f"client_{k}": v for k, v in client.items()},
             **{f"server_{k}": v for k, v in server.items()},
+            "train_config": config_schema("train"),
+            "label_options": config_schema("label"),
             "client_message": {"oneOf": [{"$ref": f"#/$defs/client_{k}"} for k in client]},
             "server_message": {"oneOf": [{"$ref": f"#/$defs/server_{k}"} for k in server]},
         },

@@ -1,7 +1,8 @@
 """`python -m daemon serve`: the websocket server in front of the job queue.
 
-Security follows FIELD-NOTES §5: loopback bind, an exact Host allow-list (DNS rebinding sends the
-attacker's name), an Origin allow-list (clients without Origin are fine; `null` and every other
+Security, as the careful local daemons do it: loopback bind, an exact Host allow-list (DNS rebinding
+makes Host and Origin both read the attacker's name, which is how a Host-vs-Origin comparison fell in
+ComfyUI and Ollama's CVE-2024-28224), an Origin allow-list (clients without Origin are fine; `null` and every other
 origin are refused, since browsers apply no CORS to websockets), the per-install token in a header,
 and size and connection limits. All checks run in the HTTP handshake, before any message is read.
 

@@ -6,8 +6,8 @@ read and write only under the user's home folder (and the daemon's own job folde
 
     host: 127.0.0.1           # bind address; anything but loopback is refused unless allow_remote: true
     port: 7861                # 7860 is AUTOMATIC1111/Forge, 8188 ComfyUI
-    read_roots: [~]           # train_data_dir, metadata_path, base_model, model_config must be under one
-    write_roots: [~]          # output_dir, log_dir, deploy_dir must be under one (job folders always are)
+    read_roots: [~]           # every path a job reads (base_model, train_data_dir, ...) must be under one
+    write_roots: [~]          # every path it writes (output_dir, log_dir, deploy_dir, cache_dir) too
     allowed_origins: []       # browser origins allowed to connect (no Origin header is always allowed)
     allowed_hosts: []         # extra Host header values (127.0.0.1/localhost/[::1] with the port are built in)
     max_connections: 64       # a WebUI tab, a ComfyUI node and CLI followers each hold one
@@ -28,6 +28,7 @@ import yaml
 
 from shared.client import DEFAULT_HOST, DEFAULT_PORT, default_state_dir
 from shared.errors import ConfigError
+from shared.roots import confine  # noqa: F401 - the daemon's path check, where tests and callers look for it
 
 
 @dataclass
@@ -160,16 +161,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def confine(path: Path, roots: list[Path], key: str, kind: str) -> str | None:
-    """None when `path` (resolved, links followed) lies under one of `roots`; else the error text."""
-    resolved = Path(path).expanduser().resolve()
-    if any(resolved.is_relative_to(root) for root in roots):
-        return None
-    listed = ", ".join(str(r) for r in roots) or "(none)"
-    setting = "read_roots" if kind == "read" else "write_roots"
-    return (
-        f"{key}: {resolved} is outside the folders this daemon may {kind} ({listed}); "
-        f"add a folder to {setting} in the daemon's config.yaml or use a folder inside one"
-    )

@@ -70,9 +70,16 @@ class Store:
 
     # --- jobs -----------------------------------------------------------------------------------
 
-    def create_job(self, *, name: str, task: str, priority: int, spec: dict, jobs_dir: Path) -> dict:
+    @staticmethod
+    def new_job_id() -> str:
+        """A fresh job id (time and 24 random bits), before the job exists: the daemon checks a config with
+        the job's own folder in it and stores the job only if the check passes."""
+        return time.strftime("%Y%m%d-%H%M%S-", time.localtime()) + secrets.token_hex(3)
+
+    def create_job(self, *, name: str, task: str, priority: int, spec: dict, jobs_dir: Path,
+                   job_id: str | None = None) -> dict:
         now = time.time()
-        job_id = time.strftime("%Y%m%d-%H%M%S-", time.localtime(now)) + secrets.token_hex(3)
+        job_id = job_id or self.new_job_id()
         job_dir = Path(jobs_dir) / job_id
         with self.db:
             order = self.db.execute("SELECT COALESCE(MAX(created_order), 0) + 1 FROM jobs").fetchone()[0]

@@ -26,8 +26,7 @@ from pathlib import Path
 
 from shared import faults
 
-# A key of TrainConfig that, once the trainers can resume (issue 3), asks them to continue from the
-# newest checkpoint in output_dir. Until the key exists a re-run job starts from step 0.
+# The TrainConfig key that asks the trainers to continue from the newest checkpoint in output_dir.
 RESUME_KEY = "resume"
 RESUME_LATEST = "latest"
 DAEMON_GONE_EXIT = 75
@@ -126,13 +125,14 @@ def dry_run(cfg, task: str, channel: Channel) -> dict:
 
 
 def job_config(spec: dict):
-    """The validated TrainConfig of a job; on a re-run, ask the trainer to resume where possible."""
-    from shared.config import FIELDS, config_from_dict
+    """The job's TrainConfig, rebuilt from the canonical dict the daemon's pre-flight stored (not checked
+    again); on a re-run, ask the trainer to resume where possible."""
+    from shared.config import TrainConfig
 
     data = dict(spec["config"])
-    if spec.get("resume") and RESUME_KEY in FIELDS and data.get(RESUME_KEY) in (None, ""):
+    if spec.get("resume") and data.get(RESUME_KEY) in (None, ""):
         data[RESUME_KEY] = RESUME_LATEST
-    return config_from_dict(data, source=spec.get("source") or "job config")
+    return TrainConfig.from_canonical(data)
 
 
 def deploy_copy(src: Path, folder: Path, stem: str) -> Path:

@@ -1,6 +1,7 @@
 """Talk to a running lora-daemon: the small client the CLI, the WebUI tab and the ComfyUI node share.
 
-Standard library plus `websockets` only, so a host's Python can import it without torch. The client
+Standard library plus `websockets` only, so a host's Python can import it without torch; it imports
+the rest of the thin client relatively (the hosts load it under a private package name). The client
 finds the daemon the way a local user would: the state folder (`$LORA_DAEMON_HOME`, else
 `$XDG_STATE_HOME/lora-daemon`, else `~/.local/state/lora-daemon`) holds the token file and
 `daemon.json` with the port the daemon listens on.
@@ -25,12 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-PROTOCOL_VERSION = 1
+from .protocol import PROTOCOL_VERSION, TERMINAL_EVENTS, TOKEN_HEADER
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "PROTOCOL_VERSION", "TERMINAL_EVENTS", "TOKEN_HEADER", "DaemonClient",
+           "DaemonError", "DaemonUnavailable", "default_state_dir", "endpoint_path", "read_endpoint", "read_token",
+           "token_path"]
+
 DEFAULT_HOST = "127.0.0.1"
 # 7860 is AUTOMATIC1111/Forge, 8188 ComfyUI: the daemon takes the next free-looking one after A1111.
 DEFAULT_PORT = 7861
-TOKEN_HEADER = "X-Lora-Daemon-Token"
-TERMINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 
 
 def default_state_dir() -> Path:

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from shared.config import config_from_dict
+from shared.config import TrainConfig
 from shared.errors import UserError
 from shared.files import atomic_write
 from shared.reporting import Reporter
@@ -68,7 +68,7 @@ def child_main(run_dir: Path) -> int:
     from accelerate import PartialState
 
     spec = json.loads((run_dir / "spec.json").read_text(encoding="utf-8"))
-    cfg = config_from_dict(spec["config"], source=f"{run_dir}/spec.json")
+    cfg = TrainConfig.from_canonical(spec["config"])  # checked once, by the pre-flight before the launch
     # Without a GPU accelerate only joins the ranks when told it runs on the CPU (gloo); otherwise
     # each rank would quietly train alone.
     cpu = cfg.device == "cpu" or not _has_gpu()

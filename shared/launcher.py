@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.client import DaemonClient, DaemonUnavailable, default_state_dir, read_endpoint
+from .client import DaemonClient, DaemonUnavailable, default_state_dir, read_endpoint
 
 INSTALL_RECORD = "install.json"
 

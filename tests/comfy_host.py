@@ -16,8 +16,9 @@ HOST_MODULES = ("folder_paths", "comfy", "comfy.utils", "comfy.model_management"
 
 
 class ComfyHost:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, pack: Path | None = None):
         self.base = base
+        self.pack_dir = pack  # an installed pack to load; default: a link to this checkout's comfy_nodes
         self.progress: list[tuple[int, int, str | None]] = []  # (value, total, node_id) per update
         self.progress_seen = threading.Event()
 
@@ -40,11 +41,12 @@ class ComfyHost:
             self.progress_seen.set()
 
         self.utils.set_progress_bar_global_hook(hook)
-        custom_nodes = self.base / "custom_nodes"
-        custom_nodes.mkdir(exist_ok=True)
-        link = custom_nodes / "lora_daemon"
-        link.symlink_to(REPO / "comfy_nodes", target_is_directory=True)
-        self.pack = load_like_comfyui(link)
+        if self.pack_dir is None:
+            custom_nodes = self.base / "custom_nodes"
+            custom_nodes.mkdir(exist_ok=True)
+            self.pack_dir = custom_nodes / "lora_daemon"
+            self.pack_dir.symlink_to(REPO / "comfy_nodes", target_is_directory=True)
+        self.pack = load_like_comfyui(self.pack_dir)
         return self
 
     def uninstall(self) -> None:

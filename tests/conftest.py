@@ -38,7 +38,8 @@ def _loopback_only_connect(self, address):
 
 socket.socket.connect = _loopback_only_connect
 
-# Tiny models on a 2-core machine: one thread each is faster than threads fighting (FIELD-NOTES §1)
+# Tiny models on a 2-core machine: one thread each is faster than threads fighting (up to 8x here
+# when another process was busy)
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -95,7 +96,7 @@ def sd_config(tmp_path, tiny_sd, image_dir):
 @pytest.fixture(scope="session")
 def tiny_sd2v(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD2 v-prediction model as a real single file (~120 MB in fp16: its text encoder must
-    be 1024 wide to be an SD2 file, FIELD-NOTES §2). Built once per session, never committed."""
+    be 1024 wide for the loaders to see an SD2 file). Built once per session, never committed."""
     from shared.fixtures.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd2v"), "sd2", v_prediction=True, dtype=torch.float16)

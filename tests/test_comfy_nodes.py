@@ -33,8 +33,8 @@ def comfy(tmp_path, tiny_sd):
 
 def node_inputs(tiny_sd, dataset: Path, **overrides) -> dict:
     values = dict(checkpoint="tiny-sd15.safetensors", dataset_folder=str(dataset), caption_source="metadata.csv",
-                  output_name="comfy_test", steps=4, epochs=1, rank=4, alpha=4.0, learning_rate=1e-3,
-                  batch_size=2, resolution=64, seed=0,
+                  output_name="comfy_test", max_train_steps=4, epochs=1, lora_rank=4, lora_alpha=4.0,
+                  learning_rate=1e-3, batch_size=2, resolution=64, training_seed=0,
                   # a tiny single-file model needs its component configs: an advanced setting
                   advanced=f"model_config: {tiny_sd['config']}\nsave_steps: 0\n")
     values.update(overrides)
@@ -97,7 +97,7 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
         assert [j["id"] for j in client.jobs()] == [job_id]
 
     # a changed input is a new key and a new file; the first file is untouched
-    changed = dict(args, seed=1)
+    changed = dict(args, training_seed=1)
     assert train.IS_CHANGED(**changed) != key
     _, _, new_name, new_job = train().train(**changed)
     assert new_name == "comfy_test_2.safetensors" and new_job != job_id
@@ -115,7 +115,7 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
 def test_cancel_in_comfyui_cancels_the_daemon_job_queued_or_running(daemon, comfy, tiny_sd, tmp_path):
     train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]
     dataset = make_image_folder(tmp_path / "txt_images", count=4, captions="txt")
-    args = node_inputs(tiny_sd, dataset, caption_source=".txt", steps=500, output_name="cancelled")
+    args = node_inputs(tiny_sd, dataset, caption_source=".txt", max_train_steps=500, output_name="cancelled")
 
     def press_cancel_when(ready, what):
         def run():
@@ -181,14 +181,21 @@ def test_daemon_errors_become_the_node_error(daemon, comfy, tiny_sd, image_dir):
     assert str(refused.value) == ("ComfyUI Train LoRA node: unknown key 'lerning_rate' "
                                   "(did you mean 'learning_rate'?)")
 
-    # failed in the daemon's worker: the job's one-line error
+    # a file that is no checkpoint: refused at submit from its header, before any job exists
     (comfy.checkpoints / "broken.safetensors").write_text("hello")
-    with pytest.raises(Exception) as failed:
+    with pytest.raises(Exception) as refused:
         train.train(**node_inputs(tiny_sd, image_dir, checkpoint="broken.safetensors"))
+    assert str(refused.value) == (f"base_model: {comfy.checkpoints / 'broken.safetensors'}: not a readable "
+                                  "checkpoint (no safetensors header)")
+
+    # failed in the daemon's worker: the job's one-line error (a .ckpt is not read before training)
+    (comfy.checkpoints / "broken.ckpt").write_text("hello")
+    with pytest.raises(Exception) as failed:
+        train.train(**node_inputs(tiny_sd, image_dir, checkpoint="broken.ckpt"))
     with daemon.client() as client:
         (job,) = client.jobs()
     assert job["state"] == "failed" and str(failed.value) == job["error"]
-    assert "broken.safetensors: not a readable checkpoint" in job["error"]
+    assert "broken.ckpt: not a readable checkpoint" in job["error"]
 
     # the node's own checks name the input and what to do
     with pytest.raises(Exception, match=r"metadata.csv exists.*choose caption source metadata.csv"):
@@ -250,7 +257,7 @@ def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
 
     thread = threading.Thread(target=restart_after_two_steps, daemon=True)
     thread.start()
-    _, _, name, job_id = train().train(**node_inputs(tiny_sd, image_dir, steps=16))
+    _, _, name, job_id = train().train(**node_inputs(tiny_sd, image_dir, max_train_steps=16))
     thread.join(10)
     kinds = [d["kind"] for e, d, _ in comfy.server.messages if e == "lora_daemon.progress"]
     assert "interrupted" in kinds and kinds[-1] == "finished"
@@ -280,3 +287,28 @@ def test_auto_label_node_captions_the_folder_and_passes_it_on(daemon, comfy, tmp
     _, again = node().label(str(images), "metadata.csv", str(clip_files["config"]), str(clip_files["weights"]),
                             "", False, unique_id="9")
     assert again.startswith("labelled 0 images, kept 3 existing captions")
+
+
+def test_the_training_seed_stays_fixed_in_the_comfyui_frontend(comfy):
+    """ComfyUI's frontend adds a "control after generate" widget, set to randomize, to every INT input
+    named `seed` or `noise_seed` (Comfy-Org/ComfyUI_frontend, useIntWidget.ts:
+    `inputSpec.control_after_generate ?? ['seed', 'noise_seed'].includes(inputSpec.name)`; and
+    litegraphUtil.ts's migrateWidgetsValues counts that extra widget for those names even when
+    `control_after_generate` is false). A seed randomized after each Run changes the node's inputs, so
+    every Run would train another LoRA. So no INT input of ours has those names or asks for the control,
+    and the training seed is an input with the declared default that nothing changes."""
+    required = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN].INPUT_TYPES()["required"]
+    ints = {name: options for name, (kind, options) in required.items() if kind == "INT"}
+    assert not set(ints) & {"seed", "noise_seed"}
+    assert not any(options.get("control_after_generate") for options in ints.values())
+    from shared import schema
+
+    seed = ints["training_seed"]
+    declared = schema.TRAIN["seed"]
+    assert (seed["default"], seed["min"], seed["max"]) == (declared.default, declared.minimum, declared.maximum)
+    # the other inputs carry their declarations too: the node and the config share one rule
+    rank, lr = required["lora_rank"], required["learning_rate"]
+    assert rank == ("INT", {"tooltip": "LoRA rank (network dim). (at least 1 and at most 4096)", "default": 8,
+                            "max": 4096, "min": 1, "step": 1})
+    assert lr[1]["default"] == 2e-4 and lr[1]["max"] == 1 and lr[1]["round"] is False
+    assert required["max_train_steps"][1]["min"] == 0 and required["resolution"][1]["step"] == 8

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from comfy_host import REPO
+import pytest
+from comfy_host import REPO, STANDINS
 
 BLOCKED = ["torch", "torchvision", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy",
            "PIL", "yaml", "open_clip", "websockets"]  # websockets is needed to run a node, not to load the pack
@@ -25,46 +26,77 @@ LOADER = textwrap.dedent("""
                 raise ImportError(f"{name} is not installed here (blocked by the test)")
 
     sys.meta_path.insert(0, Block())
-    {prelude}
+    sys.path.insert(0, sys.argv[3])  # ComfyUI's own modules (the stand-ins), as they are in ComfyUI
+    import folder_paths
+    folder_paths.configure(str(Path.cwd()))
     path_before = list(sys.path)
-    pack_dir = Path(sys.argv[2])
-    name = str(pack_dir).replace(".", "_x_")  # what ComfyUI's nodes.load_custom_node does
-    spec = importlib.util.spec_from_file_location(name, pack_dir / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    nodes = module.NODE_CLASS_MAPPINGS
+    modules = {}
+    for pack_dir in map(Path, json.loads(sys.argv[2])):  # ComfyUI's order: whatever os.listdir gave
+        name = str(pack_dir).replace(".", "_x_")  # what ComfyUI's nodes.load_custom_node does
+        spec = importlib.util.spec_from_file_location(name, pack_dir / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        modules[pack_dir.name] = module
+    ours = modules["lora_daemon"]
+    nodes = ours.NODE_CLASS_MAPPINGS
+    inputs = nodes["LoraDaemonTrainLoRA"].INPUT_TYPES()["required"]
     try:
-        module.daemon_job.connect()
+        ours.daemon_job.connect()
         connect_error = None
     except Exception as exc:
         connect_error = str(exc)
+    foreign = modules.get("other_pack")
+    foreign_node = foreign.NODE_CLASS_MAPPINGS["OtherNode"]().run()[0] if foreign else None
     print(json.dumps({
         "nodes": {k: [c.FUNCTION, c.CATEGORY, list(map(str, c.RETURN_TYPES)), c.OUTPUT_NODE] for k, c in nodes.items()},
-        "display": module.NODE_DISPLAY_NAME_MAPPINGS,
+        "display": ours.NODE_DISPLAY_NAME_MAPPINGS,
+        "inputs": sorted(inputs),
         "heavy": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
-        "path_unchanged": sys.path == path_before,
-        "shared": sys.modules["shared"].__file__,
+        "path_changes": [p for p in sys.path if p not in path_before],
+        "shared": {m: getattr(sys.modules[m], "__file__", None) for m in sys.modules if m.split(".")[0] in ("shared", "daemon")},
+        "foreign_node": foreign_node,
         "connect_error": connect_error,
     }))
 """)
 
 
-def load_pack(tmp_path, prelude: str = "") -> subprocess.CompletedProcess:
+def load_packs(tmp_path, *, foreign_first: bool | None = None, blocked=BLOCKED) -> dict:
+    """Load our pack (and, unless foreign_first is None, a pack that ships its own top-level `shared`
+    and puts its folder on sys.path, as some public packs do) the way ComfyUI loads custom nodes."""
     custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
     custom_nodes.mkdir(parents=True)
     (custom_nodes / "lora_daemon").symlink_to(REPO / "comfy_nodes", target_is_directory=True)
-    script = LOADER.replace("{prelude}", prelude)
-    # run from ComfyUI's folder with nothing of ours on the path, as ComfyUI would
-    return subprocess.run([sys.executable, "-c", script, json.dumps(BLOCKED), str(custom_nodes / "lora_daemon")],
+    order = [custom_nodes / "lora_daemon"]
+    if foreign_first is not None:
+        other = custom_nodes / "other_pack"
+        (other / "shared").mkdir(parents=True)
+        (other / "shared" / "__init__.py").write_text("WHO = 'other pack'\n")
+        (other / "shared" / "late.py").write_text("def hello():\n    return 'other pack works'\n")
+        (other / "__init__.py").write_text(textwrap.dedent("""
+            import os, sys
+            sys.path.insert(0, os.path.dirname(__file__))
+            import shared
+            assert shared.WHO == "other pack", shared
+
+            class OtherNode:
+                def run(self):
+                    import shared.late  # imported when the node runs, after every pack has loaded
+                    return (shared.late.hello(),)
+
+            NODE_CLASS_MAPPINGS = {"OtherNode": OtherNode}
+        """))
+        order = [other, *order] if foreign_first else [*order, other]
+    proc = subprocess.run([sys.executable, "-c", LOADER, json.dumps(blocked), json.dumps([str(p) for p in order]),
+                           str(STANDINS)],
                           cwd=tmp_path / "ComfyUI", capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
-
-
-def test_the_pack_loads_without_torch_and_leaves_sys_path_alone(tmp_path):
-    proc = load_pack(tmp_path)
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})  # nothing of ours on the path
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def test_the_pack_loads_without_torch_and_leaves_sys_path_and_modules_alone(tmp_path):
+    out = load_packs(tmp_path)
     assert out["nodes"] == {
         "LoraDaemonTrainLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING"], True],
         "LoraDaemonJobStatus": ["status", "loaders/lora-daemon", ["STRING"], True],
@@ -72,21 +104,24 @@ def test_the_pack_loads_without_torch_and_leaves_sys_path_alone(tmp_path):
     }
     assert set(out["display"]) == set(out["nodes"])
     assert out["heavy"] == []
-    assert out["path_unchanged"]  # the repo's `daemon`, `tests`, `docs` never shadow the host's modules
-    assert out["shared"] == str(REPO / "shared" / "__init__.py")
+    assert out["path_changes"] == []  # the repo's `daemon`, `tests`, `docs` never shadow the host's modules
+    assert out["shared"] == {}  # no `shared` or `daemon` of ours in ComfyUI's sys.modules
     # running a node needs websockets in the host's Python: the error says how to get it
     assert out["connect_error"] == ("lora-daemon nodes need the websockets package in ComfyUI's Python: "
                                     f"pip install -r {REPO / 'comfy_nodes' / 'requirements.txt'}")
 
 
-def test_a_foreign_shared_package_is_refused_by_name(tmp_path):
-    other = tmp_path / "elsewhere" / "shared"
-    other.mkdir(parents=True)
-    (other / "__init__.py").write_text("")
-    proc = load_pack(tmp_path, prelude=f"sys.path.insert(0, {str(other.parent)!r}); import shared")
-    assert proc.returncode != 0
-    assert f"another package named 'shared' is already loaded from {other}" in proc.stderr
-    assert str(REPO / "shared") in proc.stderr
+@pytest.mark.parametrize("foreign_first", [True, False], ids=["other-pack-first", "ours-first"])
+def test_a_pack_with_its_own_top_level_shared_works_beside_ours_in_either_order(tmp_path, foreign_first):
+    out = load_packs(tmp_path, foreign_first=foreign_first, blocked=[b for b in BLOCKED if b != "websockets"])
+    other = tmp_path / "ComfyUI" / "custom_nodes" / "other_pack" / "shared"
+    # the other pack's `shared` is the only one, and it still imports its own submodules when a node runs
+    assert out["shared"] == {"shared": str(other / "__init__.py"), "shared.late": str(other / "late.py")}
+    assert out["foreign_node"] == "other pack works"
+    # ours: the node's inputs come from the declarations, and the client and launcher run (no daemon here)
+    assert {"lora_rank", "learning_rate", "resolution", "training_seed"} <= set(out["inputs"])
+    assert out["connect_error"].startswith("lora-daemon: no lora-daemon is running and none can be started")
+    assert out["heavy"] == []
 
 
 def test_the_lora_name_output_passes_comfyuis_link_check_for_a_combo():

@@ -75,12 +75,12 @@ def test_not_yaml_mapping(tmp_path):
 
 def test_task_detection(tiny_sd, tmp_path, sd_config):
     cfg = load_config(sd_config())
-    assert detect_task(cfg) == "sd"
+    assert cfg.task == detect_task(cfg) == "sd"  # the pre-flight wrote what it found into the config
     llm = tmp_path / "llm"
     llm.mkdir()
     (llm / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    cfg = load_config(sd_config(base_model=llm))
-    assert detect_task(cfg) == "llm"
+    cfg = config_from_dict({"base_model": str(llm), "train_data_dir": str(tmp_path), "output_dir": "out"})
+    assert cfg.task == "auto" and detect_task(cfg) == "llm"
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(ConfigError, match="not a checkpoint"):
@@ -94,3 +94,45 @@ def test_to_dict_is_json_able(sd_config):
     data = load_config(sd_config()).to_dict()
     assert json.loads(json.dumps(data))["lora_rank"] == 8
     assert isinstance(data["base_model"], str) and Path(data["base_model"]).is_file()
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("learning_rate", 0, "learning_rate must be greater than 0 and less than 1, got 0"),
+    ("learning_rate", 1.0, "learning_rate must be greater than 0 and less than 1, got 1"),
+    ("lora_dropout", 1, "lora_dropout must be at least 0 and less than 1, got 1"),
+    ("lora_rank", 5000, "lora_rank must be at least 1 and at most 4096, got 5000"),
+    ("lora_alpha", 0, "lora_alpha must be greater than 0 and at most 65,536, got 0"),
+    ("resolution", 516, "resolution must be a multiple of 8, got 516"),
+    ("seed", -1, "seed must be at least 0 and at most 4,294,967,295, got -1"),
+])
+def test_every_range_message_states_the_declared_rule(sd_config, key, value, rule):
+    path = sd_config(**{key: value})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {rule}"
+
+
+def test_a_wrong_set_value_is_named_as_set(sd_config):
+    path = sd_config()
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["lora_rank=0"])
+    assert str(err.value) == "--set lora_rank=0: lora_rank must be at least 1 and at most 4096, got 0"
+    with pytest.raises(ConfigError, match=r"^--set lerning_rate=1: unknown key 'lerning_rate' \(did you mean"):
+        load_config(path, ["lerning_rate=1"])
+    # a rule across keys names the --set that broke it, and a value from the file is still the file's
+    with pytest.raises(ConfigError, match=r"^--set shuffle_caption=true: cache_text_encoder_outputs needs"):
+        load_config(sd_config(cache_text_encoder_outputs=True), ["shuffle_caption=true"])
+    with pytest.raises(ConfigError, match=rf"^{path}: lora_rank must be at least 1"):
+        load_config(sd_config(lora_rank=0), ["seed=3"])
+
+
+@pytest.mark.parametrize("output_dir, name", [("out/..", ".."), ("out/.hidden", ".hidden"), ("out/a b", "a b"),
+                                              ("out/x<y", "x<y")])
+def test_the_name_rule_applies_to_a_name_derived_from_output_dir(tmp_path, tiny_sd, image_dir, output_dir, name):
+    data = {"base_model": str(tiny_sd["safetensors"]), "train_data_dir": str(image_dir), "output_dir": output_dir}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data, source="c.yaml", base_dir=tmp_path)
+    assert str(err.value).startswith(f"c.yaml: output_dir: the LoRA is named after the last part of output_dir "
+                                     f"({name!r}), which must be 1-100 ASCII letters")
+    ok = config_from_dict({**data, "output_name": "fine"}, source="c.yaml", base_dir=tmp_path)
+    assert ok.resolved_output_name == "fine"

@@ -173,16 +173,17 @@ def test_stop_saves_cancel_discards_and_priority_orders_the_queue(daemon, sd_con
 
 
 def test_a_job_failing_in_its_worker_reports_the_cli_error_and_the_daemon_goes_on(daemon, sd_config, tmp_path):
-    """Submit only checks what can be checked without torch; a bad model file fails in the worker,
-    with the one line the CLI would print; the daemon carries on."""
-    bogus = tmp_path / "model.safetensors"
+    """Submit checks what can be checked without torch (a .safetensors file's header, say); a .ckpt is a
+    pickle, read only by the worker: a bad one fails there, with the one line the CLI would print; the
+    daemon carries on."""
+    bogus = tmp_path / "model.ckpt"
     bogus.write_text("hello")
     with daemon.client() as client:
         job = submit_yaml(client, sd_config(base_model=bogus, output_name="broken"))
         events = collect(client, job["id"])
         assert [e["kind"] for e in events] == ["queued", "failed"]
         failure = events[-1]["data"]
-        assert failure["cause"] == "user" and "model.safetensors: not a readable checkpoint" in failure["error"]
+        assert failure["cause"] == "user" and "model.ckpt: not a readable checkpoint" in failure["error"]
         final = client.get(job["id"])
         assert final["state"] == "failed" and final["error"] == failure["error"] and final["result"] is None
         assert "error: " + failure["error"] in client.logs(job["id"])["text"]

@@ -167,9 +167,9 @@ sys.meta_path.insert(0, NoTorch())
 import yaml
 from pathlib import Path
 import daemon.server, daemon.jobs, daemon.cli, daemon.remote, shared.client
-from daemon.jobs import validate_config
-cfg, task = validate_config(yaml.safe_load(open({str(config)!r})), "c.yaml", None)
-assert task == "sd"
+from shared.preflight import check
+checked = check(yaml.safe_load(open({str(config)!r})), source="c.yaml", require_absolute=True)
+assert checked.task == "sd" and checked.config.task == "sd"
 daemon.cli.build_parser()
 print("ok")
 """

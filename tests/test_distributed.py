@@ -103,7 +103,7 @@ def test_llm_two_processes_match_one_process_with_the_same_total_batch(tiny_llam
     ({"num_processes": 3, "num_machines": 2, "main_process_ip": "10.0.0.1"}, "split evenly"),
     ({"num_processes": 4, "num_machines": 2, "machine_rank": 2, "main_process_ip": "10.0.0.1"}, "machine_rank must be in 0..1"),
     ({"num_processes": 4, "num_machines": 2}, "main_process_ip is needed"),
-    ({"num_processes": 2, "main_process_port": 70000}, "main_process_port must be a TCP port"),
+    ({"num_processes": 2, "main_process_port": 70000}, "main_process_port must be at least 1 and at most 65,535"),
 ])
 def test_launch_keys_are_checked(sd_config, values, message):
     from shared.errors import ConfigError

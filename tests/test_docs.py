@@ -1,15 +1,32 @@
-"""Generated documentation matches the code it describes."""
+"""Generated documentation matches the code it describes, and the project cites only its own documents."""
 
+import subprocess
 from pathlib import Path
 
-from shared.config import FIELDS
-from shared.config_docs import render
+from shared import schema
+from shared.config_docs import protocol_doc, render
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
 
 
 def test_config_reference_is_current():
     text = (DOCS / "config.md").read_text(encoding="utf-8")
-    assert text == render(), "docs/config.md is stale: run python -m shared.config_docs > docs/config.md"
-    for name in FIELDS:
+    assert text == render(), "docs/config.md is stale: run python -m shared.config_docs"
+    for name in schema.TRAIN:
         assert f"| `{name}` |" in text
+
+
+def test_the_protocol_docs_list_the_current_job_config():
+    text = (DOCS / "protocol.md").read_text(encoding="utf-8")
+    assert text == protocol_doc(text), "docs/protocol.md's job config table is stale: run python -m shared.config_docs"
+    for name in schema.TRAIN:
+        assert f"| `{name}` |" in text
+
+
+def test_no_file_cites_the_field_notes():
+    """The facts comments rely on are written in the comment or in docs/, not in a file outside the project."""
+    name = "FIELD" + "-NOTES"  # spelled apart, so this file does not cite it either
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    citing = [f for f in files if (REPO / f).is_file() and name in (REPO / f).read_text(errors="replace")]
+    assert citing == []

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-VENV = Path(sys.prefix)  # the environment running the tests stands in for the daemon's own
+from install_helpers import REPO, run_install
 
 
 def make_webui(root: Path) -> Path:
@@ -44,14 +41,6 @@ def snapshot(*roots: Path) -> dict:
     return out
 
 
-def run_install(*args, home: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
-    env.pop("LORA_DAEMON_HOME", None)
-    env.pop("XDG_STATE_HOME", None)
-    return subprocess.run([sys.executable, str(REPO / "install.py"), "--venv", str(VENV), *args],
-                          capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=600)
-
-
 @pytest.fixture
 def hosts(tmp_path):
     return make_webui(tmp_path / "webui"), make_comfyui(tmp_path / "ComfyUI"), tmp_path / "state"
@@ -64,11 +53,13 @@ def test_install_twice_start_daemon_then_uninstall(hosts, tmp_path):
 
     first = run_install(*args, home=tmp_path)
     assert first.returncode == 0, first.stderr + first.stdout
+    assert "Installing lora-daemon" not in first.stdout  # the stand-in environment is current
     link_w, link_c = webui / "extensions" / "lora-daemon", comfy / "custom_nodes" / "lora-daemon"
     assert link_w.is_symlink() and link_w.resolve() == (REPO / "extension_webui").resolve()
     assert link_c.is_symlink() and link_c.resolve() == (REPO / "comfy_nodes").resolve()
     record = json.loads((state / "install.json").read_text())
-    assert record["python"] == str(VENV / "bin" / "python")
+    venv = tmp_path / "daemon-venv"
+    assert record["python"] == str(venv / "bin" / "python")
     assert record["lora_dirs"] == sorted([str(webui / "models" / "Lora"), str(comfy / "models" / "loras")])
 
     installed = snapshot(webui, comfy, state)
@@ -104,7 +95,7 @@ def test_install_twice_start_daemon_then_uninstall(hosts, tmp_path):
     gone = run_install("--uninstall", "--state-dir", str(state), home=tmp_path)
     assert gone.returncode == 0, gone.stderr
     assert snapshot(webui, comfy) == before
-    assert not (state / "install.json").exists() and VENV.is_dir()  # not ours to remove: it existed
+    assert not (state / "install.json").exists() and venv.is_dir()  # not ours to remove: it existed
 
 
 def test_never_replaces_a_folder_that_is_not_ours(hosts, tmp_path):
@@ -143,3 +134,37 @@ def test_service_unit(hosts, tmp_path):
     assert f"-m daemon serve --state-dir {state}" in unit and "ExecStart=" in unit
     run_install("--uninstall", "--state-dir", str(state), home=tmp_path)
     assert not (tmp_path / ".config" / "systemd" / "user" / "lora-daemon.service").exists()
+
+
+@pytest.mark.slow
+def test_a_copied_comfyui_pack_finds_the_checkout_and_trains_a_job(hosts, tmp_path, tmp_path_factory, tiny_sd,
+                                                                    image_dir, monkeypatch):
+    """Where links cannot be made install.py copies the pack; the copy finds this checkout through its
+    marker (not its own path), loads the thin client from it and trains through the daemon."""
+    from comfy_host import ComfyHost
+    from daemon_harness import DaemonProcess
+
+    _, comfy, state = hosts
+    out = run_install("--copy", "--comfyui", str(comfy), "--state-dir", str(state), home=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    pack = comfy / "custom_nodes" / "lora-daemon"
+    assert "comfyui: copied" in out.stdout and pack.is_dir() and not pack.is_symlink()
+    assert json.loads((pack / ".lora-daemon-copy").read_text())["repo"] == str(REPO)
+    daemon = DaemonProcess(state, [tmp_path_factory.getbasetemp()], [tmp_path]).start()
+    monkeypatch.setenv("LORA_DAEMON_HOME", str(state))
+    host = ComfyHost(comfy, pack=pack).install()
+    try:
+        assert host.pack.thin.REPO_ROOT == REPO
+        (host.checkpoints / "tiny.safetensors").symlink_to(tiny_sd["safetensors"])
+        node = host.pack.NODE_CLASS_MAPPINGS["LoraDaemonTrainLoRA"]
+        _, _, name, job_id = node().train(
+            checkpoint="tiny.safetensors", dataset_folder=str(image_dir), caption_source="metadata.csv",
+            output_name="copied_pack", max_train_steps=2, epochs=1, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3,
+            batch_size=2, resolution=64, training_seed=0,
+            advanced=f"model_config: {tiny_sd['config']}\nsave_steps: 0\n")
+        assert name == "copied_pack.safetensors" and (host.loras / name).is_file()
+        with daemon.client() as client:
+            assert client.get(job_id)["state"] == "finished"
+    finally:
+        host.uninstall()
+        daemon.stop()

@@ -20,7 +20,7 @@ def test_full_size_sd15_has_kohyas_192_unet_modules():
     modules = {name for name, mod in unet.named_modules() if hasattr(mod, "lora_A")}
     assert modules == set(targets)
     keys = {"lora_unet_" + name.replace(".", "_") for name in modules}
-    # names A1111 and ComfyUI map for SD1.5 (FIELD-NOTES §3)
+    # names A1111 and ComfyUI map for SD1.5: diffusers module names, '.' -> '_'
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in keys
     assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj" in keys
     assert "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_out_0" in keys

@@ -34,7 +34,7 @@ def test_full_size_sdxl_has_kohyas_722_unet_and_264_text_encoder_modules():
     tensors = model_lora_tensors("sdxl", unet, [te1, te2])
     modules = {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")}
     assert len(modules) == 722 + 264
-    # the names A1111, Forge and ComfyUI map for SDXL (FIELD-NOTES §3)
+    # the names A1111, Forge and ComfyUI map for SDXL: LDM module names (docs/sd-training.md)
     for name in (
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k",
         "lora_unet_input_blocks_8_1_transformer_blocks_9_ff_net_0_proj",

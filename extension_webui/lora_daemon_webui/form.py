@@ -1,51 +1,75 @@
-"""Turn the tab's form into the daemon's `submit` config (the keys of a `train --config` YAML file).
+"""The tab's form: which settings it shows (generated from their declarations in shared/schema) and how
+its values become the daemon's `submit` config (the keys of a `train --config` YAML file).
 
-Only what a person can get wrong in the form itself is checked here, with the field's label in the
-message; the daemon checks the config itself (unknown keys, missing files, folders outside its
-allowed roots) and its one-line message is shown as it comes.
+The basic settings sit in the main form, every other SD setting in the advanced section, grouped as
+docs/config.md groups them; each field's default, limits and help come from its declaration, and a
+wrong value is named with the field's label and the declared rule. The daemon checks the rest (unknown
+keys in the YAML box, missing files, folders outside its allowed roots, the model's own rules) and its
+one-line message is shown as it comes.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import Any
 
 import yaml
+
+from .bridge import schema
 
 CAPTION_AUTO = "auto: metadata.csv if present, else .txt"
 CAPTION_CSV = "metadata.csv"
 CAPTION_TXT = ".txt beside each image"
 CAPTION_CHOICES = [CAPTION_AUTO, CAPTION_CSV, CAPTION_TXT]
 
-# keys the form sets; every other TrainConfig key goes in the advanced YAML
-FORM_KEYS = ("base_model", "train_data_dir", "metadata_path", "output_name", "lora_rank", "lora_alpha",
-             "learning_rate", "epochs", "batch_size", "resolution", "deploy_dir")
-
 
 class FormError(ValueError):
     """A field of the form is empty or wrong; the message names the field as the tab labels it."""
 
 
-def _number(label: str, value, *, whole: bool, minimum: float, above: bool = False) -> float | int:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise FormError(f"{label}: enter a number")
+def basic_settings() -> list:
+    return schema.form_settings(schema.SD, schema.BASIC)
+
+
+def advanced_settings() -> list:
+    return schema.form_settings(schema.SD, "advanced")
+
+
+def widget_settings() -> list:
+    """The settings the tab has a field for, in the order the Train handler receives their values."""
+    return [*basic_settings(), *advanced_settings()]
+
+
+def field_info(setting) -> str:
+    """The help line under a field: what it does and its rule."""
+    rule = setting.rule_text()
+    unset = schema.unset_number(setting)
+    if unset is not None:
+        rule = f"{unset}: not set" + (f"; else {rule}" if rule else "")
+    return f"{setting.help} ({rule})" if rule and setting.choices is None else setting.help
+
+
+def _empty(raw: Any) -> bool:
+    return raw is None or (isinstance(raw, str) and not raw.strip())
+
+
+def field_value(setting, raw: Any, *, required: bool = False) -> Any:
+    """A field's value checked against its declaration; None when it is not set."""
+    if setting.form.widget == "lines" and isinstance(raw, str):
+        raw = [line.strip() for line in raw.splitlines() if line.strip()] or None
+    if _empty(raw) or raw == schema.unset_number(setting):
+        if required:
+            raise FormError(f"{setting.label}: enter a number" if setting.type in (int, float)
+                            else f"{setting.label}: enter a value")
+        return None
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise FormError(f"{label}: {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise FormError(f"{label}: {value!r} is not a finite number")
-    if whole:
-        if number != int(number):
-            raise FormError(f"{label}: enter a whole number, not {value}")
-        number = int(number)
-    if number < minimum or (above and number <= minimum):
-        raise FormError(f"{label}: must be {'above' if above else 'at least'} {minimum:g}, not {value}")
-    return number
+        return schema.coerce(setting, raw)
+    except schema.SettingError as exc:
+        raise FormError(f"{setting.label}: {exc.problem}") from None
 
 
 def parse_advanced(text: str | None) -> dict:
-    """The advanced section: `key: value` lines (YAML). Empty is fine."""
+    """The advanced section's YAML box: `key: value` lines. Empty is fine."""
     if not text or not text.strip():
         return {}
     try:
@@ -62,30 +86,31 @@ def parse_advanced(text: str | None) -> dict:
 
 
 def build_config(*, base_model: str | None, dataset: str | None, caption_source: str, output_name: str | None,
-                 rank, alpha, learning_rate, epochs, batch_size, resolution, advanced: str | None,
-                 deploy_dir: str | Path | None, base_dir: Path) -> dict:
-    """The config dict to submit. The advanced YAML is applied last, so a pasted full config wins."""
+                 settings: dict[str, Any], advanced: str | None, deploy_dir: str | Path | None,
+                 base_dir: Path) -> dict:
+    """The config dict to submit. `settings` holds the fields' values by setting name: the basic ones are
+    always sent, the advanced ones only where they differ from the default. The YAML box is applied
+    last, so a pasted full config wins."""
     if not base_model or not str(base_model).strip():
         raise FormError("Base model: choose a checkpoint or enter the path of a model file")
     if not dataset or not str(dataset).strip():
         raise FormError("Dataset folder: enter the folder that holds your images")
     if not output_name or not output_name.strip():
         raise FormError("Output name: enter a name for the LoRA (it becomes <lora:NAME:0.8>)")
-    output_name = output_name.strip()
-    if any(ch in output_name for ch in "/\\:<>\"|?*") or output_name in (".", ".."):
-        raise FormError(f"Output name: {output_name!r} must be a plain file name (no folders or : < > | ? *)")
     dataset = str(dataset).strip()
     config: dict = {
         "base_model": str(base_model).strip(),
         "train_data_dir": dataset,
-        "output_name": output_name,
-        "lora_rank": _number("Rank", rank, whole=True, minimum=1),
-        "lora_alpha": _number("Alpha", alpha, whole=False, minimum=0, above=True),
-        "learning_rate": _number("Learning rate", learning_rate, whole=False, minimum=0, above=True),
-        "epochs": _number("Epochs", epochs, whole=True, minimum=1),
-        "batch_size": _number("Batch size", batch_size, whole=True, minimum=1),
-        "resolution": _number("Resolution", resolution, whole=True, minimum=64),
+        "output_name": field_value(schema.TRAIN["output_name"], output_name.strip()),
     }
+    for setting in basic_settings():
+        value = field_value(setting, settings.get(setting.name), required=not setting.optional)
+        if value is not None:
+            config[setting.name] = value
+    for setting in advanced_settings():
+        value = field_value(setting, settings.get(setting.name))
+        if value is not None and value != setting.default:
+            config[setting.name] = value
     folder = Path(dataset).expanduser()
     folder = folder if folder.is_absolute() else Path(base_dir) / folder
     if caption_source == CAPTION_CSV:

@@ -10,17 +10,16 @@ from __future__ import annotations
 import html
 import os
 import time
-from pathlib import Path
 
 import gradio as gr
 
 from . import form, host
-from .bridge import REPO_ROOT, load_client_modules
+from .bridge import REPO_ROOT, launcher
+from .bridge import client as client_mod
+from .bridge import schema as client_schema
 from .plot import loss_curve
 from .watch import JobView, JobWatch, Watches, lora_prompt, progress_line, wait_for_change
 
-_mods = load_client_modules(("client", "launcher", "config"))
-client_mod, launcher, config_mod = _mods["client"], _mods["launcher"], _mods["config"]
 DaemonError, DaemonUnavailable = client_mod.DaemonError, client_mod.DaemonUnavailable
 
 WATCHES = Watches()
@@ -195,8 +194,11 @@ def _message(status, text: str):
     return (*status, text, keep, keep, keep, keep, keep)
 
 
-def train(base_model, dataset, caption_source, output_name, rank, alpha, learning_rate, epochs, batch_size,
-          resolution, advanced):
+def train(base_model, dataset, caption_source, output_name, *values):
+    """The Train button. `values`: every setting field's value (in form.widget_settings() order), then
+    the advanced YAML box."""
+    *fields, advanced = values
+    fields = {s.name: value for s, value in zip(form.widget_settings(), fields)}
     settings, error = _settings_or_error()
     if settings is None:
         yield _message((f"**Error:** {error}", gr.update()), "")
@@ -208,8 +210,7 @@ def train(base_model, dataset, caption_source, output_name, rank, alpha, learnin
     try:
         config = form.build_config(
             base_model=host.checkpoint_path(base_model), dataset=dataset, caption_source=caption_source,
-            output_name=output_name, rank=rank, alpha=alpha, learning_rate=learning_rate, epochs=epochs,
-            batch_size=batch_size, resolution=resolution, advanced=advanced, deploy_dir=settings.deploy_dir,
+            output_name=output_name, settings=fields, advanced=advanced, deploy_dir=settings.deploy_dir,
             base_dir=host.base_dir())
     except form.FormError as exc:
         yield _message(status, f"**Check the form:** {exc}")
@@ -328,17 +329,31 @@ def refresh_checkpoints(current):
 # --- layout --------------------------------------------------------------------------------------
 
 
-def config_reference() -> str:
-    """Every config key the form does not show, with its default and help, from shared/config.py."""
-    lines = ["| key | default | what |", "| --- | --- | --- |"]
-    for name, field in config_mod.FIELDS.items():
-        if name in form.FORM_KEYS or name == "output_dir":
-            continue
-        default = f"`{field.default}`" if field.default is not None else "(none)"
-        lines.append(f"| `{name}` | {default} | {html.escape(field.metadata.get('help', ''))} |")
-    readme = Path(config_mod.__file__).resolve().parent.parent / "README.md"
-    return ("Any `key: value` lines here are added to the job's config (they win over the form). "
-            f"All keys are described in `{readme}`.\n\n" + "\n".join(lines))
+def setting_field(setting):
+    """One setting's field, from its declaration: default, limits, label and help."""
+    common = dict(label=setting.label, info=form.field_info(setting), elem_id=f"lora_daemon_{setting.form_id}")
+    if setting.choices is not None:
+        return gr.Dropdown(choices=list(setting.choices), value=setting.default, **common)
+    if setting.type is bool:
+        return gr.Checkbox(value=setting.default, **common)
+    unset = client_schema.unset_number(setting)
+    if setting.type in (int, float) and (setting.default is not None or unset is not None):
+        low = unset if unset is not None else setting.minimum
+        return gr.Number(value=setting.default if setting.default is not None else unset, minimum=low,
+                         maximum=setting.maximum, step=setting.multiple_of or setting.form.step or 1,
+                         precision=0 if setting.type is int else None, **common)
+    # empty means "not set": text, paths, lists (one item a line) and optional numbers
+    lines = 3 if setting.form.widget == "lines" else 1
+    default = "" if setting.default is None else str(setting.default)
+    return gr.Textbox(value=default, lines=lines, placeholder="(not set)" if setting.optional else "", **common)
+
+
+def _field_rows(settings, per_row: int) -> dict:
+    fields = {}
+    for start in range(0, len(settings), per_row):
+        with gr.Row():
+            fields.update({s.name: setting_field(s) for s in settings[start:start + per_row]})
+    return fields
 
 
 def build_tab():
@@ -369,21 +384,16 @@ def build_tab():
                         trigger = gr.Textbox(label="Trigger word", elem_id="lora_daemon_trigger")
                     label_btn = gr.Button("Auto-label the dataset", elem_id="lora_daemon_label")
                 output_name = gr.Textbox(label="Output name", placeholder="my_lora", elem_id="lora_daemon_output_name")
-                with gr.Row():
-                    rank = gr.Number(value=8, label="Rank", precision=0, elem_id="lora_daemon_rank")
-                    alpha = gr.Number(value=16, label="Alpha", elem_id="lora_daemon_alpha")
-                    learning_rate = gr.Number(value=2e-4, label="Learning rate", elem_id="lora_daemon_lr")
-                with gr.Row():
-                    epochs = gr.Number(value=10, label="Epochs", precision=0, elem_id="lora_daemon_epochs")
-                    batch_size = gr.Number(value=1, label="Batch size", precision=0, elem_id="lora_daemon_batch")
-                    resolution = gr.Number(value=512, label="Resolution", precision=0,
-                                           elem_id="lora_daemon_resolution")
+                setting_fields = _field_rows(form.basic_settings(), 3)
                 with gr.Accordion("Advanced: every other config key", open=False):
-                    advanced = gr.Textbox(label="More config (YAML)", lines=6,
-                                          placeholder="max_train_steps: 1000\nsave_steps: 250\nseed: 1",
+                    advanced = gr.Textbox(label="More config (YAML: wins over the fields; every key is in "
+                                          "docs/config.md)", lines=6,
+                                          placeholder="save_steps: 250\nsample_prompts: [a photo of sks]",
                                           elem_id="lora_daemon_advanced")
-                    with gr.Accordion("Config reference", open=False):
-                        gr.Markdown(config_reference())
+                    grouped = form.advanced_settings()
+                    for section in dict.fromkeys(s.section for s in grouped):
+                        with gr.Accordion(section, open=False):
+                            setting_fields.update(_field_rows([s for s in grouped if s.section == section], 2))
                 with gr.Row():
                     train_btn = gr.Button("Train", variant="primary", elem_id="lora_daemon_train")
                     stop_btn = gr.Button("Stop (save)", elem_id="lora_daemon_stop")
@@ -399,8 +409,8 @@ def build_tab():
 
         status_outputs = [status_md, start_btn]
         live_outputs = [*status_outputs, progress_md, loss_img, samples, result_box, job_box, queue_html]
-        form_inputs = [base_model, dataset, caption_source, output_name, rank, alpha, learning_rate, epochs,
-                       batch_size, resolution, advanced]
+        fields = [setting_fields[s.name] for s in form.widget_settings()]  # the order train() reads them in
+        form_inputs = [base_model, dataset, caption_source, output_name, *fields, advanced]
 
         train_btn.click(train, inputs=form_inputs, outputs=live_outputs, show_progress="hidden")
         refresh_btn.click(refresh, inputs=[job_box], outputs=live_outputs, show_progress="hidden")

@@ -1,65 +1,42 @@
 """Auto-label as a daemon job: the options a client may send, checked before the job is queued.
 
-The daemon validates these in its server process, so this module imports no torch. The worker then
-calls `label_folder` with them, which shares the GPU fairly with training because jobs run one at a
+The options are declared in shared/schema/label.py (their names are `label_folder`'s keyword
+arguments). The daemon checks them in its server process, so this module imports no torch; the worker
+then calls `label_folder` with them, which shares the GPU fairly with training because jobs run one at a
 time in the same queue.
 """
 
 from __future__ import annotations
 
-import typing
 from pathlib import Path
-from typing import Any, Literal
 
-from shared.config import coerce_value
-from shared.errors import ConfigError
-
-# option -> (type, default); the names match `label_folder`'s keyword arguments
-LABEL_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "input_dir": (Path, None),
-    "output": (typing.Optional[Path], None),  # noqa: UP045 - coerce_value reads typing forms
-    "fmt": (Literal["csv", "txt"], "csv"),
-    "trigger": (typing.Optional[str], None),  # noqa: UP045
-    "vocab_file": (typing.Optional[Path], None),  # noqa: UP045
-    "builtin_vocab": (bool, True),
-    "top_k": (int, 2),
-    "threshold": (float, 0.1),
-    "batch_size": (int, 16),
-    "device": (str, "auto"),
-    "model": (typing.Optional[str], None),  # noqa: UP045
-    "pretrained": (typing.Optional[str], None),  # noqa: UP045
-    "weights": (typing.Optional[Path], None),  # noqa: UP045
-    "overwrite": (bool, False),
-}
-READ_PATHS = ("input_dir", "vocab_file", "weights")
+from shared import schema
+from shared.roots import Roots
 
 
-def label_options(raw: dict, *, source: str = "label job", base_dir: Path | None = None) -> dict:
-    """Validated keyword arguments for `label_folder`, with absolute paths."""
-    base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+def label_options(raw: dict, *, source: str = "label job", base_dir: Path | None = None, roots: Roots | None = None,
+                  require_absolute: bool = False) -> dict:
+    """Checked keyword arguments for `label_folder`, with absolute paths: the values, then (with `roots`)
+    every path against its roots (`output` first, so nothing outside them is looked at), then whether the
+    folders and files exist."""
+    from shared.preflight import check_exist, confine_paths
+
     if "format" in raw and "fmt" not in raw:  # the CLI's name for it
         raw = {**{k: v for k, v in raw.items() if k != "format"}, "fmt": raw["format"]}
-    options = {}
-    for key, value in raw.items():
-        if key not in LABEL_OPTIONS:
-            raise ConfigError(f"{source}: unknown label option {key!r} (options: {', '.join(LABEL_OPTIONS)})")
-        options[key] = coerce_value(key, value, LABEL_OPTIONS[key][0], source, base_dir)
-    for key, (_, default) in LABEL_OPTIONS.items():
-        options.setdefault(key, default)
+    options = schema.coerce_config(raw, source=source, base_dir=base_dir, require_absolute=require_absolute,
+                                   kind="label")
+    if roots is not None:
+        confine_paths(options, schema.LABEL, roots)
+        confine_paths({}, {}, roots, extra=[("output", write_target(options), "write")])
+    check_exist(options, schema.LABEL, lambda key: source)
     if options["model"] is None:
         options.pop("model")  # label_folder's own default architecture
-    if options["input_dir"] is None:
-        raise ConfigError(f"{source}: missing required label option 'input_dir' (the folder of images)")
-    if not options["input_dir"].is_dir():
-        raise ConfigError(f"{source}: input_dir: {options['input_dir']} is not a folder")
-    for key in ("vocab_file", "weights"):
-        if options[key] is not None and not options[key].exists():
-            raise ConfigError(f"{source}: {key}: {options[key]} does not exist")
     return options
 
 
 def write_target(options: dict) -> Path:
-    """Where a label job writes: metadata.csv (or the folder of .txt files)."""
+    """Where a label job writes: metadata.csv (or the folder of .txt files). The daemon confines this too:
+    by default it is inside input_dir, which only the read roots admitted."""
     if options["fmt"] == "txt":
         return Path(options["output"] or options["input_dir"])
     output = options["output"]

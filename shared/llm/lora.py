@@ -1,7 +1,8 @@
 """Which layers of a causal LM get LoRA, and wrapping the model with PEFT.
 
 Default targets are every linear layer except the output head, as the leading LLM trainers do
-(peft's own default is only q_proj/v_proj for LLaMA-likes, FIELD-NOTES §3). The head is found with
+(peft's own default is only q_proj/v_proj for LLaMA-likes; LLaMA-Factory and axolotl take all
+linears). The head is found with
 `get_output_embeddings()`, and per-architecture names cover heads that method misses. PEFT is used
 directly (`get_peft_model`); transformers 5's `add_adapter` needs a peft that does not exist yet.
 """

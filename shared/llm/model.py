@@ -84,7 +84,8 @@ def load_tokenizer(folder: Path, trust_remote_code: bool):
         )
     if tokenizer.pad_token_id is None:
         # Padding is masked out of the loss by position (labels -100), never by id, so pad = EOS is
-        # safe here: the real EOS at the end of each response keeps its label (FIELD-NOTES §3).
+        # safe here: the real EOS at the end of each response keeps its label (masking pad by id would mask
+        # EOS too, and the model would never learn to stop).
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -1,7 +1,8 @@
 """Load an SD base model offline: single-file checkpoints (.safetensors, .ckpt) or diffusers folders.
 
-We do not call `from_single_file`: it needs the hub for configs and silently drops or skips keys
-that do not fit (FIELD-NOTES §2). Instead the components are built from shipped (or given) config
+We do not call `from_single_file`: offline it needs a local config folder (without `config=` it asks
+the hub even with `local_files_only=True`), and it does not report a bad file: unknown UNet/VAE keys
+are dropped and unexpected text-encoder keys skipped without a word. Instead the components are built from shipped (or given) config
 folders, diffusers' own LDM converters rename the weights, and `load_state_dict(strict=True)` turns
 any mismatch into an error that names the file.
 """
@@ -21,7 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL_CONFIGS = resources.files("shared.sd") / "model_configs"
 
-# Markers of the model families (FIELD-NOTES §2)
+# Markers of the model families in LDM ("single file") checkpoints: SD1's CLIP-L, SD2's OpenCLIP
+# (`cond_stage_model.model.*`), SDXL's two encoders (`conditioner.embedders.0/1`)
 SD1_TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_TEXT1_PREFIX = "conditioner.embedders.0.transformer."
@@ -99,11 +101,18 @@ def read_checkpoint(path: Path) -> dict:
 
 def detect_architecture(state_dict: dict, path: Path) -> str:
     """sd1, sd2 or sdxl from the weight names; a clear error naming anything else."""
+    return detect_architecture_from_shapes({k: tuple(v.shape) for k, v in state_dict.items()}, path)
+
+
+def detect_architecture_from_shapes(shapes: dict[str, tuple[int, ...]], path: Path) -> str:
+    """detect_architecture from {weight name: shape}, as a safetensors header gives them (the pre-flight
+    reads the family this way without loading a weight)."""
+    state_dict = shapes
     has_unet = any(k.startswith(UNET_KEY_PREFIX) for k in state_dict)
     conv_in = state_dict.get(UNET_KEY_PREFIX + "input_blocks.0.0.weight")
-    if has_unet and conv_in is not None and conv_in.dim() == 4 and conv_in.shape[1] != 4:
+    if has_unet and conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise ModelError(
-            f"{path}: an inpainting/instruct UNet ({conv_in.shape[1]} input channels); only text-to-image "
+            f"{path}: an inpainting/instruct UNet ({conv_in[1]} input channels); only text-to-image "
             "SD1.x/SD2.x/SDXL base models are trained"
         )
     if any(k.startswith(SDXL_TEXT2_PREFIX) for k in state_dict) and has_unet:

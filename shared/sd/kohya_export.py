@@ -1,4 +1,4 @@
-"""LoRA files in the kohya layout that AUTOMATIC1111, Forge and ComfyUI load (FIELD-NOTES §3).
+"""LoRA files in the kohya layout that AUTOMATIC1111, Forge and ComfyUI all load.
 
 Key = prefix + module path with "." -> "_", then `.lora_down.weight` (PEFT's A), `.lora_up.weight`
 (B) and a 0-dim `.alpha` holding lora_alpha (scale = alpha / rank). SD1/SD2 use diffusers module

@@ -8,7 +8,6 @@ import math
 import random
 from dataclasses import dataclass
 
-from shared.errors import ConfigError
 from shared.sd.buckets import BucketPlan, assign_buckets, epoch_batches
 from shared.sd.dataset import image_size, plan_crop, process_caption, scan_dataset
 from shared.training.ranks import shard
@@ -78,12 +77,11 @@ def plan_data(cfg, model, reporter, processes: int = 1, rank: int = 0) -> TrainD
     """Scan the data set and put each image in a bucket that the model's down-sampling allows."""
     scan = scan_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension)
     reporter.log(scan.summary())
-    # a bucket side must survive the VAE's and the UNet's downsampling
+    # a bucket side must survive the VAE's and the UNet's downsampling (the resolution itself was checked
+    # against the same multiple, read from the checkpoint's header, by the pre-flight)
     vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
     need = vae_factor * 2 ** (len(model.unet.config.down_block_types) - 1)
     step = math.ceil(cfg.bucket_reso_steps / need) * need
-    if cfg.resolution % need:
-        raise ConfigError(f"resolution: {cfg.resolution} is not a multiple of {need}, which this model needs")
     min_size = max(step, min(cfg.min_bucket_reso, cfg.resolution // 2) // step * step)
     max_size = max(cfg.max_bucket_reso, cfg.resolution)
     sizes = [image_size(item.path) for item in scan.items]

@@ -17,32 +17,55 @@ sys.path.insert(0, str(REPO / "extension_webui"))
 from lora_daemon_webui import form, plot, watch  # noqa: E402
 
 
-def form_values(tmp_path, **overrides):
+def form_values(tmp_path, advanced="", **fields):
+    settings = dict(lora_rank=8, lora_alpha=16, batch_size=1, epochs=10, max_train_steps=0, learning_rate=2e-4,
+                    seed=42, resolution=512)
+    host_fields = {k: fields.pop(k) for k in ("base_model", "dataset", "caption_source", "output_name") if k in fields}
+    settings.update(fields)
     values = dict(base_model="/models/sd15.safetensors", dataset=str(tmp_path), caption_source=form.CAPTION_AUTO,
-                  output_name="cat", rank=8, alpha=16, learning_rate=2e-4, epochs=10, batch_size=1, resolution=512,
-                  advanced="", deploy_dir="/webui/models/Lora", base_dir=tmp_path)
-    values.update(overrides)
+                  output_name="cat", settings=settings, advanced=advanced, deploy_dir="/webui/models/Lora",
+                  base_dir=tmp_path)
+    values.update(host_fields)
     return values
 
 
 def test_the_form_becomes_a_config_and_the_advanced_yaml_adds_and_wins(tmp_path):
-    config = form.build_config(**form_values(tmp_path, advanced="max_train_steps: 100\nlora_rank: 4\n"))
+    config = form.build_config(**form_values(tmp_path, advanced="max_train_steps: 100\nlora_rank: 4\n",
+                                             noise_offset=0.05, random_flip=False))
     assert config == {"base_model": "/models/sd15.safetensors", "train_data_dir": str(tmp_path), "output_name": "cat",
                       "lora_rank": 4, "lora_alpha": 16.0, "learning_rate": 2e-4, "epochs": 10, "batch_size": 1,
-                      "resolution": 512, "deploy_dir": "/webui/models/Lora", "max_train_steps": 100}
+                      "seed": 42, "resolution": 512, "deploy_dir": "/webui/models/Lora", "max_train_steps": 100,
+                      "noise_offset": 0.05}  # an advanced field is sent only when it is not its default
     assert isinstance(config["epochs"], int)
     csv = form.build_config(**form_values(tmp_path, caption_source=form.CAPTION_CSV, dataset="data"))
     assert csv["metadata_path"] == str(tmp_path / "data" / "metadata.csv")  # relative: the WebUI folder
 
 
+def test_the_form_shows_what_the_declarations_say():
+    from lora_daemon_webui.bridge import schema
+
+    basic = {s.name: s for s in form.basic_settings()}
+    assert list(basic) == [s.name for s in schema.TRAIN.values() if s.form.level == "basic"]
+    assert {"lora_rank", "learning_rate", "resolution"} <= set(basic)
+    advanced = {s.name for s in form.advanced_settings()}
+    # every SD setting has a field, the LLM-only ones none, and the keys the tab fills itself are not fields
+    assert "noise_offset" in advanced and "max_seq_len" not in advanced and "base_model" not in advanced
+    assert [s.name for s in form.widget_settings()] == [*basic, *[s.name for s in form.advanced_settings()]]
+    assert form.field_info(basic["resolution"]).endswith("(at least 64 and at most 8192; a multiple of 8)")
+    assert form.field_info(basic["max_train_steps"]).endswith("(0: not set; else at least 1 and at most 10,000,000)")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(dataset=" "), "Dataset folder: enter the folder"),
     (dict(base_model=None), "Base model: choose a checkpoint"),
-    (dict(output_name="a/b"), "Output name: 'a/b' must be a plain file name"),
-    (dict(rank=2.5), "Rank: enter a whole number, not 2.5"),
-    (dict(rank=None), "Rank: enter a number"),
-    (dict(learning_rate=0), "Learning rate: must be above 0"),
-    (dict(resolution=32), "Resolution: must be at least 64"),
+    (dict(output_name="a/b"), "Output name: 'a/b' must be 1-100 ASCII letters"),
+    (dict(lora_rank=2.5), "Rank: expected a whole number, got 2.5"),
+    (dict(lora_rank=None), "Rank: enter a number"),
+    (dict(lora_rank=5000), "Rank: must be at least 1 and at most 4096, got 5000"),
+    (dict(learning_rate=0), "Learning rate: must be greater than 0 and less than 1, got 0"),
+    (dict(resolution=32), "Resolution: must be at least 64 and at most 8192, got 32"),
+    (dict(resolution=516), "Resolution: must be a multiple of 8, got 516"),
+    (dict(noise_offset="lots"), "Noise offset: expected a number, got 'lots'"),
     (dict(advanced="a: [1,"), "Advanced settings line 1: not valid YAML"),
     (dict(advanced="- a\n- b"), "Advanced settings: expected `key: value` lines"),
 ])
@@ -114,13 +137,13 @@ def test_our_client_is_imported_beside_another_top_level_shared(tmp_path):
         sys.path[:0] = [{str(tmp_path)!r}, {str(REPO / 'extension_webui')!r}]
         sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]
         import shared
-        from lora_daemon_webui.bridge import load_client_modules
-        mods = load_client_modules()
-        print(sys.modules['shared'].WHO, '|', mods['client'].__file__, '|', mods['launcher'].ensure_daemon.__module__,
-              '|', {str(REPO)!r} in sys.path)
+        from lora_daemon_webui import bridge
+        ours = sorted(m for m in sys.modules if m.split('.')[0] in ('shared', 'daemon'))
+        print(sys.modules['shared'].WHO, '|', bridge.client.__file__, '|', bridge.launcher.__name__.split('.')[0]
+              == bridge.host_import.package_name(bridge.REPO_ROOT), '|', ours, '|', {str(REPO)!r} in sys.path)
     """, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == (f"another extension | {REPO / 'shared' / 'client.py'} | shared.launcher | False")
+    assert out.stdout.strip() == f"another extension | {REPO / 'shared' / 'client.py'} | True | ['shared'] | False"
 
 
 def test_install_py_installs_websockets_only_when_missing(tmp_path):

@@ -10,11 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
-from daemon_harness import free_port, pid_alive, wait_until
+from daemon_harness import DaemonProcess, free_port, pid_alive, wait_until
+from install_helpers import run_install
 from webui_env import FAKE_WEBUI, HERE, REPO, gradio3_python, make_webui_root, webui_env
 
 from shared.client import endpoint_path
@@ -147,3 +149,89 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     assert calls[unload]["device"] == "cpu" and calls[back]["device"] == "cuda"
     if os.environ.get("LORA_WEBUI_SCREENSHOT"):
         shutil.copy(tmp_path / "webui_tab_done.png", REPO / "docs" / "images" / "webui_tab_done.png")
+
+
+def other_extension(root: Path, name: str) -> Path:
+    """An extension that ships its own top-level `shared` package and imports it from its folder (the
+    WebUI puts the folder on sys.path while the extension's scripts load)."""
+    ext = root / "extensions" / name
+    (ext / "scripts").mkdir(parents=True)
+    (ext / "shared").mkdir()
+    (ext / "shared" / "__init__.py").write_text("WHO = 'other extension'\n")
+    (ext / "shared" / "late.py").write_text("def hello():\n    return 'other extension works'\n")
+    (ext / "scripts" / "other_tab.py").write_text(textwrap.dedent("""
+        import shared
+        from modules import script_callbacks
+
+        assert shared.WHO == "other extension", shared
+
+
+        def on_ui_tabs():
+            import gradio as gr
+            import shared.late  # when the tabs are built, after every extension has loaded
+
+            with gr.Blocks(analytics_enabled=False) as tab:
+                gr.Markdown(shared.late.hello(), elem_id="other_tab_text")
+            return [(tab, "Other", "other")]
+
+
+        script_callbacks.on_ui_tabs(on_ui_tabs)
+    """))
+    return ext
+
+
+def run_driver(python: str, root: Path, log: Path, *args: str) -> dict:
+    out = subprocess.run([python, str(HERE / "tab_driver.py"), *args], cwd=root, env=webui_env(root, log),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["aaa-other", "zzz-other", None], ids=["other-first", "ours-first", "ours-alone"])
+def test_an_extension_with_its_own_top_level_shared_works_beside_ours(tmp_path, tiny_sd, name):
+    """The WebUI loads extensions in folder order; in either order both tabs build, the other
+    extension's `shared` is the only one in sys.modules, and ours never registers `shared` or `daemon`
+    (alone either)."""
+    python = gradio3_python()
+    root = make_webui_root(tmp_path / "webui", tiny_sd["safetensors"], {})
+    if name is None:
+        seen = run_driver(python, root, tmp_path / "calls.jsonl")
+        assert seen["tabs"] == ["Train LoRA"] and seen["modules"] == {}
+        return
+    other = other_extension(root, name)
+    seen = run_driver(python, root, tmp_path / "calls.jsonl")
+    ours_first = name > "lora-daemon"
+    assert seen["tabs"] == (["Train LoRA", "Other"] if ours_first else ["Other", "Train LoRA"])
+    assert seen["other_tab"] == "other extension works"
+    assert seen["modules"] == {"shared": str(other / "shared" / "__init__.py"),
+                               "shared.late": str(other / "shared" / "late.py")}
+
+
+@pytest.mark.slow
+def test_a_copied_install_of_the_tab_finds_the_checkout_and_trains_a_job(tmp_path, tmp_path_factory, tiny_sd,
+                                                                         image_dir):
+    """Where links cannot be made install.py copies the extension; the copy finds this checkout through its
+    marker, and Train (pressed with the fields as the page builds them) trains through the daemon."""
+    python = gradio3_python()
+    state = tmp_path / "state"
+    root = make_webui_root(tmp_path / "webui", tiny_sd["safetensors"], {
+        "sd_model_checkpoint": tiny_sd["safetensors"].name, "lora_daemon_state_dir": str(state),
+        "lora_daemon_autostart": False})
+    (root / "extensions" / "lora-daemon").unlink()
+    (root / "webui.py").write_text("# AUTOMATIC1111\n")
+    out = run_install("--copy", "--webui", str(root), "--state-dir", str(state), home=tmp_path)
+    assert out.returncode == 0 and "webui: copied" in out.stdout, out.stderr + out.stdout
+    copy = root / "extensions" / "lora-daemon"
+    assert copy.is_dir() and not copy.is_symlink() and (copy / ".lora-daemon-copy").is_file()
+    daemon = DaemonProcess(state, [tmp_path_factory.getbasetemp()], [tmp_path]).start()
+    try:
+        seen = run_driver(python, root, tmp_path / "calls.jsonl", "--train", "--dataset", str(image_dir),
+                          "--output-name", "copied_tab", "--set", "lora_rank=4", "--set", "lora_alpha=4",
+                          "--set", "learning_rate=0.001", "--set", "batch_size=2", "--set", "resolution=64",
+                          "--set", "max_train_steps=2",
+                          "--advanced", f"model_config: {tiny_sd['config']}\nsave_steps: 0\n")
+    finally:
+        daemon.stop()
+    assert seen["result"] == "<lora:copied_tab:0.8>", seen
+    assert "finished" in seen["progress"] and seen["modules"] == {}
+    assert (root / "models" / "Lora" / "copied_tab.safetensors").is_file()

@@ -4,7 +4,8 @@ It builds two tiny models from fixed seeds (an SD1.5-architecture checkpoint sav
 file, and a LLaMA-architecture causal LM saved with `save_pretrained`), starts a daemon with its own
 state folder inside the demo folder, submits an SD LoRA job and an LLM adapter job, shows their
 progress, deploys the SD file into a demo Lora folder, and prints the LLM's answers before and after.
-Nothing is downloaded.
+Nothing is downloaded. It lives with the daemon (it drives one); the data it trains on is shipped in
+shared/demo/images.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+
+from daemon.remote import follow_job
 
 DEMO_IMAGES = resources.files("shared") / "demo" / "images"
 DEMO_QUESTIONS = 8  # instruction pairs the LLM demo learns
@@ -101,7 +104,6 @@ def llm_answers(model_dir: Path, adapter: Path | None, questions: list[str]) -> 
 
 
 def _submit_and_follow(client, config_path: Path) -> dict:
-    from daemon.remote import follow_job
 
     data = yaml.safe_load(config_path.read_text())
     job = client.submit(data, base_dir=config_path.parent, source=str(config_path))

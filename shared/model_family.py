@@ -1,0 +1,156 @@
+"""What a base model is, read from its header alone (no weights, no torch, never a pickle).
+
+- an SD single file (`.safetensors`): the tensor names and shapes in its header give the family (SD1,
+  SD2, SDXL; Flux, inpainting and refiners are refused by the same rules the loader applies) and the
+  downsampling of its own VAE and UNet, hence the resolution multiple;
+- an SD diffusers folder: `model_index.json` and the unet/vae `config.json` files;
+- a Transformers folder: `config.json`;
+- a `.ckpt` (a pickle, read only by the loader with `weights_only=True`): SD, with the conservative rule
+  (a multiple of 64, what the SD1/SD2 UNets need) unless `model_config` describes its structure.
+
+The safetensors header is read by hand: the format is 8 bytes (little-endian header length) and a JSON
+object naming each tensor's dtype, shape and offsets, and the `safetensors` package opens files only for
+a framework (torch, numpy) that the daemon's process never imports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError, ModelError
+
+SD_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER = 100 * 2**20  # the format's own limit
+CONSERVATIVE_MULTIPLE = 64  # SD1/SD2: VAE x8, UNet x8 (SDXL needs 32)
+_UNET_DOWN = re.compile(r"model\.diffusion_model\.input_blocks\.\d+\.0\.op\.weight")
+_VAE_DOWN = re.compile(r"first_stage_model\.encoder\.down\.\d+\.downsample\.conv\.weight")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    task: str  # sd or llm
+    arch: str  # sd1, sd2, sdxl, sd (not read: a pickle), or the LLM's model_type
+    resolution_multiple: int | None  # SD: images must be a multiple of this (VAE x UNet downsampling)
+    how: str  # how it was told, for messages
+
+    @property
+    def name(self) -> str:
+        return {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd": "SD"}.get(self.arch, self.arch)
+
+    def describe(self) -> str:
+        """"an SD1.x model (its safetensors header)", "a llama language model (its config.json)"."""
+        what = f"{self.name} model" if self.task == "sd" else f"{self.name} language model"
+        return f"{'an' if what[0] in 'aeiouAEIOS' else 'a'} {what} ({self.how})"
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a .safetensors file's header; ModelError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= size <= MAX_HEADER:
+                raise ValueError("no safetensors header")
+            header = json.loads(fh.read(size).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        reason = "no safetensors header" if "header" in str(exc) else type(exc).__name__
+        raise ModelError(f"base_model: {path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"base_model: {path}: not a readable checkpoint (its safetensors header is not a mapping)")
+    shapes = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+            raise ModelError(f"base_model: {path}: not a readable checkpoint (tensor {name!r:.80} has no shape)")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def _downsampling_multiple(unet_downs: int, vae_downs: int) -> int:
+    return 2 ** (unet_downs + vae_downs)
+
+
+def _from_configs(folder: Path) -> int:
+    """The resolution multiple of a diffusers-format config folder (unet/ and vae/ config.json)."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        # diffusers downsamples after every block but the last, in the UNet and the VAE encoder alike
+        return _downsampling_multiple(len(unet["down_block_types"]) - 1, len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{folder}: not a diffusers config folder with unet/ and vae/ config.json "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def _sd_single_file(path: Path) -> ModelFamily:
+    from shared.sd.base_model import detect_architecture_from_shapes
+
+    shapes = read_safetensors_header(path)
+    arch = detect_architecture_from_shapes(shapes, path)
+    unet_downs = sum(1 for k in shapes if _UNET_DOWN.fullmatch(k))
+    vae_downs = sum(1 for k in shapes if _VAE_DOWN.fullmatch(k)) or 3  # a file without its VAE: SD's x8
+    return ModelFamily("sd", arch, _downsampling_multiple(unet_downs, vae_downs), "its safetensors header")
+
+
+def _sd_folder(folder: Path) -> ModelFamily:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    try:
+        channels = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8")).get("in_channels", 4)
+    except (OSError, ValueError, AttributeError):
+        channels = 4
+    if channels != 4:
+        raise ModelError(f"{folder}: an inpainting/instruct UNet ({channels} input channels); only text-to-image "
+                         "SD1.x/SD2.x/SDXL base models are trained")
+    arch = "sdxl" if isinstance(index, dict) and "text_encoder_2" in index else "sd"
+    return ModelFamily("sd", arch, _from_configs(folder), "its diffusers configs")
+
+
+def _llm_folder(folder: Path) -> ModelFamily:
+    from shared.llm.model import read_model_config
+
+    data = read_model_config(folder)
+    return ModelFamily("llm", str(data.get("model_type") or "Transformers"), None, "its config.json")
+
+
+def model_family(base_model: Path, model_config: Path | None = None, task: str = "auto") -> ModelFamily:
+    """The family of `base_model` from its header or config files. `task` (from the config) may only
+    confirm it, or choose SD for a checkpoint file of another suffix."""
+    base = Path(base_model)
+    family = None
+    if base.is_file():
+        suffix = base.suffix.lower()
+        if suffix == ".safetensors":
+            family = _sd_single_file(base)
+        elif suffix in SD_CHECKPOINT_SUFFIXES or task == "sd":
+            multiple = _from_configs(Path(model_config)) if model_config else CONSERVATIVE_MULTIPLE
+            how = "model_config" if model_config else "a pickle is not read before training: the rule every SD UNet meets"
+            family = ModelFamily("sd", "sd", multiple, how)
+        else:
+            raise ConfigError(
+                f"base_model: {base} is a file but not a checkpoint (.safetensors or .ckpt); "
+                "an LLM base model is a folder with config.json"
+            )
+    elif (base / "model_index.json").is_file() or (base / "unet").is_dir():
+        family = _sd_folder(base)
+    elif (base / "config.json").is_file():
+        family = _llm_folder(base)
+    if family is None:
+        raise ConfigError(
+            f"base_model: cannot tell what {base} is: expected an SD checkpoint file, a diffusers folder "
+            "(model_index.json) or a Transformers causal-LM folder (config.json); set `task: sd` or `task: llm`"
+        )
+    if task not in ("auto", family.task):
+        what = "an SD model" if family.task == "sd" else "a Transformers language model"
+        raise ConfigError(f"task: {task}, but base_model {base} is {what} ({family.how}); set task: {family.task} "
+                          "or auto, or point base_model at the model you meant")
+    return family

@@ -1,0 +1,149 @@
+"""The pre-flight: every check a training job can get without loading a weight, in one order, once.
+
+The daemon runs it when a job is submitted (nothing is queued unless it passes) and `train` runs it
+before anything heavy loads:
+
+1. the values: types, ranges, choices and cross-field rules, from the declarations (shared/schema); no
+   file is touched;
+2. the roots (the daemon): every path against its read or write roots, before it is opened or stat-ed;
+3. existence: the files and folders the job reads, and no file where a folder is to be written;
+4. the model family, from the checkpoint's header (shared/model_family.py; never a pickle);
+5. the family's rules: which keys apply to it (an SD setting on an LLM job is refused), and the rules
+   declared with `family=True` beside the settings they concern (resolution: the multiple the model's
+   own VAE and UNet need);
+6. the data set: SD images and captions (image headers only), LLM rows (parsed, not tokenized).
+
+What passes is stored as the canonical dict (every key, paths absolute, `task` resolved); the worker and
+the ranks rebuild `TrainConfig` from it (`TrainConfig.from_canonical`) without checking again. Not seen
+here, because it needs the libraries the daemon does not import: whether a Transformers folder's
+model type is a causal LM and has a tokenizer, and what CUDA offers (adamw8bit, load_in_4bit); the
+worker checks those first, before any weight loads. No torch, no transformers: the daemon imports this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared import schema
+from shared.config import TrainConfig
+from shared.errors import ConfigError
+from shared.model_family import ModelFamily, model_family
+from shared.roots import Roots, confine
+
+
+class PathNotAllowed(ConfigError):
+    """A path lies outside the daemon's roots. `key` names the setting."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class Checked:
+    """A config the pre-flight accepted."""
+
+    config: TrainConfig
+    canonical: dict[str, Any]
+    family: ModelFamily
+    items: int  # images (SD) or rows (LLM) found
+
+    @property
+    def task(self) -> str:
+        return self.family.task
+
+
+def check(data: Mapping[str, Any], *, source: str, base_dir: Path | None = None,
+          origins: Mapping[str, str] | None = None, roots: Roots | None = None,
+          require_absolute: bool = False) -> Checked:
+    """Run the whole pre-flight on a mapping of config keys; a UserError (one line, naming the key and
+    where its value came from) on the first problem. `roots` confines the paths (the daemon's);
+    `require_absolute` refuses relative paths (a client that gave no base folder)."""
+    origins = origins or {}
+
+    def where(key: str) -> str:
+        return origins.get(key, source)
+
+    values = schema.coerce_config(data, source=source, base_dir=base_dir, origins=origins,
+                                  require_absolute=require_absolute)
+    if roots is not None:
+        confine_paths(values, schema.TRAIN, roots)
+    check_exist(values, schema.TRAIN, where, folders_to_write=True)
+    family = model_family(values["base_model"], values["model_config"], values["task"])
+    check_family(values, set(data), family, where)
+    items = scan_data(values, family)
+    values["task"] = family.task
+    canonical = schema.canonical(values)
+    return Checked(TrainConfig.from_canonical(canonical), canonical, family, items)
+
+
+def confine_paths(values: Mapping[str, Any], table: Mapping[str, schema.Setting], roots: Roots,
+                  extra: list[tuple[str, Path | None, str]] = ()) -> None:
+    """Every path setting against its roots (a path setting that declares no access is a read), then
+    the `extra` (key, path, access) triples; PathNotAllowed on the first outside its roots."""
+    checks = [(name, values[name], s.path or "read") for name, s in table.items() if s.type is Path]
+    for key, value, access in [*checks, *extra]:
+        if value is None:
+            continue
+        problem = confine(Path(value), roots.read if access == "read" else roots.write, key, access)
+        if problem:
+            raise PathNotAllowed(key, problem)
+
+
+def check_exist(values: Mapping[str, Any], table: Mapping[str, schema.Setting], where: Callable[[str], str],
+                folders_to_write: bool = False) -> None:
+    """The files and folders that must exist do, and are of the declared kind; with `folders_to_write`,
+    no written path is an existing file (they are all folders)."""
+    for name, setting in table.items():
+        value = values[name]
+        if value is None or setting.type is not Path:
+            continue
+        path = Path(value)
+        try:
+            exists, is_dir = path.exists(), path.is_dir()
+        except (OSError, ValueError):
+            exists = is_dir = False
+        if setting.exists and not exists:
+            raise ConfigError(f"{where(name)}: {name}: {path} does not exist")
+        if setting.exists == "dir" and not is_dir:
+            raise ConfigError(f"{where(name)}: {name}: {path} is not a folder")
+        if setting.exists == "file" and is_dir:
+            raise ConfigError(f"{where(name)}: {name}: {path} is a folder; give the file")
+        if folders_to_write and setting.path == "write" and exists and not is_dir:
+            raise ConfigError(f"{where(name)}: {name}: {path} is a file; give a folder")
+
+
+def _a(words: str) -> str:
+    return f"an {words}" if words[0] in "aeiouAEIOLS" else f"a {words}"  # "an SD", "an LLM", "an auto-label"
+
+
+def check_family(values: Mapping[str, Any], given: set[str], family: ModelFamily, where: Callable[[str], str]) -> None:
+    """The model family's rules: every given key applies to it, and its declared family rules hold
+    (the resolution multiple its VAE and UNet need, declared beside `resolution`)."""
+    for name, setting in schema.TRAIN.items():
+        if name in given and family.task not in setting.tasks:
+            kinds = " and ".join(schema.TASK_NAMES[t] for t in sorted(setting.tasks))
+            raise ConfigError(f"{where(name)}: {name} is {_a(kinds)} setting and does not apply here: base_model "
+                              f"{values['base_model']} is {family.describe()}; remove {name}")
+    for rule in schema.FAMILY_RULES:
+        problem = family.task in rule.tasks and rule.check(values, family)
+        if problem:
+            raise ConfigError(f"{where(rule.keys[0])}: {problem}")
+
+
+def scan_data(values: Mapping[str, Any], family: ModelFamily) -> int:
+    """Read the data set as the trainer will, short of decoding images or tokenizing text: the number of
+    images (SD) or rows (LLM)."""
+    if family.task == "sd":
+        from shared.sd.dataset import scan_dataset  # captions and image headers only (PIL, no torch)
+
+        return len(scan_dataset(values["train_data_dir"], values["metadata_path"], values["caption_extension"]).items)
+    from shared.llm.data import parse_record, read_records  # no tokenizer needed
+
+    records = read_records(values["train_data_dir"])
+    for record in records:
+        parse_record(record)
+    return len(records)
