@@ -16,7 +16,7 @@ from shared.errors import UserError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from shared.config import load_config
+    from shared.preflight import load_config
     from shared.train import run_training
 
     config = args.config or args.config_file

@@ -1,6 +1,6 @@
 """The training config: `TrainConfig`, generated from the declarations in shared/schema, and reading it.
 
-    cfg = load_config("my.yaml", ["lora_rank=4"])    # read, override, run the whole pre-flight
+    cfg = load_config("my.yaml", ["lora_rank=4"])    # shared.preflight: read, override, run the whole pre-flight
     cfg = config_from_dict({...}, base_dir=folder)   # only the declarations' checks (no file touched)
     cfg = TrainConfig.from_canonical(job["config"])  # a config the pre-flight accepted, as stored
 
@@ -61,16 +61,6 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config, apply `key=value` overrides and run the pre-flight (every check that needs no
-    weights: values, files, the model family's rules, the data set). What `train` runs."""
-    from shared.preflight import check
-
-    path = Path(path)
-    data = read_config_file(path, overrides)
-    return check(data, source=str(path), base_dir=path.resolve().parent, origins=override_origins(overrides)).config
 
 
 def read_config_file(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:

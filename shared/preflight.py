@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import schema
-from shared.config import TrainConfig
+from shared.config import TrainConfig, override_origins, read_config_file
 from shared.errors import ConfigError
 from shared.model_family import ModelFamily, model_family
 from shared.roots import Roots, confine
@@ -147,3 +147,11 @@ def scan_data(values: Mapping[str, Any], family: ModelFamily) -> int:
     for record in records:
         parse_record(record)
     return len(records)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply `key=value` overrides and run the pre-flight (every check that needs no
+    weights: values, files, the model family's rules, the data set). What `train` runs."""
+    path = Path(path)
+    data = read_config_file(path, overrides)
+    return check(data, source=str(path), base_dir=path.resolve().parent, origins=override_origins(overrides)).config

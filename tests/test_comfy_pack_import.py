@@ -4,6 +4,7 @@ loads custom nodes, and leaves the host's import path as it found it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -66,7 +67,12 @@ def load_packs(tmp_path, *, foreign_first: bool | None = None, blocked=BLOCKED) 
     and puts its folder on sys.path, as some public packs do) the way ComfyUI loads custom nodes."""
     custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
     custom_nodes.mkdir(parents=True)
-    (custom_nodes / "lora_daemon").symlink_to(REPO / "comfy_nodes", target_is_directory=True)
+    # a checkout of the pack and the thin client without a daemon environment (.venv): a node that runs
+    # finds no daemon and none to start, instead of starting one on the default port
+    checkout = tmp_path / "checkout"
+    for part in ("comfy_nodes", "shared"):
+        shutil.copytree(REPO / part, checkout / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (custom_nodes / "lora_daemon").symlink_to(checkout / "comfy_nodes", target_is_directory=True)
     order = [custom_nodes / "lora_daemon"]
     if foreign_first is not None:
         other = custom_nodes / "other_pack"
@@ -108,7 +114,7 @@ def test_the_pack_loads_without_torch_and_leaves_sys_path_and_modules_alone(tmp_
     assert out["shared"] == {}  # no `shared` or `daemon` of ours in ComfyUI's sys.modules
     # running a node needs websockets in the host's Python: the error says how to get it
     assert out["connect_error"] == ("lora-daemon nodes need the websockets package in ComfyUI's Python: "
-                                    f"pip install -r {REPO / 'comfy_nodes' / 'requirements.txt'}")
+                                    f"pip install -r {tmp_path / 'checkout' / 'comfy_nodes' / 'requirements.txt'}")
 
 
 @pytest.mark.parametrize("foreign_first", [True, False], ids=["other-pack-first", "ours-first"])

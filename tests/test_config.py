@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import TrainConfig, config_from_dict, detect_task, load_config
+from shared.config import TrainConfig, config_from_dict, detect_task
 from shared.errors import ConfigError
+from shared.preflight import load_config
 
 
 def test_seed_defaults_and_output_name(sd_config):

@@ -15,8 +15,8 @@ from daemon_harness import REPO, DaemonProcess, raw_handshake
 from websockets.exceptions import ConnectionClosed
 
 from shared.client import TOKEN_HEADER, DaemonClient, DaemonError
-from shared.config import load_config
 from shared.errors import ConfigError
+from shared.preflight import load_config
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from llm_fixtures import chat_data, llm_values  # noqa: F401  (chat_data is a fixture)
 from llm_fixtures import write_config as write_llm_config
 
-from shared.config import load_config
+from shared.preflight import load_config
 from shared.train import run_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

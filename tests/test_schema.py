@@ -12,7 +12,8 @@ import textwrap
 from pathlib import Path
 
 from shared import schema
-from shared.config import FIELDS, TrainConfig, load_config
+from shared.config import FIELDS, TrainConfig
+from shared.preflight import load_config
 from shared.schema.json_schema import config_schema
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ import random
 import pytest
 from PIL import Image
 
-from shared.config import load_config
+from shared.preflight import load_config
 from shared.reporting import Reporter
 from shared.sd.buckets import assign_buckets, epoch_batches
 from shared.sd.dataset import process_caption, scan_dataset

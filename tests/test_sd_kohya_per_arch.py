@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shared.config import load_config
+from shared.preflight import load_config
 from shared.sd.base_model import load_sd_model
 from shared.sd.lora import kohya_text_encoder_targets, kohya_unet_targets
 from shared.train import run_training

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from shared.config import load_config
 from shared.errors import ConfigError
+from shared.preflight import load_config
 from shared.sd.base_model import load_sd_model
 from shared.sd.lora import inject_lora, kohya_conv_targets, kohya_unet_targets, lora_modules
 from shared.sd.loss import noise_loss

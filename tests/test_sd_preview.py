@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from shared.config import load_config
+from shared.preflight import load_config
 from shared.train import run_training
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shared.config import load_config
 from shared.errors import ConfigError
+from shared.preflight import load_config
 from shared.train import run_training
 from shared.training import state as ckpt
 
