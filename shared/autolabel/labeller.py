@@ -16,8 +16,8 @@ from shared.autolabel.clip_model import DEFAULT_MODEL, ClipModel, load_clip
 from shared.autolabel.ranking import choose_phrases, compose_caption, rank_phrases
 from shared.autolabel.vocab import load_vocabulary
 from shared.errors import DatasetError, UserError
+from shared.image_files import IMAGE_SUFFIXES, is_image, open_rgb
 from shared.reporting import Reporter
-from shared.sd.dataset import IMAGE_SUFFIXES
 
 FORMATS = ("csv", "txt")
 
@@ -63,16 +63,11 @@ class LabelResult:
 
 def list_images(folder: Path) -> list[Path]:
     """The images the trainer would find in `folder` (top level, known suffixes), sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image(p))
 
 
 def _load_pixels(path: Path, preprocess):
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img).convert("RGB")
-    return preprocess(img)
+    return preprocess(open_rgb(path))  # as the trainer sees it: upright, 8-bit, flattened on white
 
 
 def _why(exc: Exception) -> str:
