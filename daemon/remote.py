@@ -67,8 +67,11 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
         elif kind == "queued":
             bar.message(f"queued (priority {data.get('priority', 0)})")
         elif kind == "started":
-            resumed = " (re-run after an interruption)" if data.get("resumed") else ""
-            bar.message(f"started: {data.get('total')} steps, attempt {data.get('attempt', 1)}{resumed}")
+            again = ""
+            if data.get("attempt", 1) > 1:
+                again = (f" (resumed at step {data.get('step')} after an interruption)" if data.get("resumed")
+                         else " (started again from step 0 after an interruption: no training state was saved)")
+            bar.message(f"started: {data.get('total')} steps, attempt {data.get('attempt', 1)}{again}")
         elif kind == "checkpoint":
             bar.message(f"checkpoint at step {data.get('step')}: {data.get('path')}")
         elif kind == "interrupted":

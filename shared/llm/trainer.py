@@ -312,7 +312,7 @@ def train_llm(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult
         f"Training started... total steps: {total_steps} ({len(data.train)} sequences, "
         f"{batch_note(cfg, accelerator.num_processes)})"
     )
-    reporter.event("started", total=total_steps)
+    reporter.event("started", total=total_steps, step=step)
     result = TrainResult(output_path=output_dir, deployed_path=None, steps=step)
     eval_losses: list[float] = []
     throughput = Throughput(total_steps)
