@@ -41,8 +41,9 @@ class ProgressBar:
         step, total = d.get("step", 0), max(1, d.get("total", 1))
         filled = int(self.width * step / total)
         bar = "#" * filled + "." * (self.width - filled)
+        eta = f"ETA {_fmt_duration(d['eta_s'])}" if d.get("eta_s") is not None and d.get("it_s") else "ETA estimating..."
         line = (f"[{bar}] {step}/{total} loss {d.get('loss', 0):.4f} lr {d.get('lr', 0):.2e} "
-                f"{d.get('it_s', 0):.2f} it/s ETA {_fmt_duration(d.get('eta_s'))}")
+                f"{d.get('it_s') or 0:.2f} it/s {eta}")
         if self.tty:
             self.stream.write("\r" + line)
             self.stream.flush()

@@ -4,7 +4,9 @@
 
 Run extension installers, load built-in and user extension scripts (each extension folder on sys.path
 only while its scripts load), collect settings and tabs, `queue(64)`, launch on 127.0.0.1, call the
-app-started callbacks, print `READY <url>` and serve until killed. $FAKE_WEBUI_BLOCK lists top-level
+app-started callbacks, print `READY <url>` and serve until killed. As in the WebUI, the txt2img tab
+carries the extra-networks pages (Lora cards), extensions' javascript/*.js are put into the page, and the
+selected checkpoint is loaded (hashed, so retitled) only after the UI was built. $FAKE_WEBUI_BLOCK lists top-level
 packages that must not be imported (torch ...): importing one fails, as it would in a Python without it.
 """
 
@@ -36,7 +38,7 @@ sys.path.insert(0, HERE)
 os.environ.setdefault("FAKE_WEBUI_ROOT", HERE)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from modules import paths, script_callbacks, sd_models, shared  # noqa: E402
+from modules import paths, script_callbacks, sd_models, shared, ui_gradio_extensions  # noqa: E402
 from modules.record import record  # noqa: E402
 
 
@@ -81,25 +83,34 @@ def load_scripts():
 
 def create_ui():
     import gradio as gr
+    from modules import ui_extra_networks
 
+    script_callbacks.before_ui_callback()
     script_callbacks.ui_settings_callback()
-    interfaces = script_callbacks.ui_tabs_callback()
+    with gr.Blocks(analytics_enabled=False) as txt2img_interface:
+        with gr.Tabs(elem_id="txt2img_extra_tabs"):
+            with gr.Tab("Generation", id="txt2img_generation"):
+                gr.Markdown("txt2img stand-in")
+            ui_extra_networks.create_ui(txt2img_interface, [], "txt2img")
+    extension_tabs = script_callbacks.ui_tabs_callback()
+    interfaces = [(txt2img_interface, "txt2img", "txt2img"), *extension_tabs]
     with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo:
         with gr.Tabs(elem_id="tabs"):
-            with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                gr.Markdown("txt2img stand-in")
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
-    return demo, [label for _, label, _ in interfaces]
+    return demo, [label for _, label, _ in extension_tabs]
 
 
 def main():
     run_installers()
     sd_models.list_models()
-    sd_models.model_data.sd_model = sd_models.FakeModel()  # "loaded" at start, as the WebUI does
     load_scripts()
+    ui_gradio_extensions.reload_javascript()
     demo, labels = create_ui()
+    # the WebUI loads the checkpoint in a thread while it builds the UI; a large one is hashed (and so
+    # retitled `name [hash]`) only after the UI already holds its unhashed title
+    sd_models.load_model()
     if shared.cmd_opts.build_only:
         print("TABS", labels, "SETTINGS", sorted(k for k in shared.opts.data_labels if k.startswith("lora_daemon")))
         return
