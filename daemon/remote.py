@@ -12,19 +12,11 @@ import time
 from pathlib import Path
 
 from shared.client import DaemonClient
+from shared.reporting import eta_text
 
 
 def _connect(args: argparse.Namespace) -> DaemonClient:
     return DaemonClient.connect(args.state_dir, port=args.port)
-
-
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class ProgressBar:
@@ -41,9 +33,8 @@ class ProgressBar:
         step, total = d.get("step", 0), max(1, d.get("total", 1))
         filled = int(self.width * step / total)
         bar = "#" * filled + "." * (self.width - filled)
-        eta = f"ETA {_fmt_duration(d['eta_s'])}" if d.get("eta_s") is not None and d.get("it_s") else "ETA estimating..."
         line = (f"[{bar}] {step}/{total} loss {d.get('loss', 0):.4f} lr {d.get('lr', 0):.2e} "
-                f"{d.get('it_s') or 0:.2f} it/s {eta}")
+                f"{d.get('it_s') or 0:.2f} it/s {eta_text(d.get('it_s'), d.get('eta_s'))}")
         if self.tty:
             self.stream.write("\r" + line)
             self.stream.flush()

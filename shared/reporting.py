@@ -84,3 +84,16 @@ class Throughput:
             return 0.0, None
         rate = (len(self.times) - 1) / (self.times[-1] - self.times[0])
         return rate, max(0, self.total - step) / rate
+
+
+def format_duration(seconds: float) -> str:
+    """`1:02:05` or `4:07`."""
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def eta_text(it_s: float | None, eta_s: float | None) -> str:
+    """`ETA 4:07`, or `ETA estimating...` while the trainer has no rate yet (the first step)."""
+    return f"ETA {format_duration(eta_s)}" if it_s and eta_s is not None else "ETA estimating..."

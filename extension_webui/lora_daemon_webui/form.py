@@ -17,6 +17,10 @@ CAPTION_CSV = "metadata.csv"
 CAPTION_TXT = ".txt beside each image"
 CAPTION_CHOICES = [CAPTION_AUTO, CAPTION_CSV, CAPTION_TXT]
 
+# the label job's options as the tab labels its fields: the daemon's errors then name them
+LABEL_FIELD_NAMES = {"input_dir": "Dataset folder", "fmt": "Captions", "model": "CLIP model",
+                     "weights": "CLIP weights", "trigger": "Trigger word"}
+
 # keys the form sets; every other TrainConfig key goes in the advanced YAML
 FORM_KEYS = ("base_model", "train_data_dir", "metadata_path", "output_name", "lora_rank", "lora_alpha",
              "learning_rate", "epochs", "batch_size", "resolution", "deploy_dir")
@@ -109,7 +113,8 @@ def build_label_options(*, dataset: str | None, caption_source: str, clip_model:
         raise FormError("Dataset folder: enter the folder that holds your images")
     folder = Path(str(dataset).strip()).expanduser()
     folder = folder if folder.is_absolute() else Path(base_dir) / folder
-    options: dict = {"input_dir": str(folder), "format": "txt" if caption_source == CAPTION_TXT else "csv"}
+    options: dict = {"input_dir": str(folder), "format": "txt" if caption_source == CAPTION_TXT else "csv",
+                     "field_names": LABEL_FIELD_NAMES}
     if clip_model and clip_model.strip():
         options["model"] = clip_model.strip()
     if clip_weights and clip_weights.strip():

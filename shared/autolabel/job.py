@@ -30,6 +30,8 @@ LABEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "pretrained": (typing.Optional[str], None),  # noqa: UP045
     "weights": (typing.Optional[Path], None),  # noqa: UP045
     "overwrite": (bool, False),
+    # what the client calls each option ({"weights": "clip_weights"}), so errors name its inputs
+    "field_names": (typing.Optional[dict], None),  # noqa: UP045
 }
 READ_PATHS = ("input_dir", "vocab_file", "weights")
 
@@ -51,10 +53,14 @@ def label_options(raw: dict, *, source: str = "label job", base_dir: Path | None
     if options["input_dir"] is None:
         raise ConfigError(f"{source}: missing required label option 'input_dir' (the folder of images)")
     if not options["input_dir"].is_dir():
-        raise ConfigError(f"{source}: input_dir: {options['input_dir']} is not a folder")
+        label = (options["field_names"] or {}).get("input_dir", "input_dir")
+        raise ConfigError(f"{source}: {label}: {options['input_dir']} is not a folder")
+    names = options["field_names"] or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+        raise ConfigError(f"{source}: field_names: expected option names mapped to the client's labels")
     for key in ("vocab_file", "weights"):
         if options[key] is not None and not options[key].exists():
-            raise ConfigError(f"{source}: {key}: {options[key]} does not exist")
+            raise ConfigError(f"{source}: {names.get(key, key)}: {options[key]} does not exist")
     return options
 
 

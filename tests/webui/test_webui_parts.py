@@ -157,10 +157,12 @@ def test_the_tab_refuses_to_train_for_strangers_when_the_webui_is_open_without_l
 def test_auto_label_options_follow_the_caption_source(tmp_path):
     options = form.build_label_options(dataset="data", caption_source=form.CAPTION_TXT, clip_model=" ViT-B-32 ",
                                        clip_weights="", trigger=" sks ", base_dir=tmp_path)
-    assert options == {"input_dir": str(tmp_path / "data"), "format": "txt", "model": "ViT-B-32", "trigger": "sks"}
+    assert options == {"input_dir": str(tmp_path / "data"), "format": "txt", "model": "ViT-B-32", "trigger": "sks",
+                       "field_names": form.LABEL_FIELD_NAMES}
     csv = form.build_label_options(dataset=str(tmp_path), caption_source=form.CAPTION_AUTO, clip_model=None,
                                    clip_weights="/w/clip.safetensors", trigger=None, base_dir=tmp_path)
-    assert csv == {"input_dir": str(tmp_path), "format": "csv", "weights": "/w/clip.safetensors"}
+    assert csv == {"input_dir": str(tmp_path), "format": "csv", "weights": "/w/clip.safetensors",
+                   "field_names": form.LABEL_FIELD_NAMES}
     with pytest.raises(form.FormError, match="Dataset folder"):
         form.build_label_options(dataset="", caption_source=form.CAPTION_AUTO, clip_model=None, clip_weights=None,
                                  trigger=None, base_dir=tmp_path)
@@ -251,3 +253,41 @@ def test_the_tab_says_when_another_program_holds_the_daemon_port(tmp_path):
     assert str(state / "config.yaml") in seen["text"] and "python -m daemon serve" not in seen["text"].split("(or")[0]
     assert seen["start"]["visible"] is False and seen["again"]["visible"] is False  # no Start that would fail
     assert seen["after"] == seen["text"] and not (state / "daemon.log").exists()
+
+
+def test_a_finished_job_renders_the_lora_cards_for_pages_loaded_later(tmp_path):
+    """With no page open when the job ends, the next page load must still get the new card: the
+    WebUI's refresh handler (found in its real gradio 3 Blocks) is run, as a press of its button would."""
+    from webui_env import gradio3_python
+
+    python = gradio3_python()
+    lora_dir = tmp_path / "models" / "Lora"
+    lora_dir.mkdir(parents=True)
+    out = run_python(python, f"""
+        import json, sys
+        sys.path[:0] = [{str(FAKE_WEBUI)!r}, {str(FAKE_WEBUI / 'extensions-builtin' / 'Lora')!r},
+                        {str(REPO / 'extension_webui')!r}]
+        import gradio as gr
+        import networks, ui_extra_networks_lora
+        from modules import shared, ui_extra_networks
+        from lora_daemon_webui import host
+        ui_extra_networks.register_page(ui_extra_networks_lora.ExtraNetworksPageLora())
+        networks.list_available_networks()
+        with gr.Blocks() as txt2img:
+            ui = ui_extra_networks.create_ui(txt2img, [], "txt2img")
+        with gr.Blocks() as demo:
+            txt2img.render()
+        shared.demo = demo
+        ui.pages_contents = [p.create_html("txt2img") for p in ui.stored_extra_pages]  # the first page load
+        before = ui.pages_contents[0]
+        open({str(lora_dir / 'fresh.safetensors')!r}, "wb").close()  # the daemon deploys
+        host.refresh_loras()
+        print(json.dumps({{"before": before, "after": ui.pages_contents[0], "api": sorted(networks.available_networks),
+                          "run": host.refresh_extra_network_cards()}}))
+    """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path), "PATH": os.environ["PATH"],
+                            "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["api"] == ["fresh"] and "data-name='fresh'" not in seen["before"]
+    assert "data-name='fresh'" in seen["after"]  # what pages_html hands the next page load
+    assert seen["run"] == ["txt2img_lora_extra_refresh_internal"]

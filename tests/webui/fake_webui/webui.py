@@ -15,6 +15,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,8 +110,18 @@ def main():
     ui_gradio_extensions.reload_javascript()
     demo, labels = create_ui()
     # the WebUI loads the checkpoint in a thread while it builds the UI; a large one is hashed (and so
-    # retitled `name [hash]`) only after the UI already holds its unhashed title
-    sd_models.load_model()
+    # retitled `name [hash]`) only after the UI, and pages loaded meanwhile, hold its unhashed title.
+    # $FAKE_WEBUI_LOAD_MODEL_WHEN names a file: the load waits until it exists (a page loaded first).
+    flag = os.environ.get("FAKE_WEBUI_LOAD_MODEL_WHEN")
+    if flag:
+        def load_when_asked():
+            while not os.path.exists(flag):
+                time.sleep(0.1)
+            sd_models.load_model()
+
+        threading.Thread(target=load_when_asked, daemon=True, name="load_model").start()
+    else:
+        sd_models.load_model()
     if shared.cmd_opts.build_only:
         print("TABS", labels, "SETTINGS", sorted(k for k in shared.opts.data_labels if k.startswith("lora_daemon")))
         return
