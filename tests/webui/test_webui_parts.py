@@ -282,12 +282,10 @@ def test_a_finished_job_renders_the_lora_cards_for_pages_loaded_later(tmp_path):
         before = ui.pages_contents[0]
         open({str(lora_dir / 'fresh.safetensors')!r}, "wb").close()  # the daemon deploys
         host.refresh_loras()
-        print(json.dumps({{"before": before, "after": ui.pages_contents[0], "api": sorted(networks.available_networks),
-                          "run": host.refresh_extra_network_cards()}}))
+        print(json.dumps({{"before": before, "after": ui.pages_contents[0], "api": sorted(networks.available_networks)}}))
     """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path), "PATH": os.environ["PATH"],
                             "GRADIO_ANALYTICS_ENABLED": "False"})
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["api"] == ["fresh"] and "data-name='fresh'" not in seen["before"]
     assert "data-name='fresh'" in seen["after"]  # what pages_html hands the next page load
-    assert seen["run"] == ["txt2img_lora_extra_refresh_internal"]
