@@ -173,10 +173,9 @@ def read_endpoint(state_dir: Path) -> tuple[str, int]:
         recorded, pid = None, None
     if recorded and _alive(pid):
         return recorded
+    fallback_host, fallback_port = recorded or (DEFAULT_HOST, DEFAULT_PORT)
     host, port = configured_endpoint(state_dir)
-    if port or host:
-        return host or (recorded or (DEFAULT_HOST,))[0], port or (recorded or (None, DEFAULT_PORT))[1]
-    return recorded or (DEFAULT_HOST, DEFAULT_PORT)
+    return host or fallback_host, port or fallback_port
 
 
 class _RedactToken(logging.Filter):
