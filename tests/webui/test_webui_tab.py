@@ -134,7 +134,8 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     assert "webui_test" in seen["queue"] and "finished" in seen["queue"]
     # the card is in the Lora tab of the open page and of a page loaded afterwards, without refresh
     assert seen["cards_at_start"] == []
-    assert "webui_test" in seen["cards_open_page"] and "webui_test" in seen["cards_fresh_page"], seen
+    cards = {k: seen[k] for k in ("cards_at_start", "cards_open_page", "cards_fresh_page")}
+    assert "webui_test" in seen["cards_open_page"] and "webui_test" in seen["cards_fresh_page"], cards
 
     # Stop saves what was trained, under a new name beside the first; Cancel keeps nothing
     stopped, cancelled = seen["stop"], seen["cancel"]

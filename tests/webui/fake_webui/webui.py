@@ -127,8 +127,11 @@ def main():
         return
     shared.demo = demo
     demo.queue(64)
+    # the WebUI folder's files (extensions' javascript/) are served: gradio 3 allows its working folder
+    # by itself, gradio 4 (Forge) only what allowed_paths names
     app, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=shared.cmd_opts.port,
-                                    prevent_thread_lock=True, show_api=False, quiet=True)
+                                    prevent_thread_lock=True, show_api=False, quiet=True,
+                                    allowed_paths=[paths.script_path])
     script_callbacks.app_started_callback(demo, app)
     print(f"READY {local_url}", flush=True)
     while True:
