@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parent
 STAMP = ".lora-daemon-install"
 COPY_MARKER = ".lora-daemon-copy"
 RECORD = "install.json"
-LINK_NAME = "lora-daemon"
+# The folder names in each host: the WebUI's extension folder, ComfyUI's node pack. ComfyUI's name is the
+# one docs/comfyui.md and the example workflow (its data set path) use.
+LINK_NAMES = {"webui": "lora-daemon", "comfyui": "lora_daemon"}
 SERVICE = Path.home() / ".config" / "systemd" / "user" / "lora-daemon.service"
 
 
@@ -109,8 +111,8 @@ def detect(kind: str) -> Path | None:
 def host_layout(kind: str, path: Path) -> tuple[Path, Path, Path]:
     """(link to create, what it points at, the host's Lora folder)."""
     if kind == "webui":
-        return path / "extensions" / LINK_NAME, ROOT / "extension_webui", path / "models" / "Lora"
-    return path / "custom_nodes" / LINK_NAME, ROOT / "comfy_nodes", path / "models" / "loras"
+        return path / "extensions" / LINK_NAMES[kind], ROOT / "extension_webui", path / "models" / "Lora"
+    return path / "custom_nodes" / LINK_NAMES[kind], ROOT / "comfy_nodes", path / "models" / "loras"
 
 
 def link_extension(link: Path, target: Path, copy: bool = False) -> str:
@@ -197,6 +199,9 @@ def install(args: argparse.Namespace, python: Path, created_venv: bool) -> None:
         link, target, lora_dir = host_layout(kind, path)
         status = link_extension(link, target, copy=args.copy)
         print(f"{kind}: {status} {link} -> {target}; the daemon may write into {lora_dir}")
+        earlier = hosts.get(kind, {}).get("link")
+        if earlier and Path(earlier) != link and remove_link(Path(earlier), target):  # an older name of ours
+            print(f"{kind}: removed the link under its old name {earlier}")
         hosts[kind] = {"path": str(path), "link": str(link), "lora_dir": str(lora_dir)}
     service = record.get("service")
     if args.service:
@@ -288,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.test:
         return subprocess.run([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
+    if args.demo and not (args.webui or args.comfyui or args.service or args.state_dir):
+        # the demo keeps its daemon's state in demo_output/ and starts it with this Python: nothing is
+        # recorded in (or written to) the user's own state folder
+        return subprocess.run([str(python), "-m", "daemon", "demo", *rest], cwd=ROOT, env=env).returncode
     install(args, python, created)
     if args.demo:
         return subprocess.run([str(python), "-m", "daemon", "demo", *rest], cwd=ROOT, env=env).returncode

@@ -80,6 +80,20 @@ def send_event(event: str, data: dict) -> None:
         instance.send_sync(event, data)
 
 
+def progress_text(text: str, node_id: str | None) -> None:
+    """Text on the node itself (`PromptServer.send_progress_text`, ComfyUI 0.3.6x and later). Older
+    ComfyUI has no such call: the node then shows only its progress bar."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    send = getattr(getattr(PromptServer, "instance", None), "send_progress_text", None)
+    if send is not None:
+        send(text, node_id)
+
+
 def apply_lora(model, clip, path: Path, strength_model: float, strength_clip: float):
     """The new LoRA on the connected MODEL/CLIP, the way ComfyUI's own LoraLoader applies one."""
     import comfy.sd

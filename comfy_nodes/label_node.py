@@ -16,6 +16,9 @@ from .daemon_job import TrainingFailed, connect, run_job
 log = logging.getLogger("lora_daemon.comfy")
 
 FORMATS = {"metadata.csv": "csv", ".txt": "txt"}
+# the label job's options as this node's inputs are called: its errors then name them
+FIELD_NAMES = {"input_dir": "dataset_folder", "fmt": "caption_format", "model": "clip_model",
+               "weights": "clip_weights", "trigger": "trigger", "overwrite": "overwrite"}
 
 
 def label_options(dataset_folder: str, caption_format: str, clip_model: str, clip_weights: str, trigger: str,
@@ -25,7 +28,8 @@ def label_options(dataset_folder: str, caption_format: str, clip_model: str, cli
         raise TrainingFailed("dataset_folder: enter the folder that holds your images")
     folder = Path(dataset_folder.strip()).expanduser()
     folder = folder if folder.is_absolute() else host.base_path() / folder
-    options = {"input_dir": str(folder), "format": FORMATS[caption_format], "overwrite": bool(overwrite)}
+    options = {"input_dir": str(folder), "format": FORMATS[caption_format], "overwrite": bool(overwrite),
+               "field_names": FIELD_NAMES}
     if clip_model.strip():
         options["model"] = clip_model.strip()
     if clip_weights.strip():

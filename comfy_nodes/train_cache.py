@@ -51,7 +51,7 @@ def cache_key(settings: dict, checkpoint: Path, dataset: Path) -> str:
 
 
 class TrainCache:
-    """key -> {"lora_name", "path", "job"} in `<daemon state folder>/comfyui_train_cache.json`."""
+    """key -> {"lora_name", "path", "job", "generation"} in `<daemon state folder>/comfyui_train_cache.json`."""
 
     def __init__(self, state_dir: Path | None = None):
         self.path = Path(state_dir or client.default_state_dir()) / CACHE_FILE
@@ -69,6 +69,17 @@ class TrainCache:
         if isinstance(entry, dict) and entry.get("path") and Path(entry["path"]).is_file():
             return entry
         return None
+
+    def generation(self, key: str) -> int:
+        """How often the LoRA for `key` has been trained again because its file was deleted: the part of
+        the node's IS_CHANGED value that moves. It stays the same from before the first training to
+        after it (so the second queue of an unchanged workflow is a cache hit in ComfyUI too) and
+        moves once when the file is gone, so that queue trains it again."""
+        entry = self._read().get(key)
+        if not isinstance(entry, dict):
+            return 0
+        generation = int(entry.get("generation") or 0)
+        return generation if entry.get("path") and Path(entry["path"]).is_file() else generation + 1
 
     def store(self, key: str, entry: dict) -> None:
         with _lock:

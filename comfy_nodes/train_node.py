@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import host, inputs
+from . import host, inputs, thin
 from .daemon_job import TrainingFailed, connect, run_job
 from .train_cache import TrainCache, cache_key
 from .wildcard import ANY
@@ -135,10 +135,12 @@ class TrainLora:
 
     @classmethod
     def IS_CHANGED(cls, **values):
-        """The cache key: the same key means the same LoRA. A key whose file was deleted reads as
-        changed, so the next run trains it again."""
+        """The cache key and its generation: the same value means the same LoRA. ComfyUI puts this
+        value into the node's cache signature, so it must not change when the first training stores
+        its result (that made the second queue of an unchanged workflow run everything after this
+        node again); a deleted file moves the generation, so the next queue trains it again."""
         plan = TrainPlan(**_plan_inputs(values))
-        return plan.key if TrainCache().lookup(plan.key) else f"{plan.key}:missing"
+        return f"{plan.key}:{TrainCache().generation(plan.key)}"
 
     def train(self, model=None, clip=None, strength_model=1.0, strength_clip=1.0, unique_id=None, **values):
         plan = TrainPlan(**_plan_inputs(values))
@@ -147,10 +149,13 @@ class TrainLora:
         if cached:
             log.info("lora-daemon: inputs and data unchanged, reusing %s", cached["path"])
             path, job_id = Path(cached["path"]), cached.get("job", "")
+            host.progress_text(f"unchanged: reusing {path.name}  (<lora:{path.stem}:1>)", unique_id)
         else:
+            generation = cache.generation(plan.key)  # what IS_CHANGED returned for this run
             path, job_id = self._train(plan, unique_id)
             cache.store(plan.key, {"path": str(path), "lora_name": path.name, "job": job_id,
-                                   "created_at": time.time()})
+                                   "created_at": time.time(), "generation": generation})
+            host.progress_text(f"done: {path.name}  (<lora:{path.stem}:1>)", unique_id)
         if model is not None or clip is not None:
             model, clip = host.apply_lora(model, clip, path, strength_model, strength_clip)
         return (model, clip, path.relative_to(plan.lora_folder).as_posix(), job_id)
@@ -171,6 +176,9 @@ class TrainLora:
             def on_event(event: dict) -> None:
                 data = event.get("data") or {}
                 host.send_event(PROGRESS_EVENT, {"node": node_id, "job": job_id, "kind": event["kind"], **data})
+                text = progress_text(event["kind"], data)
+                if text:
+                    host.progress_text(text, node_id)
                 if event["kind"] == "progress":
                     bar.update_absolute(data["step"], data["total"])
                 elif event["kind"] == "started":
@@ -183,6 +191,23 @@ class TrainLora:
         path = plan.lora_file(result)
         log.info("lora-daemon: job %s finished: %s", job_id, path)
         return path, job_id
+
+
+def progress_text(kind: str, data: dict) -> str | None:
+    """What the node shows as text for a daemon event: `step 3/500 · loss 0.1234 · ETA 1:23`."""
+    if kind == "queued":
+        return "queued on the lora-daemon" + (f" (position {data['position']})" if data.get("position") else "")
+    if kind == "started":
+        resumed = f", resumed at step {data.get('step')}" if data.get("resumed") else ""
+        return f"training: {data.get('total')} steps{resumed} · ETA estimating..."
+    if kind == "progress":
+        loss = f" · loss {data['loss']:.4f}" if isinstance(data.get("loss"), (int, float)) else ""
+        return f"step {data.get('step')}/{data.get('total')}{loss} · {thin.client.eta_text(data.get('it_s'), data.get('eta_s'))}"
+    if kind == "stopping":
+        return "stopping: saving what was trained ..."
+    if kind == "interrupted":
+        return "interrupted (the daemon stopped); it runs again when the daemon is back"
+    return None
 
 
 def _plan_inputs(values: dict) -> dict:

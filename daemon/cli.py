@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from shared.client import DaemonError, DaemonUnavailable
-from shared.errors import UserError
+from shared.errors import UserError, WriteError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -23,7 +23,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not config:
         raise UserError("train: give a config file: python -m daemon train --config my.yaml")
     cfg = load_config(config, args.set)
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except WriteError as exc:  # the LoRA was saved into output_dir before the deploy was tried
+        if cfg.deploy_dir and exc.folder.resolve() == Path(cfg.deploy_dir).resolve():
+            raise UserError(f"deploy_dir: {exc}; the trained LoRA is kept in {cfg.output_dir}") from None
+        raise
     if cfg.machine_rank > 0:  # a multi-machine run: machine 0 writes the outputs
         print(f"Machine {cfg.machine_rank} finished its part; machine 0 writes the LoRA")
         return 0

@@ -347,8 +347,8 @@ class JobManager:
             updates = {}
             if kind == "progress":
                 updates["progress"] = data
-            if kind == "started":
-                data = {**data, "attempt": attempt, "resumed": attempt > 1}
+            if kind == "started":  # resumed: a re-run that really continues (the trainer says from where)
+                data = {**data, "attempt": attempt, "resumed": attempt > 1 and int(data.get("step") or 0) > 0}
             self.emit(worker.job_id, kind, data, **updates)
         elif "result" in msg:
             worker.result = msg["result"]
@@ -360,9 +360,11 @@ class JobManager:
         job_id = worker.job_id
         if self.store.get(job_id)["state"] in FINAL_STATES:  # already cancelled while it was starting
             return
-        if worker.cancelled:
-            self.emit(job_id, "cancelled", {"reason": "cancelled while running"}, state="cancelled",
-                      pid=None, finished_at=now)
+        if worker.cancelled:  # discard: what the job itself saved on the way goes too (docs/protocol.md)
+            job = self.store.get(job_id)
+            removed = remove_cancelled_outputs(job, self.store.events(job_id))
+            self.emit(job_id, "cancelled", {"reason": "cancelled while running", "removed": removed},
+                      state="cancelled", pid=None, finished_at=now)
         elif worker.result is not None and code == 0:
             self.emit(job_id, "finished", worker.result, state="finished", result=worker.result,
                       pid=None, finished_at=now)
@@ -410,6 +412,47 @@ def end_orphaned_worker(job: dict) -> None:
         if state in ("Z", "X"):
             return
         time.sleep(0.05)
+
+
+def remove_cancelled_outputs(job: dict, events: list[dict]) -> list[str]:
+    """What a cancelled job wrote on the way, named in its own events: step checkpoints, training
+    states, sample images, plus its hidden temporaries. Only those paths, and only inside the job's
+    output and log folders: a file the user or another job put there is never touched."""
+    config = (job.get("spec") or {}).get("config") or {}
+    if not config.get("output_dir"):
+        return []
+    output_dir = Path(config["output_dir"]).resolve()
+    roots = [output_dir, Path(config.get("log_dir") or output_dir / "logs").resolve()]
+    written = []
+    for event in events:
+        data = event.get("data") or {}
+        if event.get("kind") == "checkpoint":
+            written += [data.get("path"), data.get("state")]
+        elif event.get("kind") == "sample":
+            written += data.get("paths") or []
+    def inside(path: Path) -> bool:
+        resolved = path.resolve()
+        return any(resolved.is_relative_to(root) and resolved != root for root in roots)
+
+    removed = []
+    for name in dict.fromkeys(p for p in written if p):
+        path = Path(name)
+        if not inside(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            continue
+        removed.append(str(path))
+    removed += remove_job_leftovers(job)
+    for folder in {Path(p).parent for p in written if p}:  # checkpoints/, samples/ when nothing else is left
+        if inside(folder):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return removed
 
 
 def remove_job_leftovers(job: dict) -> list[str]:

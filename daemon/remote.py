@@ -11,20 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from shared.client import DaemonClient
+from shared.client import DaemonClient, eta_text
 
 
 def _connect(args: argparse.Namespace) -> DaemonClient:
     return DaemonClient.connect(args.state_dir, port=args.port)
-
-
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class ProgressBar:
@@ -42,7 +33,7 @@ class ProgressBar:
         filled = int(self.width * step / total)
         bar = "#" * filled + "." * (self.width - filled)
         line = (f"[{bar}] {step}/{total} loss {d.get('loss', 0):.4f} lr {d.get('lr', 0):.2e} "
-                f"{d.get('it_s', 0):.2f} it/s ETA {_fmt_duration(d.get('eta_s'))}")
+                f"{d.get('it_s') or 0:.2f} it/s {eta_text(d.get('it_s'), d.get('eta_s'))}")
         if self.tty:
             self.stream.write("\r" + line)
             self.stream.flush()
@@ -67,8 +58,11 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
         elif kind == "queued":
             bar.message(f"queued (priority {data.get('priority', 0)})")
         elif kind == "started":
-            resumed = " (re-run after an interruption)" if data.get("resumed") else ""
-            bar.message(f"started: {data.get('total')} steps, attempt {data.get('attempt', 1)}{resumed}")
+            again = ""
+            if data.get("attempt", 1) > 1:
+                again = (f" (resumed at step {data.get('step')} after an interruption)" if data.get("resumed")
+                         else " (started again from step 0 after an interruption: no training state was saved)")
+            bar.message(f"started: {data.get('total')} steps, attempt {data.get('attempt', 1)}{again}")
         elif kind == "checkpoint":
             bar.message(f"checkpoint at step {data.get('step')}: {data.get('path')}")
         elif kind == "interrupted":

@@ -31,7 +31,7 @@ from daemon.settings import Settings
 from daemon.store import Store
 from daemon.token import ensure_token, token_matches
 from shared import __version__
-from shared.client import PROTOCOL_VERSION, TOKEN_HEADER, endpoint_path, token_path
+from shared.client import PROTOCOL_VERSION, TOKEN_HEADER, endpoint_path, token_path, websockets_logger
 from shared.errors import UserError
 from shared.files import atomic_write
 
@@ -242,11 +242,12 @@ class Daemon:
                 max_queue=64,
                 ping_interval=20, ping_timeout=20,
                 server_header=f"lora-daemon/{__version__}",
+                logger=websockets_logger("server", self.token),  # its DEBUG lines list the token header
             )
         except OSError as exc:
             raise UserError(
                 f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); another program "
-                "(or daemon) uses that port: pick another with --port or `port:` in the daemon config.yaml"
+                f"(or daemon) uses that port: pick another with --port or `port:` in {settings.config_file}"
             ) from None
         self.port = server.sockets[0].getsockname()[1]
         endpoint = {"host": settings.host, "port": self.port, "pid": os.getpid(), "version": __version__,

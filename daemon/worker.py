@@ -218,7 +218,8 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
         return 0
     except UserError as exc:
         print(f"error: {exc}", flush=True)
-        channel.send(error=str(exc), cause="user")
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)  # a WriteError into a full disk
+        channel.send(error=str(exc), cause="disk_full" if full else "user")
         return 2
     except Exception as exc:  # the full traceback goes to the log, one line (with advice if any) to the client
         traceback.print_exc()

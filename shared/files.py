@@ -9,6 +9,7 @@ overwritten; ComfyUI caches LoRAs by path, so reusing a name would also serve st
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -17,6 +18,43 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared import faults
+from shared.errors import WriteError
+
+# What a folder the user cannot write to (read-only mount, permissions, full disk) raises: these become
+# one `WriteError` naming the folder. Any other OSError (a source file that vanished, say) stays as it is.
+_FOLDER_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+# Writers in Rust (safetensors) report the OS error only in their text: "I/O error: ... (os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def _writing_into(folder: Path):
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        elsewhere = exc.filename and Path(os.fsdecode(exc.filename)).is_absolute() and \
+            not Path(os.fsdecode(exc.filename)).resolve().is_relative_to(Path(folder).resolve())
+        if exc.errno in _FOLDER_ERRNOS and not elsewhere:  # not a source file it was reading
+            raise WriteError(folder, exc) from None
+        raise
+    except Exception as exc:
+        found = _RUST_OS_ERROR.search(str(exc))
+        if found and int(found[1]) in _FOLDER_ERRNOS:
+            code = int(found[1])
+            raise WriteError(folder, OSError(code, os.strerror(code))) from None
+        raise
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary after a failure. Never raises: on a read-only file system even removing a
+    file that was never created fails (EROFS, not ENOENT), and that must not hide the real error."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
 
 
 def _temp_name(target: Path) -> Path:
@@ -63,8 +101,7 @@ def _write_temp(target: Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _discard(tmp)
         raise
     return tmp
 
@@ -118,8 +155,12 @@ def publish_new(
     before the main file, so a host that sees the LoRA also sees its preview and notes.
     """
     folder = Path(folder)
+    with _writing_into(folder):
+        return _publish_new(folder, stem, main_suffix, write_main, sidecars or {})
+
+
+def _publish_new(folder: Path, stem: str, main_suffix: str, write_main, sidecars: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    sidecars = sidecars or {}
     for candidate in candidate_stems(stem):
         suffixes = [main_suffix, *sidecars]
         if any((folder / f"{candidate}{s}").exists() for s in suffixes):
@@ -134,7 +175,7 @@ def publish_new(
                                              lambda p, c=candidate: write_main(p, c))
         except BaseException:
             for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
+                _discard(tmp)
             raise
         placed: list[Path] = []
         for suffix in [*sidecars, main_suffix]:  # the main file last: a host that sees it sees its sidecars
@@ -146,7 +187,7 @@ def publish_new(
         else:
             return folder / f"{candidate}{main_suffix}"
         for tmp in temps.values():  # lost a race for this name: take back what we placed, try the next
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
         for path in placed:
             path.unlink()
     raise AssertionError("unreachable")
@@ -160,6 +201,11 @@ def publish_new_folder(parent: Path, stem: str, write: Callable[[Path], None]) -
     rename onto a non-empty folder fails, and then the next free name is tried).
     """
     parent = Path(parent)
+    with _writing_into(parent):
+        return _publish_new_folder(parent, stem, write)
+
+
+def _publish_new_folder(parent: Path, stem: str, write: Callable[[Path], None]) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".{stem}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
@@ -177,7 +223,7 @@ def publish_new_folder(parent: Path, stem: str, write: Callable[[Path], None]) -
                 raise
             return target
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     raise AssertionError("unreachable")
 

@@ -12,10 +12,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .client import DaemonClient, DaemonUnavailable, default_state_dir, read_endpoint
+from .client import DaemonClient, DaemonUnavailable, PortTaken, default_state_dir, read_endpoint
 
 INSTALL_RECORD = "install.json"
 
@@ -39,10 +40,13 @@ def recorded_python(state_dir: Path) -> str | None:
 
 
 def daemon_answers(state_dir: Path, timeout: float = 3.0) -> dict | None:
-    """The daemon's `info` if one answers for this state folder, else None."""
+    """The daemon's `info` if one answers for this state folder, else None. Raises `PortTaken` when
+    another program answers on the daemon's port: starting a daemon there would fail too."""
     try:
         with DaemonClient.connect(state_dir, timeout=timeout) as client:
             return client.info()
+    except PortTaken:
+        raise
     except DaemonUnavailable:
         return None
     except OSError:
@@ -78,6 +82,9 @@ def ensure_daemon(
             args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs,
         )
+    # The daemon outlives this call (and may be stopped long before the host exits): one waiting
+    # thread reaps it when it ends, so it never lingers as a zombie in the host's process table.
+    threading.Thread(target=proc.wait, name=f"lora-daemon-reaper-{proc.pid}", daemon=True).start()
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -94,26 +94,28 @@ def confine_paths(values: Mapping[str, Any], table: Mapping[str, schema.Setting]
 
 
 def check_exist(values: Mapping[str, Any], table: Mapping[str, schema.Setting], where: Callable[[str], str],
-                folders_to_write: bool = False) -> None:
+                folders_to_write: bool = False, label: Callable[[str], str] = str) -> None:
     """The files and folders that must exist do, and are of the declared kind; with `folders_to_write`,
-    no written path is an existing file (they are all folders)."""
-    for name, setting in table.items():
-        value = values[name]
+    no written path is an existing file (they are all folders). `label` names a setting as the client
+    calls it (a host's input name)."""
+    for key, setting in table.items():
+        value = values[key]
         if value is None or setting.type is not Path:
             continue
+        name = label(key)
         path = Path(value)
         try:
             exists, is_dir = path.exists(), path.is_dir()
         except (OSError, ValueError):
             exists = is_dir = False
         if setting.exists and not exists:
-            raise ConfigError(f"{where(name)}: {name}: {path} does not exist")
+            raise ConfigError(f"{where(key)}: {name}: {path} does not exist")
         if setting.exists == "dir" and not is_dir:
-            raise ConfigError(f"{where(name)}: {name}: {path} is not a folder")
+            raise ConfigError(f"{where(key)}: {name}: {path} is not a folder")
         if setting.exists == "file" and is_dir:
-            raise ConfigError(f"{where(name)}: {name}: {path} is a folder; give the file")
+            raise ConfigError(f"{where(key)}: {name}: {path} is a folder; give the file")
         if folders_to_write and setting.path == "write" and exists and not is_dir:
-            raise ConfigError(f"{where(name)}: {name}: {path} is a file; give a folder")
+            raise ConfigError(f"{where(key)}: {name}: {path} is a file; give a folder")
 
 
 def _a(words: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 PROTOCOL_VERSION = 1
 TOKEN_HEADER = "X-Lora-Daemon-Token"
 TERMINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
+SERVER_NAME = "lora-daemon"  # the daemon's `Server:` header is `lora-daemon/<version>`
 
 # field type names: "string", "integer", "boolean", "object", "string[]"
 # Integers are bounded (SQLite stores 64-bit ones; a log read asks for at most 16 MiB).

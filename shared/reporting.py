@@ -66,18 +66,19 @@ class TrainResult:
 
 
 class Throughput:
-    """Steps per second over the recent window, and the time left."""
+    """Steps per second over the recent window, and the time left (None until there is a rate: the
+    first step has no duration to measure, and "0:00 left" there would be a lie)."""
 
     def __init__(self, total: int, window: int = 20):
         self.total = total
         self.window = window
         self.times: list[float] = []
 
-    def tick(self, step: int) -> tuple[float, float]:
+    def tick(self, step: int) -> tuple[float, float | None]:
         now = time.perf_counter()
         self.times.append(now)
         self.times = self.times[-self.window :]
         if len(self.times) < 2:
-            return 0.0, 0.0
+            return 0.0, None
         rate = (len(self.times) - 1) / (self.times[-1] - self.times[0])
         return rate, max(0, self.total - step) / rate

@@ -75,3 +75,38 @@ def test_train_command_writes_the_lora(sd_config, tmp_path):
                  "Training started... total steps: 2"):
         assert line in proc.stdout
     assert (tmp_path / "out" / "my_lora" / "cli_lora.safetensors").is_file()
+
+
+def _unshare_works() -> bool:
+    """A user and mount namespace of our own lets the test mount a read-only or a tiny tmpfs, as a
+    user's read-only share or full disk would be, without touching the machine's mounts."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("mount_options, cause", [("ro,size=1m", "Read-only file system"),
+                                                  ("size=64k", "No space left on device")])
+def test_a_read_only_or_full_deploy_folder_is_one_line_and_the_lora_stays(tmp_path, sd_config, mount_options,
+                                                                           cause):
+    if not _unshare_works():
+        pytest.skip("no user/mount namespaces here to mount a read-only or full file system")
+    deploy = tmp_path / "Lora"
+    deploy.mkdir()
+    config = sd_config(max_train_steps=1, deploy_dir=deploy, output_name="kept")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    script = (f'mount -t tmpfs -o {mount_options} tmpfs "{deploy}" && '
+              f'exec "{sys.executable}" -m daemon train --config "{config}"')
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = _error_lines(proc)
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"error: deploy_dir: {deploy}: cannot write there: {cause}"), errors[0]
+    assert f"the trained LoRA is kept in {tmp_path / 'out' / 'my_lora'}" in errors[0]
+    assert (tmp_path / "out" / "my_lora" / "kept.safetensors").is_file()

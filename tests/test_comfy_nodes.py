@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     kinds = [e["kind"] for e in events]
     assert kinds[0] == "queued" and kinds[-1] == "finished" and kinds.count("progress") == 4
     assert {e["job"] for e in events} == {job_id} and {e["node"] for e in events} == {"7"}
+    # the node shows step, loss and ETA as text while it trains, and the LoRA's name after
+    texts = [text for node, text in comfy.server.texts if node == "7"]
+    assert texts[0].startswith("queued on the lora-daemon") and "ETA estimating..." in texts[1]
+    assert any(t.startswith("step 4/4 · loss ") and " · ETA " in t for t in texts), texts
+    assert texts[-1] == "done: comfy_test.safetensors  (<lora:comfy_test:1>)"
 
     # the file landed in the loras folder under the returned name, complete, named as returned
     assert (model, clip) == (None, None)
@@ -80,9 +86,9 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     assert status["result"][0].startswith(f"{job_id} (comfy_test): finished, 4 steps -> ")
     assert str(comfy.loras / name) in status["result"][0]
 
-    # IS_CHANGED: before training the key read "missing"; now it is the plain key
+    # IS_CHANGED reads the same after the training as before it: ComfyUI runs nothing again
     key = train.IS_CHANGED(**args, unique_id="7")
-    assert before == f"{key}:missing"
+    assert before == key
 
     # an unchanged re-run (a restarted ComfyUI has no output cache) trains nothing and applies the
     # same file to the MODEL/CLIP passing through, the way LoraLoader does
@@ -90,6 +96,7 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     model, clip, again, again_job = train().train(**args, model="M", clip="C", strength_model=0.5,
                                                   strength_clip=0.7, unique_id="7")
     assert (again, again_job) == (name, job_id) and comfy.progress == []
+    assert comfy.server.texts[-1] == ("7", "unchanged: reusing comfy_test.safetensors  (<lora:comfy_test:1>)")
     assert (model, clip) == (("patched", "M", 0.5), ("patched", "C", 0.7))
     applied = comfy.sd.applied[-1]
     assert applied["keys"] == keys and (applied["model"], applied["clip"]) == ("M", "C")
@@ -106,10 +113,46 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
 
     # changing the data set changes the key; a deleted LoRA reads as changed and would train again
     (image_dir / "extra.txt").write_text("notes")
-    assert train.IS_CHANGED(**args) not in (key, f"{key}:missing")
+    assert train.IS_CHANGED(**args) != key
     (image_dir / "extra.txt").unlink()
+    trained = train.IS_CHANGED(**changed)
     (comfy.loras / new_name).unlink()
-    assert train.IS_CHANGED(**changed).endswith(":missing")
+    assert train.IS_CHANGED(**changed) != trained
+
+
+def queue_like_comfyui(node_class, inputs: dict, signatures: dict) -> bool:
+    """One queued prompt as ComfyUI 0.3.64 treats this node (execution.py IsChangedCache, caching.py
+    CacheKeySetInputSignature): the node's IS_CHANGED value is part of its cache signature, and the node
+    (and everything after it) runs when the signature differs from the last run's. True when it ran."""
+    signature = (tuple(sorted(inputs.items())), node_class.IS_CHANGED(**inputs))
+    if signatures.get("last") == signature:
+        return False
+    node_class().train(**inputs)
+    signatures["last"] = signature
+    return True
+
+
+def test_an_unchanged_workflow_trains_once_and_the_second_queue_is_instant(daemon, comfy, tiny_sd, image_dir):
+    train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]
+    inputs = node_inputs(tiny_sd, image_dir, output_name="once", steps=2)
+    signatures: dict = {}
+    ran = [queue_like_comfyui(train, inputs, signatures) for _ in range(3)]
+    assert ran == [True, False, False]  # the second queue is a cache hit, not only the third
+    # the file is deleted: the next queue trains it again, and the one after is instant again
+    for path in comfy.loras.glob("once.*"):
+        path.unlink()
+    assert [queue_like_comfyui(train, inputs, signatures) for _ in range(2)] == [True, False]
+    assert lora_files(comfy.loras) == ["once.safetensors"]
+    with daemon.client() as client:
+        assert len(client.jobs()) == 2
+
+
+def test_the_node_text_degrades_to_nothing_on_a_comfyui_without_progress_text(comfy, monkeypatch):
+    server = type(comfy.server)
+    monkeypatch.delattr(server, "send_progress_text")  # ComfyUI before 0.3.6x
+    host = sys.modules[comfy.pack.__name__ + ".host"]
+    host.progress_text("step 1/2", "7")  # no error, nothing sent
+    assert comfy.server.texts == [] and not hasattr(comfy.server, "send_progress_text")
 
 
 def test_cancel_in_comfyui_cancels_the_daemon_job_queued_or_running(daemon, comfy, tiny_sd, tmp_path):
@@ -312,3 +355,23 @@ def test_the_training_seed_stays_fixed_in_the_comfyui_frontend(comfy):
                             "max": 4096, "min": 1, "step": 1})
     assert lr[1]["default"] == 2e-4 and lr[1]["max"] == 1 and lr[1]["round"] is False
     assert required["max_train_steps"][1]["min"] == 0 and required["resolution"][1]["step"] == 8
+
+
+def test_the_auto_label_nodes_errors_name_its_inputs(comfy, tmp_path, tmp_path_factory, monkeypatch):
+    """No CLIP weights on this machine: the message names the node's clip_weights and clip_model inputs,
+    not the CLI's --weights and --model."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # the daemon's workers find no weights
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty_cache"))
+    proc = DaemonProcess(tmp_path / "state", [tmp_path_factory.getbasetemp()], [tmp_path]).start()
+    monkeypatch.setenv("LORA_DAEMON_HOME", str(proc.state_dir))
+    images = make_image_folder(tmp_path / "to_label", count=1, captions="none")
+    node = comfy.pack.NODE_CLASS_MAPPINGS["LoraDaemonAutoLabel"]
+    try:
+        with pytest.raises(Exception) as err:
+            node().label(str(images), "metadata.csv", "ViT-B-32", "", "", False, unique_id="9")
+    finally:
+        proc.stop()
+    message = str(err.value)
+    assert "no open_clip weights for ViT-B-32" in message
+    assert "set clip_weights to /path/to/open_clip_model.safetensors (a checkpoint for clip_model ViT-B-32)" in message
+    assert "--weights" not in message and "--model" not in message

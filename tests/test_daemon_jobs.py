@@ -188,3 +188,29 @@ def test_a_job_failing_in_its_worker_reports_the_cli_error_and_the_daemon_goes_o
         assert final["state"] == "failed" and final["error"] == failure["error"] and final["result"] is None
         assert "error: " + failure["error"] in client.logs(job["id"])["text"]
         assert client.info()["queue"] == {"running": [], "queued": []}
+
+
+def test_cancel_removes_what_the_job_saved_and_nothing_else(daemon, sd_config, tmp_path):
+    """Cancel keeps nothing (docs/protocol.md): the step checkpoints and training states this job
+    wrote go; the user's files and another job's checkpoints in the same output folder stay."""
+    out = tmp_path / "out" / "shared"
+    theirs = [out / "notes.txt", out / "checkpoints" / "other-step000002.safetensors",
+              out / "checkpoints" / "other-state-step000002" / "trainer.json"]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not this job's")
+    config = sd_config(output_dir=out, output_name="dropped", max_train_steps=500, save_steps=2, save_last_n=0)
+    with daemon.client() as client:
+        job = submit_yaml(client, config)
+        seen = collect(client, job["id"], until=lambda e: e["kind"] == "checkpoint" and e["data"]["step"] >= 4)
+        saved = [Path(p) for e in seen if e["kind"] == "checkpoint" for p in (e["data"]["path"], e["data"]["state"])]
+        assert len(saved) == 4 and all(p.exists() for p in saved)
+        client.cancel(job["id"])
+        end = collect(client, job["id"])[-1]
+        job_dir = Path(client.get(job["id"])["job_dir"])
+    assert end["kind"] == "cancelled"
+    assert not any(p.exists() for p in saved), [p for p in saved if p.exists()]
+    assert set(map(Path, end["data"]["removed"])) >= set(saved)
+    assert all(p.read_text() == "not this job's" for p in theirs)  # never touched
+    assert not list(out.glob("dropped*")) and not list((out / "checkpoints").glob("*dropped*"))
+    assert (job_dir / "job.log").is_file()  # the job's log stays until `delete`

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from daemon_harness import DaemonProcess, collect
 
@@ -54,3 +56,33 @@ def test_label_job_refused_outside_allowed_folders_and_with_bad_options(daemon, 
             client.submit({"input_dir": str(outside), "colour": "red"}, kind="label")
         assert "unknown label option 'colour'" in str(err.value)
         assert client.jobs() == []
+
+
+def test_errors_inside_a_host_name_that_hosts_inputs(tmp_path, tmp_path_factory, monkeypatch):
+    """No CLIP weights on this machine: the WebUI tab's error names its fields ("CLIP weights"), never
+    the CLI's --weights/--model (the ComfyUI node's: tests/test_comfy_nodes.py)."""
+    import sys
+
+    from shared.fixtures.images import make_image_folder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "extension_webui"))
+    from lora_daemon_webui import form
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))  # the daemon's workers find no weights
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty_cache"))
+    daemon = DaemonProcess(tmp_path / "state", [tmp_path_factory.getbasetemp()], [tmp_path]).start()
+    images = make_image_folder(tmp_path / "images", count=1, captions="none")
+    tab_options = form.build_label_options(dataset=str(images), caption_source=form.CAPTION_AUTO, clip_model=None,
+                                           clip_weights=None, trigger=None, base_dir=tmp_path)
+    try:
+        errors = {}
+        with daemon.client() as client:
+            for host, options in (("tab", tab_options), ("cli-like", {"input_dir": str(images)})):
+                job = client.submit(options, kind="label")
+                errors[host] = collect(client, job["id"])[-1]["data"]["error"]
+    finally:
+        daemon.stop()
+    assert "no open_clip weights for ViT-B-32" in errors["tab"]
+    assert "set CLIP weights to /path/to/open_clip_model.safetensors (a checkpoint for CLIP model ViT-B-32)" \
+        in errors["tab"]
+    assert "give --weights /path/to/open_clip_model.safetensors" in errors["cli-like"]  # a plain protocol client

@@ -63,3 +63,23 @@ def test_job_survives_a_daemon_sigkill(tmp_path, tmp_path_factory, sd_config):
     assert events[-1]["data"]["lora_name"] == "survivor"
     log = (Path(final["job_dir"]) / "job.log").read_text()
     assert "--- attempt 1" in log and "--- attempt 2" in log
+
+
+def test_a_rerun_without_a_saved_state_reports_that_it_started_again(tmp_path, tmp_path_factory, sd_config):
+    """`resumed` says whether the trainer really continued: with no training state to continue from,
+    the second attempt starts at step 0 and says so (resumed false)."""
+    config = sd_config(max_train_steps=12, save_steps=0, output_name="again")
+    daemon = DaemonProcess(tmp_path / "state", [tmp_path_factory.getbasetemp()], [tmp_path]).start()
+    try:
+        with daemon.client() as client:
+            job = client.submit(yaml.safe_load(config.read_text()), base_dir=config.parent, source=str(config))
+            before = collect(client, job["id"], until=lambda e: e["kind"] == "progress" and e["data"]["step"] >= 2)
+        daemon.kill()
+        daemon.start()
+        with daemon.client() as again:
+            after = collect(again, job["id"], after=before[-1]["seq"])
+    finally:
+        daemon.stop()
+    starts = [e["data"] for e in before + after if e["kind"] == "started"]
+    assert [(s["attempt"], s["step"], s["resumed"]) for s in starts] == [(1, 0, False), (2, 0, False)]
+    assert after[-1]["kind"] == "finished" and after[-1]["data"]["steps"] == 12

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from daemon_harness import REPO, DaemonProcess, raw_handshake
+from daemon_harness import REPO, DaemonProcess, raw_handshake, wait_until
 from websockets.exceptions import ConnectionClosed
 
 from shared.client import TOKEN_HEADER, DaemonClient, DaemonError
@@ -179,3 +179,41 @@ print("ok")
     maps = Path(f"/proc/{daemon.proc.pid}/maps")
     if maps.exists():
         assert "libtorch" not in maps.read_text()
+
+
+def test_no_log_at_any_level_holds_the_token(tmp_path, caplog):
+    """websockets logs every handshake header at DEBUG: a WebUI started with `--loglevel DEBUG` (the
+    client side) or a daemon run under debug logging (the server side) must not write the token."""
+    import logging
+
+    state = tmp_path / "state"
+    proc = DaemonProcess(state, [tmp_path], [tmp_path])  # not started: its port, token and client only
+    # the daemon's own process with the root logger at DEBUG, as `logging.basicConfig(level=DEBUG)` gives
+    args = [sys.executable, "-c", "import logging, sys; logging.basicConfig(level=logging.DEBUG); "
+            "from daemon.cli import main; sys.exit(main(sys.argv[1:]))",
+            "serve", "--state-dir", str(state), "--port", str(proc.port)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    out = open(tmp_path / "daemon.out", "wb")  # noqa: SIM115 - the child holds it
+    server = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    out.close()
+    try:
+        def up():
+            try:
+                proc.client(timeout=5).close()
+                return True
+            except Exception:  # noqa: BLE001 - not listening yet
+                return False
+
+        with caplog.at_level(logging.DEBUG):
+            wait_until(up, 60, "the daemon to accept connections", interval=0.2)
+            with proc.client() as client:
+                assert client.info()["version"]
+        token = proc.token
+    finally:
+        server.terminate()
+        server.wait(15)
+    client_log = caplog.text
+    server_log = (tmp_path / "daemon.out").read_text()
+    assert f"{TOKEN_HEADER}: <redacted>" in client_log  # the header line is logged, its value is not
+    assert f"{TOKEN_HEADER}: <redacted>" in server_log
+    assert token not in client_log and token not in server_log

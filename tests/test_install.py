@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from install_helpers import REPO, run_install
+from install_helpers import REPO, install_module, run_install, stand_in_venv
 
 
 def make_webui(root: Path) -> Path:
@@ -54,7 +55,7 @@ def test_install_twice_start_daemon_then_uninstall(hosts, tmp_path):
     first = run_install(*args, home=tmp_path)
     assert first.returncode == 0, first.stderr + first.stdout
     assert "Installing lora-daemon" not in first.stdout  # the stand-in environment is current
-    link_w, link_c = webui / "extensions" / "lora-daemon", comfy / "custom_nodes" / "lora-daemon"
+    link_w, link_c = webui / "extensions" / "lora-daemon", comfy / "custom_nodes" / "lora_daemon"
     assert link_w.is_symlink() and link_w.resolve() == (REPO / "extension_webui").resolve()
     assert link_c.is_symlink() and link_c.resolve() == (REPO / "comfy_nodes").resolve()
     record = json.loads((state / "install.json").read_text())
@@ -79,7 +80,7 @@ def test_install_twice_start_daemon_then_uninstall(hosts, tmp_path):
     from daemon_harness import free_port
 
     (state / "config.yaml").write_text(f"port: {free_port()}\n")
-    pack = load_like_comfyui(comfy / "custom_nodes" / "lora-daemon")
+    pack = load_like_comfyui(comfy / "custom_nodes" / "lora_daemon")
     daemon_job = sys.modules[pack.__name__ + ".daemon_job"]
     client = daemon_job.connect(state)
     pid = json.loads((state / "daemon.json").read_text())["pid"]
@@ -147,7 +148,7 @@ def test_a_copied_comfyui_pack_finds_the_checkout_and_trains_a_job(hosts, tmp_pa
     _, comfy, state = hosts
     out = run_install("--copy", "--comfyui", str(comfy), "--state-dir", str(state), home=tmp_path)
     assert out.returncode == 0, out.stderr + out.stdout
-    pack = comfy / "custom_nodes" / "lora-daemon"
+    pack = comfy / "custom_nodes" / "lora_daemon"
     assert "comfyui: copied" in out.stdout and pack.is_dir() and not pack.is_symlink()
     assert json.loads((pack / ".lora-daemon-copy").read_text())["repo"] == str(REPO)
     daemon = DaemonProcess(state, [tmp_path_factory.getbasetemp()], [tmp_path]).start()
@@ -168,3 +169,64 @@ def test_a_copied_comfyui_pack_finds_the_checkout_and_trains_a_job(hosts, tmp_pa
     finally:
         host.uninstall()
         daemon.stop()
+
+
+def test_the_comfyui_install_uses_the_documented_name_and_the_example_workflow_finds_its_data(tmp_path, tiny_sd):
+    """`install.py --comfyui` links the pack under the name docs/comfyui.md and the shipped example
+    workflow use; the example's data set path then exists and the Train LoRA node accepts its inputs."""
+    from comfy_host import HOST_MODULES, STANDINS, load_like_comfyui
+
+    comfy, state = make_comfyui(tmp_path / "ComfyUI"), tmp_path / "state"
+    out = run_install("--comfyui", str(comfy), "--state-dir", str(state), home=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    link = comfy / "custom_nodes" / install_module().LINK_NAMES["comfyui"]
+    assert link.is_symlink() and f"custom_nodes/{link.name}" in (REPO / "docs" / "comfyui.md").read_text()
+
+    workflow = json.loads((REPO / "docs" / "comfyui_workflow_api.json").read_text())
+    train = next(n["inputs"] for n in workflow.values() if n["class_type"] == "LoraDaemonTrainLoRA")
+    sys.path.insert(0, str(STANDINS))  # ComfyUI's own modules, as the pack finds them inside ComfyUI
+    try:
+        import folder_paths
+
+        folder_paths.configure(str(comfy))
+        (comfy / "models" / "checkpoints" / train["checkpoint"]).symlink_to(tiny_sd["safetensors"])
+        pack = load_like_comfyui(link)
+        plan = pack.train_node.TrainPlan(**{k: v for k, v in train.items()
+                                            if not isinstance(v, list) and k not in ("strength_model", "strength_clip")})
+    finally:
+        sys.path.remove(str(STANDINS))
+        for name in [m for m in sys.modules if m in HOST_MODULES or m.startswith(str(link).replace(".", "_x_"))]:
+            del sys.modules[name]
+    assert plan.dataset == (REPO / "shared" / "demo" / "images").resolve()
+    assert (plan.dataset / "metadata.csv").is_file()
+
+
+def test_an_install_under_the_old_comfyui_name_is_moved(hosts, tmp_path):
+    _, comfy, state = hosts
+    old = comfy / "custom_nodes" / "lora-daemon"  # what install.py made before the name was unified
+    old.symlink_to(REPO / "comfy_nodes", target_is_directory=True)
+    state.mkdir()
+    (state / "install.json").write_text(json.dumps({"hosts": {"comfyui": {
+        "path": str(comfy), "link": str(old), "lora_dir": str(comfy / "models" / "loras")}}}))
+    out = run_install("--comfyui", str(comfy), "--state-dir", str(state), home=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert not old.exists() and (comfy / "custom_nodes" / "lora_daemon").is_symlink()
+    assert json.loads((state / "install.json").read_text())["hosts"]["comfyui"]["link"] == \
+        str(comfy / "custom_nodes" / "lora_daemon")
+
+
+def test_the_demo_leaves_nothing_outside_the_checkout(tmp_path):
+    """`install.py --demo` runs the demo (its daemon keeps its state in demo_output/) and records nothing
+    in the user's own state folder. The stand-in environment's Python notes the demo command it got."""
+    calls = tmp_path / "calls"
+    venv = stand_in_venv(tmp_path / "venv", python_script=f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
+    for key in ("LORA_DAEMON_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
+        env.pop(key, None)
+    out = subprocess.run([sys.executable, str(REPO / "install.py"), "--venv", str(venv), "--demo"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert calls.read_text().splitlines() == ["-m daemon demo"]
+    assert list(home.iterdir()) == []  # no ~/.local/state/lora-daemon/install.json, nothing else

@@ -22,6 +22,10 @@ CAPTION_CSV = "metadata.csv"
 CAPTION_TXT = ".txt beside each image"
 CAPTION_CHOICES = [CAPTION_AUTO, CAPTION_CSV, CAPTION_TXT]
 
+# the label job's options as the tab labels its fields: the daemon's errors then name them
+LABEL_FIELD_NAMES = {"input_dir": "Dataset folder", "fmt": "Captions", "model": "CLIP model",
+                     "weights": "CLIP weights", "trigger": "Trigger word"}
+
 
 class FormError(ValueError):
     """A field of the form is empty or wrong; the message names the field as the tab labels it."""
@@ -134,7 +138,8 @@ def build_label_options(*, dataset: str | None, caption_source: str, clip_model:
         raise FormError("Dataset folder: enter the folder that holds your images")
     folder = Path(str(dataset).strip()).expanduser()
     folder = folder if folder.is_absolute() else Path(base_dir) / folder
-    options: dict = {"input_dir": str(folder), "format": "txt" if caption_source == CAPTION_TXT else "csv"}
+    options: dict = {"input_dir": str(folder), "format": "txt" if caption_source == CAPTION_TXT else "csv",
+                     "field_names": LABEL_FIELD_NAMES}
     if clip_model and clip_model.strip():
         options["model"] = clip_model.strip()
     if clip_weights and clip_weights.strip():

@@ -7,9 +7,13 @@ a WebUI. Nothing here reads `shared.sd_model`, which would load a checkpoint jus
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("lora_daemon.webui")
 
 SECTION = ("lora_daemon", "LoRA daemon")
 
@@ -121,6 +125,16 @@ def exposed_without_login() -> bool:
 # --- checkpoints --------------------------------------------------------------------------------
 
 
+# A checkpoint's title is `name.safetensors` until the WebUI hashes it (when it first loads it), then
+# `name.safetensors [hash]`: a title the page got earlier goes stale. So a title is always looked up
+# the way the WebUI itself does (`get_closet_checkpoint_match`: its aliases, then the closest title),
+# never rebuilt into a path, and the dropdown is refilled with the current titles on every page load.
+
+
+class CheckpointNotFound(ValueError):
+    pass
+
+
 def checkpoint_titles() -> list[str]:
     from modules import sd_models
 
@@ -137,14 +151,34 @@ def default_checkpoint() -> str | None:
         return None
 
 
-def checkpoint_path(value: str | None) -> str | None:
-    """A dropdown title becomes its file; anything else typed into the box is taken as a path."""
+def _match(value: str):
     from modules import sd_models
 
+    return sd_models.get_closet_checkpoint_match(value.strip())
+
+
+def checkpoint_title(value: str | None) -> str | None:
+    """The current title of the checkpoint `value` names (an old title included), else `value`."""
     if not value:
+        return value
+    info = _match(value)
+    return info.title if info is not None else value
+
+
+def checkpoint_path(value: str | None) -> str | None:
+    """The file of the checkpoint a title names, as the WebUI finds it; a typed absolute path (or
+    `~/...`) is taken as is. Raises CheckpointNotFound for anything else: a name the WebUI does not
+    know must not become a path relative to the WebUI folder."""
+    if not value or not value.strip():
         return None
-    info = sd_models.checkpoints_list.get(value)
-    return info.filename if info is not None else value.strip()
+    info = _match(value)
+    if info is not None:
+        return info.filename
+    path = Path(value.strip()).expanduser()
+    if path.is_absolute():
+        return str(path)
+    raise CheckpointNotFound(f"Base model: {value.strip()!r} is not one of the WebUI's checkpoints; press "
+                             "Reload list and pick one, or enter the full path of a model file")
 
 
 # --- VRAM ----------------------------------------------------------------------------------------
@@ -179,10 +213,64 @@ def restore_vram() -> None:
 
 
 def refresh_loras() -> bool:
-    """Let the WebUI's Lora list (extra networks) see the new file. False when Lora support is absent."""
+    """Let the WebUI see the new file: its Lora list (what the API lists) and the Lora cards of the
+    extra-networks pages. False when Lora support is absent."""
     try:
         import networks  # the built-in Lora extension's module, in sys.modules once it has loaded
     except ImportError:
         return False
     networks.list_available_networks()
+    refresh_extra_network_cards()
     return True
+
+
+# The extra-networks UI (modules/ui_extra_networks.py, A1111 1.10 and Forge) renders each tab's cards
+# once, caches the HTML (`ui.pages_contents`) and hands every later page load that cache; only its
+# hidden refresh button (`txt2img_lora_extra_refresh_internal`, `txt2img_extra_refresh` before 1.8)
+# builds it again. So the WebUI's own handler of that button is run here, as a press would: pages
+# loaded from now on get the new card. A page that is open gets it from
+# javascript/lora_daemon_cards.js, which presses the same button in the browser when the tab shows a
+# finished LoRA.
+_REFRESH_BUTTON = re.compile(r"^(txt2img|img2img)_(lora_extra_refresh_internal|extra_refresh)$")
+
+
+def refresh_extra_network_cards() -> list[str]:
+    """Run the extra-networks refresh handler of each generation tab; returns the button ids run."""
+    from modules import shared
+
+    demo = getattr(shared, "demo", None)
+    done: list[str] = []
+    for elem_id, fn in _refresh_handlers(demo):
+        tab = elem_id.split("_", 1)[0]
+        if any(d.startswith(f"{tab}_") for d in done):
+            continue  # one handler re-renders every page of its tab
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the WebUI's own code: its failure is not the job's
+            log.warning("lora-daemon: refreshing the %s Lora cards failed: %s", tab, exc)
+            continue
+        done.append(elem_id)
+    if demo is not None and not done:
+        log.info("lora-daemon: no extra-networks refresh button found; press refresh in the Lora tab")
+    return done
+
+
+def _refresh_handlers(demo):
+    """(button elem_id, handler) for the extra-networks refresh buttons in the WebUI's Blocks. Reads
+    gradio's event table: `fns` is a list in gradio 3 (targets in `dependencies`) and a dict of
+    BlockFunction with `targets` in gradio 4."""
+    if demo is None:
+        return
+    blocks = getattr(demo, "blocks", {}) or {}
+    fns = getattr(demo, "fns", None) or []
+    fns = list(fns.values()) if isinstance(fns, dict) else list(fns)
+    dependencies = getattr(demo, "dependencies", None) or []
+    for index, block_fn in enumerate(fns):
+        targets = getattr(block_fn, "targets", None)
+        if targets is None and index < len(dependencies):
+            targets = dependencies[index].get("targets")
+        for target in targets or []:
+            block_id = target[0] if isinstance(target, (tuple, list)) else target
+            elem_id = getattr(blocks.get(block_id), "elem_id", None) or ""
+            if _REFRESH_BUTTON.match(elem_id) and callable(getattr(block_fn, "fn", None)):
+                yield elem_id, block_fn.fn

@@ -20,7 +20,7 @@ from .bridge import schema as client_schema
 from .plot import loss_curve
 from .watch import JobView, JobWatch, Watches, lora_prompt, progress_line, wait_for_change
 
-DaemonError, DaemonUnavailable = client_mod.DaemonError, client_mod.DaemonUnavailable
+DaemonError, DaemonUnavailable, PortTaken = client_mod.DaemonError, client_mod.DaemonUnavailable, client_mod.PortTaken
 
 WATCHES = Watches()
 QUEUE_REFRESH_S = 2.0
@@ -59,14 +59,30 @@ def _daemon_python(settings: host.TabSettings) -> str | None:
 
 def _status(settings: host.TabSettings) -> tuple[str, bool]:
     """(Markdown, whether to offer the Start button)."""
+    return _live(settings, with_queue=False)[0]
+
+
+def _live(settings: host.TabSettings, with_queue: bool = True) -> tuple[tuple[str, bool], str]:
+    """The status line and the queue table, from one connection (the live view redraws both)."""
     try:
         with _connect(settings, timeout=3.0) as client:
             info = client.info()
+            jobs = client.jobs(limit=10) if with_queue else []
+    except PortTaken as exc:  # Start would fail the same way: say what is wrong instead of offering it
+        return (f"**The daemon's port is taken by another program:** {exc}", False), _no_queue(exc)
     except DaemonUnavailable as exc:
-        return (f"**No lora-daemon is running** ({exc}).\n\nPress **Start the daemon** to start it in "
-                "its own environment, or run `python -m daemon serve` yourself.", True)
+        return ((f"**No lora-daemon is running** ({exc}).\n\nPress **Start the daemon** to start it in "
+                 "its own environment, or run `python -m daemon serve` yourself.", True), _no_queue(exc))
     except (DaemonError, TimeoutError, OSError) as exc:
-        return f"**The daemon at `{_where(settings)}` did not answer as expected:** {exc}", False
+        return (f"**The daemon at `{_where(settings)}` did not answer as expected:** {exc}", False), _no_queue(exc)
+    return _status_line(settings, info), _queue_table(jobs)
+
+
+def _no_queue(exc: Exception) -> str:
+    return f"<p>Job queue unavailable: {html.escape(str(exc))}</p>"
+
+
+def _status_line(settings: host.TabSettings, info: dict) -> tuple[str, bool]:
     devices = ", ".join(
         f"{d.get('name') or d['type']}" + (f" ({d['memory_free_mb'] / 1024:.1f} GB free)" if d.get("memory_free_mb")
                                            else "")
@@ -77,10 +93,10 @@ def _status(settings: host.TabSettings) -> tuple[str, bool]:
             f"LoRAs go to `{settings.deploy_dir}`", False)
 
 
-def _status_outputs(settings: host.TabSettings | None, error: str | None = None):
+def _status_outputs(settings: host.TabSettings | None, error: str | None = None, status=None):
     if settings is None:
         return f"**Error:** {error}", gr.update(visible=False)
-    text, offer_start = _status(settings)
+    text, offer_start = status or _status(settings)
     return (f"**Error:** {error}\n\n{text}" if error else text), gr.update(visible=offer_start)
 
 
@@ -104,6 +120,8 @@ def start_daemon():
         return NOT_ALLOWED, gr.update(visible=True)
     try:
         launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
+    except PortTaken:
+        return _status_outputs(settings)  # the status line says what is wrong
     except DaemonUnavailable as exc:
         return _status_outputs(settings, str(exc))
     return _status_outputs(settings)
@@ -113,11 +131,10 @@ def start_daemon():
 
 
 def _queue_html(settings: host.TabSettings) -> str:
-    try:
-        with _connect(settings, timeout=5.0) as client:
-            jobs = client.jobs(limit=10)
-    except (DaemonError, OSError, TimeoutError) as exc:
-        return f"<p>Job queue unavailable: {html.escape(str(exc))}</p>"
+    return _live(settings)[1]
+
+
+def _queue_table(jobs: list[dict]) -> str:
     if not jobs:
         return "<p>No jobs yet.</p>"
     rows = []
@@ -158,12 +175,15 @@ def _view_outputs(view: JobView, queue_html: str):
 
 
 def _stream(watch: JobWatch, settings: host.TabSettings, status):
+    """Yield the live view as the job's watch changes; the status line and the queue are read again
+    every QUEUE_REFRESH_S (a status read once before the job started would say "0 running")."""
     last_version, last_queue, queue_html = -1, 0.0, ""
     while True:
         view = watch.snapshot()
         now = time.monotonic()
         if now - last_queue >= QUEUE_REFRESH_S or view.done:
-            queue_html, last_queue = _queue_html(settings), now
+            line, queue_html = _live(settings)
+            status, last_queue, last_version = _status_outputs(settings, status=line), now, -1
         if view.version != last_version or view.done:
             last_version = view.version
             yield (*status, *_view_outputs(view, queue_html))
@@ -212,15 +232,20 @@ def train(base_model, dataset, caption_source, output_name, *values):
             base_model=host.checkpoint_path(base_model), dataset=dataset, caption_source=caption_source,
             output_name=output_name, settings=fields, advanced=advanced, deploy_dir=settings.deploy_dir,
             base_dir=host.base_dir())
-    except form.FormError as exc:
+    except (form.FormError, host.CheckpointNotFound) as exc:
         yield _message(status, f"**Check the form:** {exc}")
         return
-    if settings.autostart and launcher.daemon_answers(settings.state_dir or client_mod.default_state_dir()) is None:
-        yield _message(status, "Starting the daemon ...")
+    if settings.autostart:
         try:
-            launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
-        except DaemonUnavailable:
-            pass  # the connect below says what is wrong
+            running = launcher.daemon_answers(settings.state_dir or client_mod.default_state_dir()) is not None
+        except PortTaken:
+            running = True  # starting one would fail the same way: the connect below says what is wrong
+        if not running:
+            yield _message(status, "Starting the daemon ...")
+            try:
+                launcher.ensure_daemon(settings.state_dir, python=_daemon_python(settings))
+            except DaemonUnavailable:
+                pass  # the connect below says what is wrong
     status = _status_outputs(settings)
     freed = host.free_vram() if settings.free_vram else False
     try:
@@ -323,7 +348,14 @@ def cancel(job_id):
 
 
 def refresh_checkpoints(current):
-    return gr.update(choices=host.checkpoint_titles(), value=current or host.default_checkpoint())
+    """The WebUI's current titles; a title the page had before a checkpoint was hashed becomes the
+    new one (`name.safetensors` -> `name.safetensors [hash]`)."""
+    return gr.update(choices=host.checkpoint_titles(), value=host.checkpoint_title(current) or host.default_checkpoint())
+
+
+def load_checkpoints():
+    """On every page load: the titles the WebUI has now (the ones built into the page may be stale)."""
+    return refresh_checkpoints(None)
 
 
 # --- layout --------------------------------------------------------------------------------------
@@ -421,4 +453,5 @@ def build_tab():
         cancel_btn.click(cancel, inputs=[job_box], outputs=[progress_md], queue=False)
         ckpt_refresh.click(refresh_checkpoints, inputs=[base_model], outputs=[base_model], queue=False)
         tab.load(check_daemon, outputs=status_outputs)
+        tab.load(load_checkpoints, outputs=[base_model], queue=False)
     return tab

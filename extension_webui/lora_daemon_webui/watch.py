@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .bridge import client
+
 TERMINAL = ("finished", "failed", "cancelled")
 
 
@@ -45,8 +47,10 @@ class JobView:
         elif kind == "started":
             self.state = "running"
             self.total = data.get("total", self.total)
-            if data.get("attempt", 1) > 1:  # a re-run after an interruption starts its curve again
-                self.losses.clear()
+            self.it_s = self.eta_s = None
+            if data.get("attempt", 1) > 1:  # a re-run keeps the curve up to where it really continues
+                start = int(data.get("step") or 0) if data.get("resumed") else 0
+                self.losses = [(step, loss) for step, loss in self.losses if step <= start]
         elif kind == "progress":
             self.state = "running"
             self.step = int(data.get("step", self.step))
@@ -138,17 +142,9 @@ class Watches:
             return watch
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 def progress_line(view: JobView) -> str:
-    """One line for the live view: `running · step 3/8 · loss 0.1123 · 2.10 it/s · ETA 0:04`."""
+    """One line for the live view: `running · step 3/8 · loss 0.1123 · 2.10 it/s · ETA 0:04` (and
+    `ETA estimating...` until the trainer has measured a rate)."""
     parts = [view.state]
     if view.total:
         parts.append(f"step {view.step}/{view.total}")
@@ -156,8 +152,8 @@ def progress_line(view: JobView) -> str:
         parts.append(f"loss {view.loss:.4f}")
     if view.it_s:
         parts.append(f"{view.it_s:.2f} it/s")
-    if view.state == "running" and view.eta_s is not None:
-        parts.append(f"ETA {format_duration(view.eta_s)}")
+    if view.state == "running" and view.total:
+        parts.append(client.eta_text(view.it_s, view.eta_s))
     if view.note:
         parts.append(view.note)
     return " · ".join(parts)

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.autolabel.names import ask
+from shared.autolabel.names import name as option_name
 from shared.errors import ModelError, UserError
 
 DEFAULT_MODEL = "ViT-B-32"
@@ -43,9 +45,9 @@ def _register_config_file(path: Path) -> str:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"--model: {path} is not a readable model config JSON ({exc})") from None
+        raise ModelError(f"{option_name('model')}: {path} is not a readable model config JSON ({exc})") from None
     if not all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
-        raise ModelError(f"--model: {path} needs the keys embed_dim, vision_cfg and text_cfg (an open_clip model config)")
+        raise ModelError(f"{option_name('model')}: {path} needs the keys embed_dim, vision_cfg and text_cfg (an open_clip model config)")
     if open_clip.get_model_config(path.stem) != cfg:  # registering again would only grow open_clip's list
         open_clip.add_model_config(path)
     return path.stem
@@ -57,12 +59,12 @@ def _architecture(model: str) -> str:
     if model.lower().endswith(".json"):
         path = Path(model).expanduser()
         if not path.is_file():
-            raise ModelError(f"--model: config file {path} not found")
+            raise ModelError(f"{option_name('model')}: config file {path} not found")
         return _register_config_file(path)
     name = model.replace("/", "-")
     if open_clip.get_model_config(name) is None:
         raise ModelError(
-            f"--model: unknown open_clip architecture {model!r}; use a name from open_clip.list_models() "
+            f"{option_name('model')}: unknown open_clip architecture {model!r}; use a name from open_clip.list_models() "
             f"(e.g. {DEFAULT_MODEL}) or the path of a model config .json"
         )
     return name
@@ -77,13 +79,13 @@ def _from_path(arch_or_model: str, weights: Path) -> ResolvedWeights:
     if weights.is_dir():
         if (weights / "open_clip_config.json").is_file():
             if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in weights.iterdir()):
-                raise ModelError(f"--weights: {weights} has open_clip_config.json but no .safetensors/.bin/.pth weights")
+                raise ModelError(f"{option_name('weights')}: {weights} has open_clip_config.json but no .safetensors/.bin/.pth weights")
             return ResolvedWeights(f"local-dir:{weights}", None, str(weights))
         raise ModelError(
-            f"--weights: {weights} is a folder without open_clip_config.json; give the checkpoint file itself"
+            f"{option_name('weights')}: {weights} is a folder without open_clip_config.json; give the checkpoint file itself"
         )
     if not weights.is_file():
-        raise ModelError(f"--weights: {weights} not found; give the path of an open_clip checkpoint (.safetensors, .bin, .pt)")
+        raise ModelError(f"{option_name('weights')}: {weights} not found; give the path of an open_clip checkpoint (.safetensors, .bin, .pt)")
     return ResolvedWeights(_architecture(arch_or_model), weights, str(weights))
 
 
@@ -159,7 +161,7 @@ def resolve_weights(
 
     if pretrained and not get_pretrained_cfg(arch, pretrained):
         known = ", ".join(list_pretrained_tags_by_model(arch)) or "none"
-        raise ModelError(f"--pretrained: {pretrained!r} is not a tag of {arch} (known tags: {known}) nor a file")
+        raise ModelError(f"{option_name('pretrained')}: {pretrained!r} is not a tag of {arch} (known tags: {known}) nor a file")
     tags = [pretrained] if pretrained else _tags(arch)
     for tag in tags:
         found = _cached_tag_file(arch, tag, cache_dir)
@@ -168,8 +170,8 @@ def resolve_weights(
                                    get_pretrained_cfg(arch, tag))
     which = f"{arch} '{pretrained}'" if pretrained else arch
     raise ModelError(
-        f"no open_clip weights for {which} on this machine (nothing is downloaded): give --weights "
-        f"/path/to/open_clip_model.safetensors (a checkpoint for --model {model})"
+        f"no open_clip weights for {which} on this machine (nothing is downloaded): "
+        f"{ask('weights', '/path/to/open_clip_model.safetensors')} (a checkpoint for {option_name('model')} {model})"
         + _where_to_put(arch, pretrained, cache_dir)
     )
 
@@ -184,13 +186,13 @@ def pick_device(device: str = "auto") -> str:
             return "mps"
         return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device found here; use --device cpu")
+        raise UserError(f"{option_name('device')} {device}: no CUDA device found here; use {option_name('device')} cpu")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: no Apple GPU found here; use --device cpu")
+        raise UserError(f"{option_name('device')} mps: no Apple GPU found here; use {option_name('device')} cpu")
     try:
         torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"{option_name('device')} {device!r}: not a device; use auto, cpu, cuda, cuda:N or mps") from None
     return device
 
 
@@ -319,7 +321,7 @@ def load_clip(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{resolved.source}: cannot load as open_clip {resolved.model_name} weights ({first[:300]}); "
-            f"check that --model matches the checkpoint"
+            f"check that {option_name('model')} matches the checkpoint"
         ) from None
     clip.eval()
     return ClipModel(clip, preprocess, tokenizer, device, resolved.source)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared import schema
+from shared.errors import ConfigError
 from shared.roots import Roots
 
 
@@ -23,14 +24,21 @@ def label_options(raw: dict, *, source: str = "label job", base_dir: Path | None
 
     if "format" in raw and "fmt" not in raw:  # the CLI's name for it
         raw = {**{k: v for k, v in raw.items() if k != "format"}, "fmt": raw["format"]}
+    raw = dict(raw)
+    # what the client calls each option ({"weights": "clip_weights"}), so errors inside a host name its inputs
+    field_names = raw.pop("field_names", None) or {}
+    if not isinstance(field_names, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in field_names.items()):
+        raise ConfigError(f"{source}: field_names: expected option names mapped to the client's labels")
     options = schema.coerce_config(raw, source=source, base_dir=base_dir, require_absolute=require_absolute,
                                    kind="label")
     if roots is not None:
         confine_paths(options, schema.LABEL, roots)
         confine_paths({}, {}, roots, extra=[("output", write_target(options), "write")])
-    check_exist(options, schema.LABEL, lambda key: source)
+    check_exist(options, schema.LABEL, lambda key: source, label=lambda key: field_names.get(key, key))
     if options["model"] is None:
         options.pop("model")  # label_folder's own default architecture
+    options["field_names"] = field_names or None
     return options
 
 

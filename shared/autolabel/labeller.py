@@ -13,11 +13,12 @@ from pathlib import Path
 
 from shared.autolabel.caption_files import CsvCaptions, TxtCaptions, backup_file
 from shared.autolabel.clip_model import DEFAULT_MODEL, ClipModel, load_clip
+from shared.autolabel.names import name, named
 from shared.autolabel.ranking import choose_phrases, compose_caption, rank_phrases
 from shared.autolabel.vocab import load_vocabulary
 from shared.errors import DatasetError, UserError
+from shared.image_files import IMAGE_SUFFIXES, is_image, open_rgb
 from shared.reporting import Reporter
-from shared.sd.dataset import IMAGE_SUFFIXES
 
 FORMATS = ("csv", "txt")
 
@@ -63,16 +64,11 @@ class LabelResult:
 
 def list_images(folder: Path) -> list[Path]:
     """The images the trainer would find in `folder` (top level, known suffixes), sorted."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image(p))
 
 
 def _load_pixels(path: Path, preprocess):
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img).convert("RGB")
-    return preprocess(img)
+    return preprocess(open_rgb(path))  # as the trainer sees it: upright, 8-bit, flattened on white
 
 
 def _why(exc: Exception) -> str:
@@ -88,7 +84,7 @@ def _output_target(input_dir: Path, output: Path | None, fmt: str) -> Path:
         return output / "metadata.csv" if output.is_dir() else output
     output = Path(output) if output is not None else input_dir
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output}: with --format txt, give a folder for the .txt files")
+        raise UserError(f"{name('output')} {output}: with {name('fmt')} txt, give a folder for the .txt files")
     return output
 
 
@@ -110,28 +106,39 @@ def label_folder(
     overwrite: bool = False,
     reporter: Reporter | None = None,
     clip: ClipModel | None = None,
+    field_names: dict[str, str] | None = None,
 ) -> LabelResult:
     """Write captions for the images in `input_dir`; see the module docstring for the rules.
 
-    `clip` lets a caller that labels several folders load the model once.
+    `clip` lets a caller that labels several folders load the model once. `field_names` says what
+    the caller calls each option (`{"weights": "clip_weights"}`), so errors name its inputs.
     """
+    with named(field_names):
+        return _label_folder(input_dir, output, fmt, model=model, pretrained=pretrained, weights=weights,
+                             vocab_file=vocab_file, builtin_vocab=builtin_vocab, trigger=trigger, top_k=top_k,
+                             threshold=threshold, batch_size=batch_size, device=device, overwrite=overwrite,
+                             reporter=reporter, clip=clip)
+
+
+def _label_folder(input_dir, output, fmt, *, model, pretrained, weights, vocab_file, builtin_vocab, trigger, top_k,
+                  threshold, batch_size, device, overwrite, reporter, clip) -> LabelResult:
     reporter = reporter or Reporter()
     input_dir = Path(input_dir)
     if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: use csv or txt")
+        raise UserError(f"{name('fmt')} {fmt!r}: use csv or txt")
     if top_k < 1:
-        raise UserError(f"--top-k {top_k}: give at least 1")
+        raise UserError(f"{name('top_k')} {top_k}: give at least 1")
     if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold {threshold}: give a probability between 0 and 1")
+        raise UserError(f"{name('threshold')} {threshold}: give a probability between 0 and 1")
     if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: give at least 1")
+        raise UserError(f"{name('batch_size')} {batch_size}: give at least 1")
     if trigger and ("\n" in trigger or "\r" in trigger):
-        raise UserError("--trigger: one line only")
+        raise UserError(f"{name('trigger')}: one line only")
     if not input_dir.is_dir():
-        raise DatasetError(f"--input: {input_dir} is not a folder of images")
+        raise DatasetError(f"{name('input_dir')}: {input_dir} is not a folder of images")
     images = list_images(input_dir)
     if not images:
-        raise DatasetError(f"--input: no images in {input_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"{name('input_dir')}: no images in {input_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
 
     target = _output_target(input_dir, Path(output) if output is not None else None, fmt)
     store = CsvCaptions(target, input_dir) if fmt == "csv" else TxtCaptions(target, input_dir)
@@ -146,7 +153,7 @@ def label_folder(
         reporter.log(f"Note: {input_dir / 'metadata.csv'} exists; the trainer reads it instead of .txt captions")
     if not todo:
         reporter.log(f"All {len(images)} images already have captions in {target}; nothing to label "
-                     "(--overwrite relabels them, keeping a backup)")
+                     f"({name('overwrite')} relabels them, keeping a backup)")
         return result
 
     vocab = load_vocabulary(Path(vocab_file) if vocab_file else None, builtin=builtin_vocab)
@@ -183,7 +190,7 @@ def label_folder(
     if not result.captions:
         if result.unreadable and not result.stopped:
             names = ", ".join(name for name, _ in result.unreadable[:5])
-            raise DatasetError(f"--input: none of the {len(todo)} images to label could be read ({names})")
+            raise DatasetError(f"{name('input_dir')}: none of the {len(todo)} images to label could be read ({names})")
         return result
     if fmt == "csv":
         if overwrite and target.exists():

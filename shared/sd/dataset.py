@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.errors import DatasetError
+from shared.image_files import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # the trainer and labeller read them here
+from shared.image_files import image_size as image_size
+from shared.image_files import is_image, looks_like_unaccepted_image, not_accepted, open_rgb
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILE_COLUMNS = ("file", "file_name", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "tags")
 
@@ -34,6 +36,7 @@ class DatasetScan:
     items: list[ImageItem]
     caption_source: str
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why): not an image type we read
 
     @property
     def captioned(self) -> int:
@@ -45,11 +48,17 @@ class DatasetScan:
             names = ", ".join(f"{name} ({why})" for name, why in self.unreadable[:5])
             more = f" and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
             text += f"; skipped {len(self.unreadable)} unreadable: {names}{more}"
+        if self.skipped:
+            names = ", ".join(name for name, _ in self.skipped[:5])
+            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            text += (f"; skipped {len(self.skipped)} of a type the trainer does not read: {names}{more} "
+                     f"(accepted: {', '.join(IMAGE_SUFFIXES)})")
         return text
 
 
-def read_metadata_csv(metadata: Path, data_dir: Path) -> list[ImageItem]:
-    """Rows of `file,caption`, with or without a header; file names relative to the image folder."""
+def read_metadata_csv(metadata: Path, data_dir: Path, skipped: list[tuple[str, str]] | None = None) -> list[ImageItem]:
+    """Rows of `file,caption`, with or without a header; file names relative to the image folder.
+    A row naming a file of a type the trainer does not read is left out and added to `skipped`."""
     try:
         with open(metadata, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
@@ -76,6 +85,10 @@ def read_metadata_csv(metadata: Path, data_dir: Path) -> list[ImageItem]:
             raise DatasetError(f"{metadata} line {line_no}: {name!r} points outside {data_dir}")
         if not image.is_file():
             missing.append((line_no, name))
+            continue
+        if not is_image(image):
+            if skipped is not None:
+                skipped.append((name, f"{metadata.name} line {line_no}: {not_accepted(image)}"))
             continue
         items.append(ImageItem(image, row[caption_col].strip()))
     if missing:
@@ -105,7 +118,7 @@ def scan_dataset(data_dir: Path, metadata_path: Path | None = None, caption_exte
     if not data_dir.is_dir():
         raise DatasetError(f"train_data_dir: {data_dir} is not a folder of images")
     subsets = sorted(p for p in data_dir.iterdir() if p.is_dir() and REPEAT_FOLDER.match(p.name))
-    has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in data_dir.iterdir() if p.is_file())
+    has_images = any(is_image(p) for p in data_dir.iterdir() if p.is_file())
     if subsets and not has_images and metadata_path is None:
         scans = []
         for sub in subsets:
@@ -115,11 +128,13 @@ def scan_dataset(data_dir: Path, metadata_path: Path | None = None, caption_exte
             scan = _scan_folder(sub, None, caption_extension)
             for item in scan.items:
                 item.repeats, item.subset = repeats, sub.name
+            scan.skipped = [(f"{sub.name}/{name}", why) for name, why in scan.skipped]
             scans.append(scan)
         return DatasetScan(
             [i for s in scans for i in s.items],
             f"{len(subsets)} N_name folders, {scans[0].caption_source}",
             [u for s in scans for u in s.unreadable],
+            [skip for s in scans for skip in s.skipped],
         )
     scan = _scan_folder(data_dir, metadata_path, caption_extension)
     for item in scan.items:
@@ -131,16 +146,23 @@ def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: 
     default_csv = data_dir / "metadata.csv"
     if metadata_path is None and default_csv.is_file():
         metadata_path = default_csv
+    skipped: list[tuple[str, str]] = []
     if metadata_path is not None:
-        items = read_metadata_csv(Path(metadata_path), data_dir)
+        items = read_metadata_csv(Path(metadata_path), data_dir, skipped)
         source = Path(metadata_path).name
+        if not items and skipped:
+            raise DatasetError(f"{metadata_path}: every row names a file the trainer does not read "
+                               f"({skipped[0][0]}: {not_accepted(Path(skipped[0][0]))})")
         if not items:
             raise DatasetError(f"{metadata_path}: no rows; expected `file,caption` lines")
     else:
-        images = sorted(p for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in data_dir.iterdir() if p.is_file())
+        images = [p for p in files if is_image(p)]
+        skipped = [(p.name, not_accepted(p)) for p in files if looks_like_unaccepted_image(p)]
         if not images:
+            others = f"; found only {', '.join(name for name, _ in skipped[:5])}" if skipped else ""
             raise DatasetError(
-                f"train_data_dir: no images in {data_dir} (looked for {', '.join(IMAGE_SUFFIXES)})"
+                f"train_data_dir: no images in {data_dir} (looked for {', '.join(IMAGE_SUFFIXES)}){others}"
             )
         items = []
         for image in images:
@@ -154,7 +176,7 @@ def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: 
     good, bad = _check_readable(items)
     if not good:
         raise DatasetError(f"train_data_dir: none of the {len(items)} images in {data_dir} can be read")
-    return DatasetScan(good, source, bad)
+    return DatasetScan(good, source, bad, skipped)
 
 
 def process_caption(caption: str, *, trigger_word: str | None, shuffle: bool, keep_tokens: int,
@@ -177,14 +199,6 @@ def process_caption(caption: str, *, trigger_word: str | None, shuffle: bool, ke
     return ", ".join(tags)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.size
-
-
 def plan_crop(size: tuple[int, int], bucket: tuple[int, int], *, random_crop: bool, rng):
     """How an image of `size` (w, h) becomes `bucket` (w, h): the size it is resized to (covering
     the bucket) and the crop's (top, left). SDXL is told the original size and the crop."""
@@ -205,16 +219,15 @@ def load_pixels(path: Path, bucket: tuple[int, int], resized: tuple[int, int], c
     from PIL import Image
 
     width, height = bucket
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if resized != img.size:
-            enlarge = resized[0] > img.width
-            img = img.resize(resized, Image.Resampling.BICUBIC if enlarge else Image.Resampling.LANCZOS)
-        top, left = crop
-        img = img.crop((left, top, left + width, top + height))
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    img = open_rgb(path)  # upright, 8-bit, transparency flattened: as the bucket plan measured it
+    if resized != img.size:
+        enlarge = resized[0] > img.width
+        img = img.resize(resized, Image.Resampling.BICUBIC if enlarge else Image.Resampling.LANCZOS)
+    top, left = crop
+    img = img.crop((left, top, left + width, top + height))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:

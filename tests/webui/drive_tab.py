@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 
@@ -50,6 +51,29 @@ def fill_form(page, args, advanced: str) -> None:
     field(page, "lora_daemon_advanced").fill(advanced)
 
 
+def lora_cards(page) -> list[str]:
+    """The names on the Lora cards of the txt2img tab, as a person opening that tab sees them."""
+    page.locator("#tabs button", has_text="txt2img").first.click()
+    page.locator("#txt2img_extra_tabs button", has_text="Lora").first.click()
+    names = page.locator("#txt2img_lora_cards .card").evaluate_all("els => els.map(e => e.dataset.name)")
+    return sorted(names)
+
+
+def wait_for_card(page, name: str, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        names = lora_cards(page)
+        if name in names:
+            return names
+        time.sleep(0.3)
+    return names
+
+
+def open_train_tab(page) -> None:
+    page.locator("#tabs button", has_text="Train LoRA").first.click()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
@@ -67,6 +91,8 @@ def main() -> None:
     parser.add_argument("--then", action="append", default=[], choices=["stop", "cancel"],
                         help="afterwards, train again with --long-advanced and press Stop / Cancel mid-way")
     parser.add_argument("--long-advanced", default="")
+    parser.add_argument("--load-model-flag", default="",
+                        help="create this file once the page is loaded: the WebUI then loads (hashes) the checkpoint")
     args = parser.parse_args()
     seen: dict = {"progress": [], "steps": []}
 
@@ -75,12 +101,20 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
         page.set_default_timeout(30_000)
         page.goto(args.url, wait_until="domcontentloaded")
-        page.locator("#tabs button", has_text="Train LoRA").first.click()
+        seen["cards_at_start"] = lora_cards(page)  # the page's first load renders (and caches) the cards
+        open_train_tab(page)
 
         # no daemon yet: the tab says so and offers to start one
         seen["no_daemon"] = wait_text(page, "#lora_daemon_status", "No lora-daemon is running", 30)
         seen["start_visible"] = page.locator("#lora_daemon_start").is_visible()
         seen["base_model_default"] = field(page, "lora_daemon_base_model").input_value()
+        if args.load_model_flag:  # the WebUI finishes loading the checkpoint now: it hashes and retitles it
+            open(args.load_model_flag, "w").close()
+            log = os.environ["FAKE_WEBUI_LOG"]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and '"load_model"' not in open(log).read():
+                time.sleep(0.1)
+            seen["base_model_when_trained"] = field(page, "lora_daemon_base_model").input_value()
         page.locator("#lora_daemon_start").click()
         seen["daemon_up"] = wait_text(page, "#lora_daemon_status", "lora-daemon", 90)
         wait_text(page, "#lora_daemon_status", "Daemon running", 90)
@@ -109,6 +143,8 @@ def main() -> None:
                     shot_taken = True
                     seen["shot_progress"] = text_of(page, "#lora_daemon_progress")
                     seen["loss_curve_shown"] = page.locator("#lora_daemon_loss img").count() > 0
+            if match and 0 < int(match.group(1)) < int(match.group(2)) and "running" in progress:
+                seen.setdefault("status_while_running", []).append(text_of(page, "#lora_daemon_status"))
             result = field(page, "lora_daemon_result").input_value()
             if result or "Failed:" in progress or "refused" in progress or "Check the form" in progress:
                 break
@@ -119,6 +155,20 @@ def main() -> None:
         seen["job"] = field(page, "lora_daemon_job").input_value()
         seen["screenshot_taken"] = shot_taken
         page.screenshot(path=f"{args.out}/webui_tab_done.png", full_page=True)
+
+        # Reload list: the title from before the hashing becomes the current one
+        page.locator("#lora_daemon_refresh_checkpoints").click()
+        page.wait_for_timeout(1000)
+        seen["base_model_after_reload_list"] = field(page, "lora_daemon_base_model").input_value()
+
+        # the new LoRA's card: in this open page, then in a freshly loaded one, without pressing refresh
+        if seen["result"]:
+            seen["cards_open_page"] = wait_for_card(page, "webui_test", 15)
+            page.reload(wait_until="domcontentloaded")
+            seen["cards_fresh_page"] = wait_for_card(page, "webui_test", 15)
+            open_train_tab(page)
+            wait_text(page, "#lora_daemon_status", "Daemon running", 30)
+            seen["base_model_after_page_reload"] = field(page, "lora_daemon_base_model").input_value()
 
         for action in args.then:
             previous_job = field(page, "lora_daemon_job").input_value()
@@ -133,7 +183,7 @@ def main() -> None:
             if action == "stop":  # a page reload loses the live view; Refresh finds the running job again
                 running_job = field(page, "lora_daemon_job").input_value()
                 page.reload(wait_until="domcontentloaded")
-                page.locator("#tabs button", has_text="Train LoRA").first.click()
+                open_train_tab(page)
                 wait_text(page, "#lora_daemon_status", "Daemon running", 30)
                 seen["job_box_after_reload"] = field(page, "lora_daemon_job").input_value()
                 page.locator("#lora_daemon_refresh").click()

@@ -4,6 +4,7 @@ install.py and the exposure check (each WebUI part in a subprocess with the stan
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -102,7 +103,7 @@ def test_the_view_follows_a_jobs_events():
     failed = watch.JobView("j2")
     failed.apply({"kind": "failed", "data": {"error": "x.safetensors: not a readable checkpoint"}})
     assert failed.done and failed.error.startswith("x.safetensors")
-    assert watch.format_duration(3725) == "1:02:05" and watch.format_duration(None) == "?"
+    assert watch.client.format_duration(3725) == "1:02:05" and watch.client.format_duration(None) == "?"
 
 
 def test_a_watch_whose_daemon_is_gone_says_so_and_still_runs_its_end_step():
@@ -179,10 +180,135 @@ def test_the_tab_refuses_to_train_for_strangers_when_the_webui_is_open_without_l
 def test_auto_label_options_follow_the_caption_source(tmp_path):
     options = form.build_label_options(dataset="data", caption_source=form.CAPTION_TXT, clip_model=" ViT-B-32 ",
                                        clip_weights="", trigger=" sks ", base_dir=tmp_path)
-    assert options == {"input_dir": str(tmp_path / "data"), "format": "txt", "model": "ViT-B-32", "trigger": "sks"}
+    assert options == {"input_dir": str(tmp_path / "data"), "format": "txt", "model": "ViT-B-32", "trigger": "sks",
+                       "field_names": form.LABEL_FIELD_NAMES}
     csv = form.build_label_options(dataset=str(tmp_path), caption_source=form.CAPTION_AUTO, clip_model=None,
                                    clip_weights="/w/clip.safetensors", trigger=None, base_dir=tmp_path)
-    assert csv == {"input_dir": str(tmp_path), "format": "csv", "weights": "/w/clip.safetensors"}
+    assert csv == {"input_dir": str(tmp_path), "format": "csv", "weights": "/w/clip.safetensors",
+                   "field_names": form.LABEL_FIELD_NAMES}
     with pytest.raises(form.FormError, match="Dataset folder"):
         form.build_label_options(dataset="", caption_source=form.CAPTION_AUTO, clip_model=None, clip_weights=None,
                                  trigger=None, base_dir=tmp_path)
+
+
+def test_the_eta_says_estimating_until_there_is_a_rate():
+    from shared.reporting import Throughput
+
+    rate, eta = Throughput(10).tick(1)  # the first step: nothing to measure a rate from
+    assert (rate, eta) == (0.0, None)
+    view = watch.JobView("j1")
+    view.apply({"kind": "started", "data": {"total": 10}})
+    view.apply({"kind": "progress", "data": {"step": 1, "total": 10, "loss": 0.5, "it_s": 0.0, "eta_s": None}})
+    assert watch.progress_line(view) == "running · step 1/10 · loss 0.5000 · ETA estimating..."
+    view.apply({"kind": "progress", "data": {"step": 2, "total": 10, "loss": 0.4, "it_s": 2.0, "eta_s": 4.0}})
+    assert watch.progress_line(view).endswith("2.00 it/s · ETA 0:04")
+    # a re-run that resumed keeps its curve up to where it continued; one that started again clears it
+    view.apply({"kind": "started", "data": {"total": 10, "attempt": 2, "step": 1, "resumed": True}})
+    assert view.losses == [(1, 0.5)] and watch.progress_line(view).endswith("ETA estimating...")
+
+
+def test_a_checkpoint_title_from_before_the_webui_hashed_it_still_finds_the_file(tmp_path):
+    """A1111 titles an unhashed checkpoint `name.safetensors` and retitles it `name.safetensors [hash]`
+    when it loads it; a page built before that holds the old title."""
+    models = tmp_path / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    (models / "mine.safetensors").write_bytes(b"weights" * 1000)
+    out = run_python(sys.executable, f"""
+        import json, sys
+        sys.path[:0] = [{str(FAKE_WEBUI)!r}, {str(REPO / 'extension_webui')!r}]
+        from modules import sd_models
+        from lora_daemon_webui import host
+        sd_models.list_models()
+        before = host.default_checkpoint()
+        sd_models.load_model()  # hashes it: the title changes
+        after = host.checkpoint_titles()
+        try:
+            host.checkpoint_path("elsewhere.safetensors")
+            unknown = "no error"
+        except host.CheckpointNotFound as exc:
+            unknown = str(exc)
+        print(json.dumps({{"before": before, "after": after, "old": host.checkpoint_path(before),
+                          "new": host.checkpoint_path(after[0]), "title": host.checkpoint_title(before),
+                          "typed": host.checkpoint_path("/models/other.ckpt"), "unknown": unknown}}))
+    """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    file = str(models / "mine.safetensors")
+    assert seen["before"] == "mine.safetensors" and len(seen["after"]) == 1
+    assert seen["after"][0].startswith("mine.safetensors [") and seen["title"] == seen["after"][0]
+    assert seen["old"] == seen["new"] == file  # never `<webui>/mine.safetensors`
+    assert seen["typed"] == "/models/other.ckpt"
+    assert seen["unknown"].startswith("Base model: 'elsewhere.safetensors' is not one of the WebUI's checkpoints")
+
+
+def test_the_tab_says_when_another_program_holds_the_daemon_port(tmp_path):
+    import http.server
+    import threading
+
+    from webui_env import gradio3_python
+
+    python = gradio3_python()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "config.yaml").write_text(f"port: {port}\n")
+    (tmp_path / "config.json").write_text(json.dumps({"lora_daemon_state_dir": str(state),
+                                                      "lora_daemon_python": sys.executable}))
+    try:
+        out = run_python(python, f"""
+            import json, sys
+            sys.path[:0] = [{str(FAKE_WEBUI)!r}, {str(REPO / 'extension_webui')!r}]
+            from lora_daemon_webui import ui
+            text, start = ui.check_daemon()
+            after_start, start_again = ui.start_daemon()
+            print(json.dumps({{"text": text, "start": start, "after": after_start, "again": start_again}}))
+        """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path), "HOME": str(tmp_path), "PATH": os.environ["PATH"],
+                                "GRADIO_ANALYTICS_ENABLED": "False"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["text"].startswith("**The daemon's port is taken by another program:** port "
+                                   f"{port} on 127.0.0.1 is taken by another program, not a lora-daemon")
+    assert str(state / "config.yaml") in seen["text"] and "python -m daemon serve" not in seen["text"].split("(or")[0]
+    assert seen["start"]["visible"] is False and seen["again"]["visible"] is False  # no Start that would fail
+    assert seen["after"] == seen["text"] and not (state / "daemon.log").exists()
+
+
+def test_a_finished_job_renders_the_lora_cards_for_pages_loaded_later(tmp_path):
+    """With no page open when the job ends, the next page load must still get the new card: the
+    WebUI's refresh handler (found in its real gradio 3 Blocks) is run, as a press of its button would."""
+    from webui_env import gradio3_python
+
+    python = gradio3_python()
+    lora_dir = tmp_path / "models" / "Lora"
+    lora_dir.mkdir(parents=True)
+    out = run_python(python, f"""
+        import json, sys
+        sys.path[:0] = [{str(FAKE_WEBUI)!r}, {str(FAKE_WEBUI / 'extensions-builtin' / 'Lora')!r},
+                        {str(REPO / 'extension_webui')!r}]
+        import gradio as gr
+        import networks, ui_extra_networks_lora
+        from modules import shared, ui_extra_networks
+        from lora_daemon_webui import host
+        ui_extra_networks.register_page(ui_extra_networks_lora.ExtraNetworksPageLora())
+        networks.list_available_networks()
+        with gr.Blocks() as txt2img:
+            ui = ui_extra_networks.create_ui(txt2img, [], "txt2img")
+        with gr.Blocks() as demo:
+            txt2img.render()
+        shared.demo = demo
+        ui.pages_contents = [p.create_html("txt2img") for p in ui.stored_extra_pages]  # the first page load
+        before = ui.pages_contents[0]
+        open({str(lora_dir / 'fresh.safetensors')!r}, "wb").close()  # the daemon deploys
+        host.refresh_loras()
+        print(json.dumps({{"before": before, "after": ui.pages_contents[0], "api": sorted(networks.available_networks)}}))
+    """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path), "PATH": os.environ["PATH"],
+                            "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["api"] == ["fresh"] and "data-name='fresh'" not in seen["before"]
+    assert "data-name='fresh'" in seen["after"]  # what pages_html hands the next page load

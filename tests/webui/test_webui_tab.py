@@ -65,9 +65,11 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     log = tmp_path / "calls.jsonl"
     port = free_port()
     webui_out = tmp_path / "webui.out"
+    load_flag = tmp_path / "load-the-model-now"  # the WebUI hashes the checkpoint only after the page loaded
     with open(webui_out, "w") as out:  # a file, not a pipe: nobody reads it while the test runs
         webui = subprocess.Popen([python, str(FAKE_WEBUI / "webui.py"), "--port", str(port)], cwd=root,
-                                 env=webui_env(root, log), stdout=out, stderr=subprocess.STDOUT)
+                                 env={**webui_env(root, log), "FAKE_WEBUI_LOAD_MODEL_WHEN": str(load_flag)},
+                                 stdout=out, stderr=subprocess.STDOUT)
     shots = [str(tmp_path / "webui_tab.png")]
     if os.environ.get("LORA_WEBUI_SCREENSHOT"):
         shots.append(str(REPO / "docs" / "images" / "webui_tab.png"))
@@ -85,10 +87,17 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
             [python, str(HERE / "drive_tab.py"), "--url", f"http://127.0.0.1:{port}/", "--out", str(tmp_path),
              "--dataset", str(image_dir), "--output-name", "webui_test", "--advanced", advanced,
              *[a for shot in shots for a in ("--screenshot", shot)],
-             "--then", "stop", "--then", "cancel", "--long-advanced", long_advanced],
-            capture_output=True, text=True, timeout=300, env=webui_env(root, log))
+             "--then", "stop", "--then", "cancel", "--long-advanced", long_advanced,
+             "--load-model-flag", str(load_flag)],
+            capture_output=True, text=True, timeout=400, env=webui_env(root, log))
         assert drive.returncode == 0, drive.stdout[-3000:] + drive.stderr[-3000:] + webui_out.read_text()[-3000:]
         seen = json.loads(drive.stdout.strip().splitlines()[-1])
+
+        # the daemon the tab started exits while the WebUI runs on: the WebUI reaps it (no zombie)
+        daemon_pid = json.loads(endpoint_path(state).read_text())["pid"]
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_until(lambda: not Path(f"/proc/{daemon_pid}").exists(), 30,
+                   "the WebUI to reap the daemon it started (it stays a zombie otherwise)", interval=0.2)
     finally:
         webui.send_signal(signal.SIGTERM)
         try:
@@ -105,7 +114,12 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
 
     # before: no daemon, and the tab says so and offers to start it; the base model is the WebUI's
     assert "No lora-daemon is running" in seen["no_daemon"] and seen["start_visible"] is True
-    assert seen["base_model_default"] == tiny_sd["safetensors"].name
+    # the page was loaded before the WebUI hashed the checkpoint: it holds the old title and trains with
+    # it (the tab finds the file as the WebUI does); Reload list and a page reload show the new title
+    name = tiny_sd["safetensors"].name
+    assert seen["base_model_default"] == seen["base_model_when_trained"] == name
+    assert seen["base_model_after_reload_list"].startswith(name + " [")
+    assert seen["base_model_after_page_reload"] == seen["base_model_after_reload_list"]
     assert "Daemon running: lora-daemon" in seen["daemon_up"] and seen["start_visible_after"] is False
     # during: the progress moved, and a screenshot was taken mid-training with a loss curve
     steps = seen["steps"]
@@ -114,10 +128,16 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     assert seen["screenshot_taken"] and seen["loss_curve_shown"], seen
     assert Path(shots[0]).stat().st_size > 10_000
     assert "it/s" in seen["shot_progress"] and "loss " in seen["shot_progress"]
+    # the status line counts the job while it runs (it was read once, before the job, and said 0)
+    assert any("1 running" in line for line in seen["status_while_running"]), seen["status_while_running"]
     # after: the prompt text, the file in the WebUI's Lora folder, the queue lists the job
     assert seen["result"] == "<lora:webui_test:0.8>", seen
     assert "finished" in seen["final_progress"] and "step 30/30" in seen["final_progress"]
     assert "webui_test" in seen["queue"] and "finished" in seen["queue"]
+    # the card is in the Lora tab of the open page and of a page loaded afterwards, without refresh
+    assert seen["cards_at_start"] == []
+    cards = {k: seen[k] for k in ("cards_at_start", "cards_open_page", "cards_fresh_page")}
+    assert "webui_test" in seen["cards_open_page"] and "webui_test" in seen["cards_fresh_page"], cards
 
     # Stop saves what was trained, under a new name beside the first; Cancel keeps nothing
     stopped, cancelled = seen["stop"], seen["cancel"]
@@ -141,7 +161,8 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     unload, back = names.index("unload_model_weights"), names.index("send_model_to_device")
     refreshes = [c["names"] for c in calls if c["call"] == "list_available_networks"]
     assert unload < back and calls[unload]["lock_held"] and calls[back]["lock_held"]
-    assert refreshes[0] == [] and refreshes[1:] == [["webui_test"], ["webui_test", "webui_test_2"]]
+    assert refreshes[0] == [] and ["webui_test"] in refreshes and refreshes[-1] == ["webui_test", "webui_test_2"]
+    assert refreshes == sorted(refreshes, key=len)  # never a LoRA lost from the list
     # one unload and one return per job (three jobs), alternating
     moves = [c["call"] for c in calls if c["call"] in ("unload_model_weights", "send_model_to_device")]
     assert moves == ["unload_model_weights", "send_model_to_device"] * 3

@@ -4,7 +4,9 @@
 
 Run extension installers, load built-in and user extension scripts (each extension folder on sys.path
 only while its scripts load), collect settings and tabs, `queue(64)`, launch on 127.0.0.1, call the
-app-started callbacks, print `READY <url>` and serve until killed. $FAKE_WEBUI_BLOCK lists top-level
+app-started callbacks, print `READY <url>` and serve until killed. As in the WebUI, the txt2img tab
+carries the extra-networks pages (Lora cards), extensions' javascript/*.js are put into the page, and the
+selected checkpoint is loaded (hashed, so retitled) only after the UI was built. $FAKE_WEBUI_BLOCK lists top-level
 packages that must not be imported (torch ...): importing one fails, as it would in a Python without it.
 """
 
@@ -13,6 +15,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +39,7 @@ sys.path.insert(0, HERE)
 os.environ.setdefault("FAKE_WEBUI_ROOT", HERE)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from modules import paths, script_callbacks, sd_models, shared  # noqa: E402
+from modules import paths, script_callbacks, sd_models, shared, ui_gradio_extensions  # noqa: E402
 from modules.record import record  # noqa: E402
 
 
@@ -81,32 +84,54 @@ def load_scripts():
 
 def create_ui():
     import gradio as gr
+    from modules import ui_extra_networks
 
+    script_callbacks.before_ui_callback()
     script_callbacks.ui_settings_callback()
-    interfaces = script_callbacks.ui_tabs_callback()
+    with gr.Blocks(analytics_enabled=False) as txt2img_interface:
+        with gr.Tabs(elem_id="txt2img_extra_tabs"):
+            with gr.Tab("Generation", id="txt2img_generation"):
+                gr.Markdown("txt2img stand-in")
+            ui_extra_networks.create_ui(txt2img_interface, [], "txt2img")
+    extension_tabs = script_callbacks.ui_tabs_callback()
+    interfaces = [(txt2img_interface, "txt2img", "txt2img"), *extension_tabs]
     with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo:
         with gr.Tabs(elem_id="tabs"):
-            with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                gr.Markdown("txt2img stand-in")
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
-    return demo, [label for _, label, _ in interfaces]
+    return demo, [label for _, label, _ in extension_tabs]
 
 
 def main():
     run_installers()
     sd_models.list_models()
-    sd_models.model_data.sd_model = sd_models.FakeModel()  # "loaded" at start, as the WebUI does
     load_scripts()
+    ui_gradio_extensions.reload_javascript()
     demo, labels = create_ui()
+    # the WebUI loads the checkpoint in a thread while it builds the UI; a large one is hashed (and so
+    # retitled `name [hash]`) only after the UI, and pages loaded meanwhile, hold its unhashed title.
+    # $FAKE_WEBUI_LOAD_MODEL_WHEN names a file: the load waits until it exists (a page loaded first).
+    flag = os.environ.get("FAKE_WEBUI_LOAD_MODEL_WHEN")
+    if flag:
+        def load_when_asked():
+            while not os.path.exists(flag):
+                time.sleep(0.1)
+            sd_models.load_model()
+
+        threading.Thread(target=load_when_asked, daemon=True, name="load_model").start()
+    else:
+        sd_models.load_model()
     if shared.cmd_opts.build_only:
         print("TABS", labels, "SETTINGS", sorted(k for k in shared.opts.data_labels if k.startswith("lora_daemon")))
         return
     shared.demo = demo
     demo.queue(64)
+    # the WebUI folder's files (extensions' javascript/) are served: gradio 3 allows its working folder
+    # by itself, gradio 4 (Forge) only what allowed_paths names
     app, local_url, _ = demo.launch(server_name="127.0.0.1", server_port=shared.cmd_opts.port,
-                                    prevent_thread_lock=True, show_api=False, quiet=True)
+                                    prevent_thread_lock=True, show_api=False, quiet=True,
+                                    allowed_paths=[paths.script_path])
     script_callbacks.app_started_callback(demo, app)
     print(f"READY {local_url}", flush=True)
     while True:

@@ -14,7 +14,7 @@ class ScriptCallback:
 
 
 callback_map = dict(callbacks_app_started=[], callbacks_ui_tabs=[], callbacks_ui_settings=[],
-                    callbacks_script_unloaded=[])
+                    callbacks_script_unloaded=[], callbacks_before_ui=[])
 
 
 def add_callback(callbacks, fun, *, name=None, category='unknown'):
@@ -47,6 +47,14 @@ def ui_tabs_callback():
     return res
 
 
+def before_ui_callback():
+    for c in callback_map['callbacks_before_ui']:
+        try:
+            c.callback()
+        except Exception:
+            report_exception(c, 'before_ui')
+
+
 def ui_settings_callback():
     for c in callback_map['callbacks_ui_settings']:
         try:
@@ -69,3 +77,7 @@ def on_ui_settings(callback, *, name=None):
 
 def on_script_unloaded(callback, *, name=None):
     add_callback(callback_map['callbacks_script_unloaded'], callback, name=name, category='script_unloaded')
+
+
+def on_before_ui(callback, *, name=None):
+    add_callback(callback_map['callbacks_before_ui'], callback, name=name, category='before_ui')
