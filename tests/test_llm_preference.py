@@ -19,6 +19,7 @@ from shared.llm.preference_loss import (
     kto_kl_estimate,
     kto_loss,
     orpo_loss,
+    pair_margin,
     preference_loss,
     reference_of,
 )
@@ -174,18 +175,6 @@ def test_the_reference_is_the_base_model_with_the_adapter_off(tiny_llama):
     assert not torch.allclose(model(ids).logits, base, atol=1e-4)  # the adapter is back on after
 
 
-def held_out_margin(model, pairs, pad_id) -> float:
-    """Mean log p(chosen) - log p(rejected) of held-out pairs under `model`."""
-    batch = collate_pairs(pairs, pad_id)
-    model.eval()
-    with torch.no_grad():
-        logps, _ = answer_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                batch["labels"])
-    model.train()
-    n = batch["n_pairs"]
-    return (logps[:n] - logps[n:]).mean().item()
-
-
 @pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
 def test_preference_training_raises_the_margin_on_held_out_pairs(tiny_llama, llm_tokenizer, tmp_path, method):
     """A few dozen steps of a tiny loop (the real loop comes with the one-loop skeleton) on pairs that
@@ -196,7 +185,7 @@ def test_preference_training_raises_the_margin_on_held_out_pairs(tiny_llama, llm
     assert (len(data.train), len(data.val)) == (16, 4)
     model = peft_tiny_llama(tiny_llama)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    before = held_out_margin(model, data.val, tok.pad_token_id)
+    before = pair_margin(model, data.val, tok.pad_token_id)
     order = torch.Generator().manual_seed(0)
     train_stats = []
     for _ in range(30):
@@ -207,7 +196,7 @@ def test_preference_training_raises_the_margin_on_held_out_pairs(tiny_llama, llm
         optimizer.step()
         optimizer.zero_grad()
         train_stats.append(stats)
-    after = held_out_margin(model, data.val, tok.pad_token_id)
+    after = pair_margin(model, data.val, tok.pad_token_id)
     print(f"\n{method}: held-out margin log p(chosen) - log p(rejected): {before:.2f} -> {after:.2f}; "
           f"last train loss {train_stats[-1].loss:.4f}, reward margin {train_stats[-1].reward_margin:.2f}, "
           f"accuracy {train_stats[-1].accuracy:.2f}")

@@ -82,6 +82,27 @@ def kto_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kl, beta:
     return torch.cat([chosen, rejected])
 
 
+def pair_margin(model, pairs, pad_id: int, batch_size: int = 8) -> float:
+    """Mean log p(chosen) - log p(rejected) of `pairs` (PreferencePair) under `model`: the held-out
+    measure of what preference training taught."""
+    import torch
+
+    from shared.llm.preference import collate_pairs
+
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[i : i + batch_size], pad_id)
+            logps, _ = answer_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                    batch["labels"])
+            n = batch["n_pairs"]
+            total += (logps[:n] - logps[n:]).sum().item()
+    model.train(was_training)
+    return total / max(len(pairs), 1)
+
+
 @contextlib.contextmanager
 def reference_of(peft_model):
     """The reference model: `peft_model` with its adapter off and no gradients."""
