@@ -235,7 +235,7 @@ def write_modelfile(
     adds_bos = tokenizer.bos_token_id is not None and tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
     template = go_template(pieces, bos_text=tokenizer.bos_token if adds_bos else None)
     stops = stop_strings(pieces, tokenizer.eos_token)
-    note = f"{name}: ollama create {name or 'my-model'} -f Modelfile" if name else "ollama create my-model -f Modelfile"
-    text = modelfile_text(base, adapter, template, stops, comment=f"Written by lora-daemon. {note}")
+    comment = f"Written by lora-daemon{f' for {name}' if name else ''}. Use: ollama create {name or 'my-model'} -f Modelfile"
+    text = modelfile_text(base, adapter, template, stops, comment=comment)
     target = Path(folder) / "Modelfile"
     return atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
