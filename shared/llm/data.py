@@ -254,26 +254,34 @@ def parse_record(rec: Record) -> Parsed:
 
 
 def _parse_messages(rec: Record) -> list[dict]:
-    raw = rec.data["messages"]
+    return parse_message_list(rec, "messages")
+
+
+def parse_message_list(rec: Record, key: str, *, last: str | None = "assistant") -> list[dict]:
+    """`rec[key]` as a list of {role, content} messages (a CSV cell may hold it as JSON), ending with
+    a message of role `last` (None: any); one file:line error otherwise."""
+    raw = rec.data[key]
     if isinstance(raw, str):  # a CSV cell holding JSON
         try:
             raw = json.loads(raw)
         except ValueError:
-            raise DatasetError(f"{rec.where}: `messages` is not a JSON list of messages") from None
+            raise DatasetError(f"{rec.where}: `{key}` is not a JSON list of messages") from None
     if not isinstance(raw, list) or not raw:
-        raise DatasetError(f"{rec.where}: `messages` must be a non-empty list of {{role, content}} objects")
+        raise DatasetError(f"{rec.where}: `{key}` must be a non-empty list of {{role, content}} objects")
     out = []
     for i, msg in enumerate(raw):
         if not isinstance(msg, dict) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
             raise DatasetError(
-                f"{rec.where}: messages[{i}] must be {{\"role\": system|user|assistant, \"content\": text}}, "
+                f"{rec.where}: {key}[{i}] must be {{\"role\": system|user|assistant, \"content\": text}}, "
                 f"got {json.dumps(msg)[:80]}"
             )
         out.append({"role": msg["role"], "content": msg["content"]})
-    if out[-1]["role"] != "assistant":
-        raise DatasetError(f"{rec.where}: the last message must be the assistant's answer (got {out[-1]['role']!r})")
-    if not out[-1]["content"].strip():
-        raise DatasetError(f"{rec.where}: the assistant's answer is empty")
+    field_note = "" if key == "messages" else f"`{key}`: "
+    if last is not None and out[-1]["role"] != last:
+        what = "the assistant's answer" if last == "assistant" else f"a {last} message"
+        raise DatasetError(f"{rec.where}: {field_note}the last message must be {what} (got {out[-1]['role']!r})")
+    if last == "assistant" and not out[-1]["content"].strip():
+        raise DatasetError(f"{rec.where}: {field_note}the assistant's answer is empty")
     return out
 
 

@@ -1,0 +1,209 @@
+"""Where an LLM adapter goes after training: the files llama.cpp and Ollama load, the PEFT folder in
+text-generation-webui's loras folder, a check that vLLM can load it, and the pre-flight refusal of
+a GGUF base model.
+
+- llama.cpp / Ollama: `write_llama_cpp_files` writes, into a folder being published (the adapter's
+  own, so everything appears at once): `<stem>-lora.gguf` (the GGUF LoRA adapter), optionally
+  `<base>-f16.gguf` (the base model as GGUF, for users without it), and `Modelfile` (FROM the base the
+  user names, or that GGUF; ADAPTER the adapter; TEMPLATE and stops from the training template).
+- text-generation-webui: its LoRA menu lists the folders of `user_data/loras/` (newer releases) or
+  `loras/` and loads one with PEFT, so the PEFT folder is placed there under the never-replace rule
+  of the Lora folder (`publish_new_folder`: a new name if taken, never half a folder).
+- vLLM: `--lora-modules name=<folder>` loads the PEFT folder as it is; `vllm_problems` checks the
+  fields vLLM's PEFTHelper reads and refuses (see VLLM_FIELDS).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from shared.errors import ConfigError, ModelError
+
+GGUF_MAGIC = b"GGUF"
+
+# What vLLM's LoRA loader (vllm/lora/peft_helper.py, PEFTHelper.from_dict / validate_legal) reads
+# from adapter_config.json: r, lora_alpha and target_modules are required; bias must be "none";
+# modules_to_save must be empty; use_dora is refused; use_rslora changes the scale to
+# alpha/sqrt(r); the largest rank (r and rank_pattern) must not exceed --max-lora-rank (16 by default).
+VLLM_REQUIRED = ("r", "lora_alpha", "target_modules")
+VLLM_FIELDS = (*VLLM_REQUIRED, "bias", "modules_to_save", "use_rslora", "use_dora", "rank_pattern")
+VLLM_DEFAULT_MAX_RANK = 16
+
+# Files of the adapter folder that are for other hosts, not PEFT: left out of the loras copy.
+NOT_FOR_PEFT = ("*.gguf", "Modelfile")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight
+
+
+def _gguf_name(path: Path) -> str:
+    """What a GGUF file says it is (its general.name / base model repo), for the refusal's hint."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+        for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.base_model.0.name", "general.name"):
+            field = reader.get_field(key)
+            if field is not None:
+                return str(field.contents())
+    except Exception:  # a truncated or foreign file: the refusal stands without the hint
+        return ""
+    return ""
+
+
+def refuse_gguf_base(base_model: Path) -> None:
+    """Raise one line if `base_model` is a GGUF file, or a folder holding only GGUF weights: LLM LoRA
+    training runs on the Transformers weights (config.json + safetensors), which GGUF files are not."""
+    path = Path(base_model)
+    gguf_file = None
+    if path.is_file():
+        with open(path, "rb") as fh:
+            if fh.read(4) == GGUF_MAGIC or path.suffix.lower() == ".gguf":
+                gguf_file = path
+    elif path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        gguf_file = found[0] if found else None
+    if gguf_file is None:
+        return
+    name = _gguf_name(gguf_file)
+    hint = f" (this one says it is {name})" if name else ""
+    raise ModelError(
+        f"base_model: {gguf_file} is a GGUF file{hint}, the llama.cpp/Ollama inference format; LoRA training "
+        "needs the model's Transformers weights: download its original repository (config.json, "
+        "tokenizer files, *.safetensors), e.g. `huggingface-cli download <org>/<model> --local-dir <folder>`, "
+        "and set base_model to that folder"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp and Ollama
+
+
+def check_ollama_settings(ollama_from: str | None, base_gguf: bool, chat_template: str | None) -> None:
+    """Pre-flight of the Modelfile: it needs a FROM and the chat template the job trains with."""
+    if not ollama_from and not base_gguf:
+        raise ConfigError(
+            "ollama_base: the Modelfile needs a FROM: name the base as Ollama knows it (e.g. llama3.2:1b) or "
+            "a GGUF file of it, or set gguf_base: true to export the base model as GGUF"
+        )
+    if chat_template is None:
+        raise ConfigError(
+            "chat_template: the Modelfile's TEMPLATE is derived from the chat template the job trains with, and "
+            "there is none; set chat_template: chatml (or alpaca), or train on chat/alpaca rows"
+        )
+
+
+def write_llama_cpp_files(
+    folder: Path,
+    *,
+    adapter_dir: Path,
+    base_model: Path,
+    stem: str,
+    tokenizer,
+    chat_template: str | None,
+    ollama_from: str | None = None,
+    base_gguf: bool = False,
+) -> dict[str, Path]:
+    """Write the GGUF adapter, optionally the base as GGUF f16, and the Modelfile into `folder`
+    (llama.cpp alone needs only `write_adapter_gguf`). `ollama_from` is the Modelfile's FROM (an Ollama model name or a path);
+    with `base_gguf` and no `ollama_from`, FROM is the exported base GGUF. Returns {kind: path}."""
+    from shared.llm.gguf_export import write_adapter_gguf, write_model_gguf
+    from shared.llm.modelfile import write_modelfile
+
+    folder = Path(folder)
+    check_ollama_settings(ollama_from, base_gguf, chat_template)
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    adapter_gguf = folder / f"{stem}-lora.gguf"
+    write_adapter_gguf(adapter_dir, base_model, adapter_gguf)
+    out["gguf_adapter"] = adapter_gguf
+    if base_gguf:
+        out["gguf_base"] = write_model_gguf(
+            base_model, folder / f"{Path(base_model).name}-f16.gguf", chat_template=chat_template
+        )
+    source = ollama_from or f"./{out['gguf_base'].name}"
+    out["modelfile"] = write_modelfile(
+        folder, base=source, adapter=f"./{adapter_gguf.name}", tokenizer=tokenizer, chat_template=chat_template,
+        name=stem,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# text-generation-webui
+
+
+def textgen_loras_dir(path: Path) -> Path:
+    """The loras folder of a text-generation-webui install (`user_data/loras` in newer releases,
+    `loras` in older), or `path` itself when it is a loras folder."""
+    path = Path(path)
+    for candidate in (path / "user_data" / "loras", path / "loras"):
+        if candidate.is_dir():
+            return candidate
+    if path.name == "loras" and path.is_dir():
+        return path
+    raise ConfigError(
+        f"textgen_dir: {path} is neither a text-generation-webui folder (with user_data/loras or loras) "
+        "nor a loras folder"
+    )
+
+
+def place_in_textgen(adapter_dir: Path, textgen_dir: Path, name: str) -> Path:
+    """Copy the PEFT folder into text-generation-webui's loras folder as `name` (or `name_2`, ...):
+    a new folder that appears whole, never over an existing one."""
+    from shared.files import publish_new_folder
+
+    adapter_dir = Path(adapter_dir)
+    skip = shutil.ignore_patterns(*NOT_FOR_PEFT)
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True, ignore=skip)
+
+    return publish_new_folder(textgen_loras_dir(textgen_dir), name, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM
+
+
+def vllm_problems(adapter_dir: Path, max_lora_rank: int = VLLM_DEFAULT_MAX_RANK) -> list[str]:
+    """Why vLLM would refuse this PEFT folder (empty when it loads): the adapter_config.json fields
+    its PEFTHelper reads, and weight names it can parse (`base_model.model.<module>.lora_A/B.weight`)."""
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    problems = []
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"adapter_config.json: unreadable ({exc})"]
+    missing = [k for k in VLLM_REQUIRED if k not in cfg]
+    if missing:
+        problems.append(f"adapter_config.json lacks {', '.join(missing)}")
+    if (cfg.get("bias") or "none") != "none":
+        problems.append(f"bias={cfg['bias']!r}: vLLM loads no adapter biases")
+    if cfg.get("modules_to_save"):
+        problems.append("modules_to_save: vLLM supports none")
+    if cfg.get("use_dora"):
+        problems.append("use_dora: vLLM does not support DoRA")
+    ranks = [int(cfg.get("r", 0)), *map(int, (cfg.get("rank_pattern") or {}).values())]
+    if max(ranks) > max_lora_rank:
+        problems.append(f"rank {max(ranks)} is above vLLM's --max-lora-rank {max_lora_rank}; start vLLM with a larger one")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        problems.append("no adapter_model.safetensors")
+    else:
+        with safe_open(str(weights), framework="pt") as f:
+            odd = [k for k in f.keys() if not (k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")))]
+        if odd:
+            problems.append(f"weights vLLM cannot map: {', '.join(odd[:3])}")
+    return problems
+
+
+def check_vllm(adapter_dir: Path, max_lora_rank: int = VLLM_DEFAULT_MAX_RANK) -> None:
+    problems = vllm_problems(adapter_dir, max_lora_rank)
+    if problems:
+        raise ModelError(f"vLLM: {adapter_dir} would not load: {'; '.join(problems)}")
