@@ -14,6 +14,9 @@ from pathlib import Path
 from shared.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Masks beside their images (`<stem>.mask.png`, OneTrainer's `<stem>-masklabel.png`; shared.sd.masks):
+# never trained as images themselves
+MASK_SUFFIXES = (".mask.png", "-masklabel.png")
 FILE_COLUMNS = ("file", "file_name", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "tags")
 
@@ -137,7 +140,8 @@ def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: 
         if not items:
             raise DatasetError(f"{metadata_path}: no rows; expected `file,caption` lines")
     else:
-        images = sorted(p for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = sorted(p for p in data_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                        and not p.name.lower().endswith(MASK_SUFFIXES))
         if not images:
             raise DatasetError(
                 f"train_data_dir: no images in {data_dir} (looked for {', '.join(IMAGE_SUFFIXES)})"
@@ -204,17 +208,25 @@ def load_pixels(path: Path, bucket: tuple[int, int], resized: tuple[int, int], c
     import torch
     from PIL import Image
 
-    width, height = bucket
     with Image.open(path) as img:
-        img = img.convert("RGB")
-        if resized != img.size:
-            enlarge = resized[0] > img.width
-            img = img.resize(resized, Image.Resampling.BICUBIC if enlarge else Image.Resampling.LANCZOS)
-        top, left = crop
-        img = img.crop((left, top, left + width, top + height))
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = fit_to_bucket(img.convert("RGB"), bucket, resized, crop, flip)
         return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def fit_to_bucket(img, bucket: tuple[int, int], resized: tuple[int, int], crop: tuple[int, int], flip: bool):
+    """A PIL image resized to `resized`, cropped at `crop` (top, left) to `bucket`, maybe mirrored:
+    what every per-pixel input of a sample (the image, its mask) goes through."""
+    from PIL import Image
+
+    width, height = bucket
+    if resized != img.size:
+        enlarge = resized[0] > img.width
+        img = img.resize(resized, Image.Resampling.BICUBIC if enlarge else Image.Resampling.LANCZOS)
+    top, left = crop
+    img = img.crop((left, top, left + width, top + height))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
 
 
 def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:
