@@ -24,17 +24,7 @@ def forward(model, seed: int = 0):
 
 def with_diffusers_lora(model, lora_path):
     """`model` with a LoRA file loaded by diffusers' own loader (an implementation independent of ours)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from shared.sd.sampling import build_pipeline
 
-    if model.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
-            tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet,
-            scheduler=model.noise_scheduler)
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-            scheduler=model.noise_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-    pipe.load_lora_weights(str(lora_path), adapter_name="probe")
+    build_pipeline(model).load_lora_weights(str(lora_path), adapter_name="probe")
     return model
