@@ -138,3 +138,37 @@ def test_comfyui_rule_cannot_apply_a_tucker_lokr():
              "alpha": torch.tensor(1.0)}
     with pytest.raises(RuntimeError):
         hosts.comfy_delta(parts, (64, 32, 3, 3))
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_full_size_sdxl_lycoris_names_are_the_lora_names(algo):
+    """On the real SDXL layout (meta device) LoHa/LoKr land on exactly the 722 + 264 modules LoRA uses,
+    under the same kohya names."""
+    from importlib import resources
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from shared.sd.kohya_export import model_lora_tensors
+    from shared.sd.lora import inject_lora
+
+    def config(*parts):
+        return json.loads((resources.files("shared.sd") / "model_configs" / "sdxl").joinpath(*parts).read_text())
+
+    def build():
+        with torch.device("meta"):
+            return (UNet2DConditionModel.from_config(config("unet", "config.json")),
+                    [CLIPTextModel(CLIPTextConfig(**config("text_encoder", "config.json"))),
+                     CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2", "config.json")))])
+
+    unet, encoders = build()
+    with torch.device("meta"):
+        inject_sd(unet, encoders, "sdxl", LycorisSpec(algo, rank=8, alpha=4, factor=8), train_text_encoder=True)
+    lyco = {k.split(".", 1)[0] for k in model_lycoris_tensors("sdxl", unet, encoders)}
+    lora_unet, lora_encoders = build()
+    with torch.device("meta"):
+        inject_lora(lora_unet, kohya_unet_targets(lora_unet), rank=8, alpha=4, dropout=0.0, init="default")
+        for encoder in lora_encoders:
+            inject_lora(encoder, kohya_text_encoder_targets(encoder), rank=8, alpha=4, dropout=0.0, init="default")
+    lora = {k.split(".", 1)[0] for k in model_lora_tensors("sdxl", lora_unet, lora_encoders)}
+    assert len(lyco) == 722 + 264 and lyco == lora
