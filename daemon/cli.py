@@ -2,7 +2,7 @@
 
 `train`, `demo` and `schema` work without a daemon. `serve` runs the daemon; `submit`, `jobs`, `status`,
 `follow`, `stop`, `cancel`, `logs`, `delete` and `info` are its command-line client (they need only
-`websockets` and PyYAML, never torch).
+`websockets` and PyYAML, never torch). `label` captions images; `lora ...` are the LoRA tools.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     from shared.autolabel.cli import add_label_command
 
     add_label_command(sub)
+    from daemon.lora_cli import add_lora_command
+
+    add_lora_command(sub)
     return parser
 
 

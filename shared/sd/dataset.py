@@ -16,6 +16,9 @@ from shared.image_files import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # the trainer a
 from shared.image_files import image_size as image_size
 from shared.image_files import is_image, looks_like_unaccepted_image, not_accepted, open_rgb
 
+# Masks beside their images (`<stem>.mask.png`, OneTrainer's `<stem>-masklabel.png`; shared.sd.masks):
+# never trained as images themselves
+MASK_SUFFIXES = (".mask.png", "-masklabel.png")
 FILE_COLUMNS = ("file", "file_name", "filename", "image", "path")
 CAPTION_COLUMNS = ("caption", "text", "prompt", "tags")
 
@@ -156,7 +159,7 @@ def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: 
         if not items:
             raise DatasetError(f"{metadata_path}: no rows; expected `file,caption` lines")
     else:
-        files = sorted(p for p in data_dir.iterdir() if p.is_file())
+        files = sorted(p for p in data_dir.iterdir() if p.is_file() and not p.name.lower().endswith(MASK_SUFFIXES))
         images = [p for p in files if is_image(p)]
         skipped = [(p.name, not_accepted(p)) for p in files if looks_like_unaccepted_image(p)]
         if not images:
@@ -218,8 +221,17 @@ def load_pixels(path: Path, bucket: tuple[int, int], resized: tuple[int, int], c
     import torch
     from PIL import Image
 
-    width, height = bucket
     img = open_rgb(path)  # upright, 8-bit, transparency flattened: as the bucket plan measured it
+    img = fit_to_bucket(img, bucket, resized, crop, flip)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def fit_to_bucket(img, bucket: tuple[int, int], resized: tuple[int, int], crop: tuple[int, int], flip: bool):
+    """A PIL image resized to `resized`, cropped at `crop` (top, left) to `bucket`, maybe mirrored:
+    what every per-pixel input of a sample (the image, its mask) goes through."""
+    from PIL import Image
+
+    width, height = bucket
     if resized != img.size:
         enlarge = resized[0] > img.width
         img = img.resize(resized, Image.Resampling.BICUBIC if enlarge else Image.Resampling.LANCZOS)
@@ -227,7 +239,7 @@ def load_pixels(path: Path, bucket: tuple[int, int], resized: tuple[int, int], c
     img = img.crop((left, top, left + width, top + height))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return img
 
 
 def tag_frequency(items: list[ImageItem]) -> dict[str, dict[str, int]]:

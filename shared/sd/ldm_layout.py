@@ -186,6 +186,22 @@ def open_clip_to_ldm(state_dict: Mapping[str, Any], prefix: str) -> dict[str, An
     return out
 
 
+def open_clip_weight_name(hf_module: str, prefix: str) -> tuple[str, int | None]:
+    """The OpenCLIP checkpoint weight that holds an HF CLIP text-encoder module's weight, and which
+    third of the fused `attn.in_proj_weight` it is (0, 1, 2 for q, k, v; None when not fused)."""
+    name = hf_module.removeprefix("text_model.")
+    parts = name.split(".")
+    if parts[:2] != ["encoder", "layers"] or len(parts) < 4:
+        raise KeyError(hf_module)
+    dst, rest = f"{prefix}transformer.resblocks.{parts[2]}.", ".".join(parts[3:])
+    qkv = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
+    if rest in qkv:
+        return dst + "attn.in_proj_weight", qkv[rest]
+    if rest in _OPEN_CLIP_LAYER:
+        return dst + _OPEN_CLIP_LAYER[rest] + ".weight", None
+    raise KeyError(hf_module)
+
+
 def _cat(tensors):
     import torch
 

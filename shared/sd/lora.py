@@ -48,13 +48,17 @@ def kohya_text_encoder_targets(text_encoder) -> list[str]:
 
 def inject_lora(model, targets: list[str], *, rank: int, alpha: float, dropout: float, init: str,
                 init_std: float | None = None, conv_targets: list[str] = (), conv_rank: int = 0,
-                conv_alpha: float | None = None, dora: bool = False):
+                conv_alpha: float | None = None, dora: bool = False,
+                module_ranks: dict[str, tuple[int, float]] | None = None):
     """Add LoRA layers (adapter "default") to exactly the named modules; freeze everything else.
-    3x3 convs among `conv_targets` get `conv_rank`/`conv_alpha`. Returns the trainable parameters."""
+    3x3 convs among `conv_targets` get `conv_rank`/`conv_alpha`; `module_ranks` sets (rank, alpha) per
+    module name (block_dims; rank 0 leaves the module out). Returns the trainable parameters."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
     all_targets = list(targets) + [t for t in conv_targets if t not in targets]
+    module_ranks = module_ranks or {}
+    all_targets = [t for t in all_targets if module_ranks.get(t, (1, 1))[0] > 0]
     if not all_targets:
         raise ValueError("no LoRA target modules")
     modules = dict(model.named_modules())
@@ -64,6 +68,10 @@ def inject_lora(model, targets: list[str], *, rank: int, alpha: float, dropout: 
         if isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1):
             rank_pattern[re.escape(name)] = conv_rank
             alpha_pattern[re.escape(name)] = conv_alpha or conv_rank
+    for name, (module_rank, module_alpha) in module_ranks.items():
+        if name in all_targets:
+            rank_pattern[re.escape(name)] = module_rank
+            alpha_pattern[re.escape(name)] = module_alpha
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
