@@ -32,16 +32,15 @@ def store_in_fp8(model: torch.nn.Module, *, prefixes: tuple[str, ...] = ("transf
                                                                           "single_transformer_blocks.")) -> int:
     """Cast the weight of every frozen Linear under `prefixes` (by default the double and single
     blocks, where nearly all of Flux's weights are) to float8_e4m3fn, in place; return how many.
-    LoRA layers are left as they are: call this after injecting LoRA or before, either works."""
+    LoRA layers are left as they are, so this works after LoRA injection; shared.flux.lora's
+    injection also works after it (it re-creates the adapter in fp32)."""
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or _is_lora_part(name):
             continue
         if prefixes and not name.startswith(prefixes):
             continue
-        if module.weight.requires_grad:
-            raise ValueError(f"{name}: a trained weight cannot be stored in fp8")
-        with torch.no_grad():
+        with torch.no_grad():  # a stored-in-fp8 weight is frozen (LoRA trains beside it)
             module.weight = torch.nn.Parameter(module.weight.data.to(FP8), requires_grad=False)
         module.__class__ = Fp8Linear
         count += 1
