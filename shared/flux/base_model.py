@@ -117,26 +117,52 @@ def split_comfy(state_dict: dict, path: Path) -> dict[str, dict]:
     return parts
 
 
+def read_file(path: Path, cast=None) -> dict:
+    """A checkpoint's tensors; `cast(key, tensor)` is applied as each tensor is read, so a bf16
+    file stored as fp8 never sits in memory twice (safetensors files; .ckpt via read_checkpoint)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or cast is None:
+        state = read_checkpoint(path)
+        return {k: cast(k, v) for k, v in state.items()} if cast else state
+    from safetensors import SafetensorError, safe_open
+
+    def own(key: str, tensor):
+        # a tensor the cast left as it was is still a view of the file's memory map, and any one of
+        # them keeps every page read so far resident: copy it out
+        out = cast(key, tensor)
+        return out.clone() if out.data_ptr() == tensor.data_ptr() else out
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: own(k, fh.get_tensor(k)) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]})") from None
+
+
+def storage_cast(dtype, fp8_base: bool):
+    """The per-tensor cast of a Flux file: the blocks' Linear weights to float8_e4m3fn with fp8_base,
+    every other floating tensor to `dtype` (fp8 text-encoder files are upcast)."""
+    import torch
+
+    def cast(key: str, tensor):
+        if not tensor.is_floating_point():
+            return tensor
+        name = key.removeprefix(COMFY_TRANSFORMER)
+        if fp8_base and tensor.dim() == 2 and name.startswith(("double_blocks.", "single_blocks.")) and (
+            name == key or key.startswith(COMFY_TRANSFORMER)
+        ):
+            return tensor.to(torch.float8_e4m3fn)
+        return tensor.to(dtype)
+
+    return cast
+
+
 def _is_transformer(state_dict: dict) -> bool:
     return all(k in state_dict for k in layout.MARKER_KEYS)
 
 
-def _cast_transformer(state: dict, dtype, fp8_base: bool) -> dict:
-    """Block Linear weights in float8 when fp8_base (from any file dtype), everything else in dtype."""
-    import torch
-
-    out = {}
-    for key, tensor in state.items():
-        if not tensor.is_floating_point():
-            out[key] = tensor
-        elif fp8_base and tensor.dim() == 2 and key.startswith(("transformer_blocks.", "single_transformer_blocks.")):
-            out[key] = tensor.to(torch.float8_e4m3fn)
-        else:
-            out[key] = tensor.to(dtype)
-    return out
-
-
-def load_transformer(state: dict, config: dict, path: Path, dtype, fp8_base: bool = False):
+def load_transformer(state: dict, config: dict, path: Path):
+    """The transformer from BFL-named tensors already in their storage dtypes (see storage_cast)."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
@@ -154,7 +180,7 @@ def load_transformer(state: dict, config: dict, path: Path, dtype, fp8_base: boo
                          "set model_config for a non-standard size")
     with init_empty_weights():
         transformer = FluxTransformer2DModel.from_config(config)
-    load_strict(transformer, _cast_transformer(converted, dtype, fp8_base), path, "transformer", dtype=None)
+    load_strict(transformer, converted, path, "transformer", dtype=None)
     adopt_fp8_linears(transformer)
     return transformer.requires_grad_(False).eval()
 
@@ -208,14 +234,14 @@ def _scheduler(config: dict):
     return FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def _read(path: Path | None, key: str) -> dict:
+def _read(path: Path | None, key: str, cast) -> dict:
     if path is None:
         raise ModelError(f"{key}: needed (a Black Forest Labs transformer file holds only the transformer; set {key} "
                          "to the file, e.g. ComfyUI's models/vae/ae.safetensors, models/text_encoders/clip_l.safetensors, "
                          "t5xxl_fp16.safetensors)")
     if not Path(path).is_file():
         raise ModelError(f"{key}: {path} does not exist")
-    return read_checkpoint(Path(path))
+    return read_file(Path(path), cast)
 
 
 def load_single_files(base_model: Path, *, ae: Path | None = None, clip_l: Path | None = None,
@@ -229,7 +255,8 @@ def load_single_files(base_model: Path, *, ae: Path | None = None, clip_l: Path 
 
     dtype = dtype or torch.bfloat16
     base_model = Path(base_model)
-    state = read_checkpoint(base_model)
+    cast = storage_cast(dtype, fp8_base)
+    state = read_file(base_model, cast)
     if any(k.startswith((COMFY_TRANSFORMER + "double_blocks.", COMFY_TRANSFORMER + "img_in.")) for k in state):
         parts = split_comfy(state, base_model)
     elif _is_transformer(state):
@@ -244,7 +271,7 @@ def load_single_files(base_model: Path, *, ae: Path | None = None, clip_l: Path 
     sources = {"transformer": base_model}
     for key, path in (("vae", ae), ("clip_l", clip_l), ("t5xxl", t5xxl)):
         if path is not None or not parts[key]:
-            parts[key] = _read(path, {"vae": "ae"}.get(key, key))
+            parts[key] = _read(path, {"vae": "ae"}.get(key, key), storage_cast(dtype, False))
             sources[key] = Path(path)
         else:
             sources[key] = base_model
@@ -256,7 +283,7 @@ def load_single_files(base_model: Path, *, ae: Path | None = None, clip_l: Path 
     if bool(configs["transformer"].get("guidance_embeds")) != (variant == "dev"):
         raise ModelError(f"{base_model}: a FLUX.1-{variant} file (guidance_in {'present' if variant == 'dev' else 'absent'}) "
                          f"but model_config says guidance_embeds={configs['transformer'].get('guidance_embeds')}")
-    transformer = load_transformer(parts["transformer"], configs["transformer"], base_model, dtype, fp8_base)
+    transformer = load_transformer(parts["transformer"], configs["transformer"], base_model)
     vae = load_vae(parts["vae"], configs["vae"], sources["vae"], dtype)
     clip = load_clip_l(parts["clip_l"], configs["text_encoder"], sources["clip_l"], dtype)
     t5 = load_t5(parts["t5xxl"], configs["text_encoder_2"], sources["t5xxl"], dtype)

@@ -16,12 +16,29 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 
 
+class _Fp8Matmul(torch.autograd.Function):
+    """x @ W.T with W upcast from fp8 for the matmul only. Plain F.linear would keep the upcast copy
+    for its backward, so every Linear of a step would hold a bf16 weight until the backward (all the
+    memory fp8 saves, and more); here the backward upcasts the fp8 weight again."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None, None
+
+
 class Fp8Linear(torch.nn.Linear):
-    """An nn.Linear whose weight is float8_e4m3fn; the forward casts it to the input's dtype."""
+    """An nn.Linear whose frozen weight is float8_e4m3fn; the forward casts it to the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _Fp8Matmul.apply(x, self.weight, self.bias)
 
 
 def _is_lora_part(name: str) -> bool:
