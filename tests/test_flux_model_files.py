@@ -201,3 +201,12 @@ def test_t5_tokenizer_is_found_where_the_hosts_keep_it(tiny_flux, tmp_path, monk
     loaded = load_flux_model(model, ae=tiny_flux["ae"], clip_l=tiny_flux["clip_l"], t5xxl=tiny_flux["t5xxl"],
                              model_config=tiny_flux["model_config"])
     assert loaded.sources["t5_tokenizer"] == comfy / "comfy" / "text_encoders" / "t5_tokenizer"
+
+
+def test_flux_files_are_told_from_sd_ones_by_their_names(tiny_flux, tiny_sd):
+    from shared.flux.base_model import looks_like_flux
+
+    for key in ("transformer", "transformer_fp8", "comfy", "diffusers"):
+        assert looks_like_flux(tiny_flux[key]), key
+    for path in (tiny_sd["safetensors"], tiny_sd["ckpt"], tiny_sd["config"], tiny_flux["ae"], tiny_flux["t5xxl"]):
+        assert not looks_like_flux(path), path

@@ -332,6 +332,28 @@ def load_diffusers_folder(folder: Path, *, dtype=None, fp8_base: bool = False,
                      _scheduler(scheduler), {"transformer": folder, "t5_tokenizer": tokenizer_dir})
 
 
+def looks_like_flux(path: Path) -> bool:
+    """Whether `path` is a Flux base model (a diffusers FluxPipeline folder, or a .safetensors file with
+    the BFL transformer's marker keys, bare or under ComfyUI's prefix), from names only: for `task: auto`."""
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model_index.json"
+        try:
+            return index.is_file() and json.loads(index.read_text(encoding="utf-8")).get("_class_name") == "FluxPipeline"
+        except ValueError:
+            return False
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = set(fh.keys())
+    except (SafetensorError, OSError):
+        return False
+    return any(all(prefix + k in keys for k in layout.MARKER_KEYS) for prefix in ("", COMFY_TRANSFORMER))
+
+
 def load_flux_model(base_model: Path, *, ae: Path | None = None, clip_l: Path | None = None,
                     t5xxl: Path | None = None, t5_tokenizer: Path | None = None, model_config: Path | None = None,
                     dtype=None, fp8_base: bool = False) -> FluxModel:
