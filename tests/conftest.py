@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.llm_fixtures"]  # tiny causal LMs for tests/test_llm_*.py
+pytest_plugins = ["tests.llm_fixtures", "tests.flux_fixtures"]  # tiny causal LMs; tiny Flux (test_flux_*.py)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -183,7 +183,10 @@ def shipped_config_dir(name: str) -> Path:
     return Path(str(MODEL_CONFIGS / SHIPPED_CONFIG[name]))
 
 
-def _load_strict(module, state_dict: dict, path: Path, component: str) -> None:
+def load_strict(module, state_dict: dict, path: Path, component: str, dtype: Any = "float32") -> None:
+    """Load `state_dict` into `module` (built on the meta device) only if names and shapes match
+    exactly: one clear error naming the file otherwise. Floating tensors become `dtype` (None: keep
+    each tensor's own dtype, e.g. a float8 file's weights)."""
     import torch
 
     expected = module.state_dict()
@@ -208,7 +211,9 @@ def _load_strict(module, state_dict: dict, path: Path, component: str) -> None:
             f"{path}: the {component} does not match its config: {'; '.join(parts)}. "
             "For a model of non-standard size set model_config to its diffusers config folder."
         )
-    state_dict = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()}
+    if dtype is not None:
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
 
 
@@ -294,8 +299,8 @@ def load_single_file(path: Path, model_config: Path | None = None, prediction_ty
         vae_sd = convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))
     except (KeyError, IndexError, AttributeError) as exc:
         raise ModelError(f"{path}: the UNet/VAE weights do not follow the SD layout ({exc!r})") from None
-    _load_strict(unet, unet_sd, path, "UNet")
-    _load_strict(vae, vae_sd, path, "VAE")
+    load_strict(unet, unet_sd, path, "UNet")
+    load_strict(vae, vae_sd, path, "VAE")
     if arch == "sd1":
         texts = [convert_ldm_clip_checkpoint(checkpoint)]
     elif arch == "sd2":
@@ -307,7 +312,7 @@ def load_single_file(path: Path, model_config: Path | None = None, prediction_ty
             convert_open_clip_checkpoint(text_encoders[1], checkpoint, prefix=SDXL_TEXT2_PREFIX),
         ]
     for i, (encoder, text_sd) in enumerate(zip(text_encoders, texts)):
-        _load_strict(encoder, _fit_to_model(text_sd, encoder), path, "text encoder" + (f" {i + 1}" if i else ""))
+        load_strict(encoder, _fit_to_model(text_sd, encoder), path, "text encoder" + (f" {i + 1}" if i else ""))
 
     return SDModel(
         arch=arch,

@@ -17,6 +17,16 @@ from shared.sd.base_model import ARCHITECTURES
 from shared.sd.lora import lora_modules
 
 NETWORK_MODULE = "networks.lora"
+FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+# Flux.1 as kohya names it (ss_base_model_version "flux1" for both variants). Forge lists a LoRA under
+# Flux when modelspec.implementation is BFL's repository or the architecture is "flux-1-dev/lora"
+# (its check misses "flux-1-schnell/lora", so the implementation key is what shows schnell LoRAs).
+FLUX_ARCHITECTURES = {
+    "flux_dev": {"ss_base_model_version": "flux1", "ss_v2": "False", "modelspec": "flux-1-dev/lora",
+                 "implementation": FLUX_IMPLEMENTATION, "network_module": "networks.lora_flux"},
+    "flux_schnell": {"ss_base_model_version": "flux1", "ss_v2": "False", "modelspec": "flux-1-schnell/lora",
+                     "implementation": FLUX_IMPLEMENTATION, "network_module": "networks.lora_flux"},
+}
 
 
 def kohya_state_dict(model, prefix: str, alpha: float | None = None, name_map=None) -> dict:
@@ -30,16 +40,17 @@ def kohya_state_dict(model, prefix: str, alpha: float | None = None, name_map=No
     out = {}
     for name, down, up, module_alpha in lora_modules(model):
         key = prefix + "_" + (name_map(name) if name_map else name).replace(".", "_")
-        out[f"{key}.lora_down.weight"] = _fp16_cpu(down)
-        out[f"{key}.lora_up.weight"] = _fp16_cpu(up)
+        out[f"{key}.lora_down.weight"] = export_tensor(down)
+        out[f"{key}.lora_up.weight"] = export_tensor(up)
         magnitude = getattr(modules[name], MAGNITUDE, None)
         if magnitude is not None:  # DoRA: [1, in(, 1, 1)], the per-input layout A1111 applies
-            out[f"{key}.dora_scale"] = _fp16_cpu(magnitude)
+            out[f"{key}.dora_scale"] = export_tensor(magnitude)
         out[f"{key}.alpha"] = torch.tensor(float(module_alpha if alpha is None else alpha), dtype=torch.float16)
     return out
 
 
-def _fp16_cpu(tensor):
+def export_tensor(tensor):
+    """A LoRA tensor as the files hold it: fp16, on the CPU, contiguous."""
     import torch
 
     tensor = tensor.detach()
@@ -83,13 +94,14 @@ def lora_metadata(
     resolution: int,
     training: dict,
 ) -> dict[str, str]:
-    """Header metadata A1111/Forge read. Every value must be a string."""
-    family = ARCHITECTURES[arch]
+    """Header metadata A1111/Forge read. Every value must be a string. `arch`: an SD family of
+    ARCHITECTURES or a key of FLUX_ARCHITECTURES."""
+    family = ARCHITECTURES.get(arch) or FLUX_ARCHITECTURES[arch]
     meta = {
         "ss_output_name": output_name,
         "ss_base_model_version": family["ss_base_model_version"],
         "ss_v2": family["ss_v2"],
-        "ss_network_module": NETWORK_MODULE,
+        "ss_network_module": family.get("network_module", NETWORK_MODULE),
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
         "ss_sd_model_name": Path(base_model).name,
@@ -99,6 +111,8 @@ def lora_metadata(
         "modelspec.title": output_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
+    if "implementation" in family:
+        meta["modelspec.implementation"] = family["implementation"]
     for key, value in training.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta
