@@ -219,7 +219,6 @@ def load_pixels(path: Path, bucket: tuple[int, int], resized: tuple[int, int], c
     """The image resized, cropped to `bucket`, maybe mirrored, as a [3, h, w] tensor in [-1, 1]."""
     import numpy as np
     import torch
-    from PIL import Image
 
     img = open_rgb(path)  # upright, 8-bit, transparency flattened: as the bucket plan measured it
     img = fit_to_bucket(img, bucket, resized, crop, flip)
