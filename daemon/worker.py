@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import sys
 import threading
 import traceback
@@ -31,6 +30,7 @@ RESUME_KEY = "resume"
 RESUME_LATEST = "latest"
 DAEMON_GONE_EXIT = 75
 RESULT_FILE = "result.json"
+PUBLISH_JOURNAL = "publish.json"  # what the trainer published, for a re-run after a kill
 
 
 class Channel:
@@ -135,39 +135,6 @@ def job_config(spec: dict):
     return TrainConfig.from_canonical(data)
 
 
-def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
-    """Place a finished LoRA in one more Lora folder under a new name, renaming its alias to match.
-    An LLM adapter is a folder: it is copied whole, under a new folder name."""
-    if Path(src).is_dir():
-        from shared.files import publish_new_folder
-
-        return publish_new_folder(folder, stem, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from shared.files import publish_new
-
-    with safe_open(str(src), framework="pt") as fh:
-        metadata = dict(fh.metadata() or {})
-        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-
-    def write(path: Path, name: str) -> None:
-        meta = dict(metadata)
-        for key in ("ss_output_name", "modelspec.title"):
-            if key in meta:
-                meta[key] = name
-        save_file(tensors, str(path), metadata=meta)
-
-    # the preview and notes the trainer wrote beside the file travel with it, under the new name
-    sidecars = {}
-    for suffix in (".preview.png", ".json"):
-        source = Path(src).with_name(Path(src).stem + suffix)
-        if source.is_file():
-            sidecars[suffix] = lambda path, name, source=source: shutil.copyfile(source, path)
-    return publish_new(folder, stem, ".safetensors", write, sidecars)
-
-
 def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
     from shared.errors import UserError
     from shared.files import atomic_write
@@ -194,12 +161,11 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
         faults.hit("load", cfg.resolved_output_name)
         from shared.train import run_training
 
-        result = run_training(cfg, reporter)
-        deployed = [str(result.deployed_path)] if result.deployed_path else []
-        for folder in spec.get("deploy_dirs") or []:
-            path = deploy_copy(result.output_path, Path(folder), cfg.resolved_output_name)
-            print(f"Deployed to {path}", flush=True)
-            deployed.append(str(path))
+        # the client's Lora folders get their copies from the trainer, which commits every output
+        # exactly once: a re-run after a kill completes what the first attempt began, under its names
+        result = run_training(cfg, reporter, deploy_dirs=[Path(d) for d in spec.get("deploy_dirs") or []],
+                              journal=job_dir / PUBLISH_JOURNAL, rerun=bool(spec.get("resume")))
+        deployed = [str(p) for p in result.deployed]
         name_source = Path(deployed[0]) if deployed else result.output_path
         outcome = {
             "task": task,

@@ -81,7 +81,8 @@ def child_main(run_dir: Path) -> int:
     main = state.is_main_process
     reporter = RankZeroReporter(run_dir, spec["launcher_pid"]) if main else SilentReporter()
     try:
-        result = train_task(cfg, reporter)
+        result = train_task(cfg, reporter, deploy_dirs=[Path(d) for d in spec.get("deploy_dirs", [])],
+                            journal=Path(spec["journal"]) if spec.get("journal") else None, rerun=spec.get("rerun", False))
     except UserError as exc:
         if main:
             text = json.dumps({"error": str(exc)})
@@ -89,11 +90,8 @@ def child_main(run_dir: Path) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     if main:
-        data = {"output_path": str(result.output_path),
-                "deployed_path": str(result.deployed_path) if result.deployed_path else None,
-                "steps": result.steps, "losses": result.losses, "stopped_early": result.stopped_early,
-                "checkpoints": [str(p) for p in result.checkpoints]}
-        atomic_write(run_dir / "result.json", lambda p: Path(p).write_text(json.dumps(data), encoding="utf-8"))
+        text = json.dumps(result.to_json())
+        atomic_write(run_dir / "result.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
     return 0
 
 

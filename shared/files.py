@@ -4,12 +4,19 @@ A file is written to a hidden temporary name in the target folder, flushed to di
 given its real name. `publish_new` links it under a name that does not exist yet (`os.link` fails
 rather than replace), so a host's Lora folder never shows a partial file and nothing in it is
 overwritten; ComfyUI caches LoRAs by path, so reusing a name would also serve stale weights.
+
+Inside `journaled(journal)` (shared/training/commit.py) every `publish_new` / `publish_new_folder` call
+also records the name it chose, the hashes of what it is about to link, and when it is done, so a run
+killed half-way and started again writes each output under the same name exactly once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
+import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -133,6 +140,26 @@ def _link_new(tmp: Path, target: Path) -> bool:
     return True
 
 
+# The journal of the job now publishing (shared/training/commit.py), or None: what publish_new and
+# publish_new_folder consult so that a re-run after a kill reuses the names an earlier attempt chose.
+_JOURNAL: contextvars.ContextVar = contextvars.ContextVar("publish_journal", default=None)
+
+
+@contextlib.contextmanager
+def journaled(journal):
+    """Publish through `journal` (an object with `entry(key)` and `record(key, **fields)`) meanwhile."""
+    token = _JOURNAL.set(journal)
+    try:
+        yield journal
+    finally:
+        _JOURNAL.reset(token)
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def candidate_stems(stem: str):
     yield stem
     n = 2
@@ -161,10 +188,22 @@ def publish_new(
 
 def _publish_new(folder: Path, stem: str, main_suffix: str, write_main, sidecars: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    for candidate in candidate_stems(stem):
-        suffixes = [main_suffix, *sidecars]
+    journal, key = _JOURNAL.get(), f"file:{folder.resolve() / stem}{main_suffix}"
+    earlier = journal.entry(key) if journal else None
+    if earlier:  # an earlier attempt of this job chose a name: finish what it began, under that name
+        found = _earlier_file(folder, earlier, main_suffix)
+        if found is not None:
+            journal.record(key, done=True)
+            return found
+    candidates = candidate_stems(stem)
+    if earlier:
+        candidates = itertools.chain([earlier["stem"]], candidates)
+    suffixes = [main_suffix, *sidecars]
+    for candidate in candidates:
         if any((folder / f"{candidate}{s}").exists() for s in suffixes):
             continue
+        if journal:
+            journal.record(key, stem=candidate, hashes={}, done=False)
         # Every file is complete (as a hidden temporary) before the first one gets its name: a writer
         # killed or failing mid-way (a full disk) leaves no sidecar without its LoRA.
         temps: dict[str, Path] = {}
@@ -177,6 +216,8 @@ def _publish_new(folder: Path, stem: str, main_suffix: str, write_main, sidecars
             for tmp in temps.values():
                 _discard(tmp)
             raise
+        if journal:  # what is ours, should a kill come between the links
+            journal.record(key, hashes={suffix: file_digest(tmp) for suffix, tmp in temps.items()})
         placed: list[Path] = []
         for suffix in [*sidecars, main_suffix]:  # the main file last: a host that sees it sees its sidecars
             target = folder / f"{candidate}{suffix}"
@@ -185,12 +226,31 @@ def _publish_new(folder: Path, stem: str, main_suffix: str, write_main, sidecars
             del temps[suffix]
             placed.append(target)
         else:
+            if journal:
+                journal.record(key, done=True)
             return folder / f"{candidate}{main_suffix}"
         for tmp in temps.values():  # lost a race for this name: take back what we placed, try the next
             _discard(tmp)
         for path in placed:
             path.unlink()
     raise AssertionError("unreachable")
+
+
+def _earlier_file(folder: Path, entry: dict, main_suffix: str) -> Path | None:
+    """The main file an earlier attempt placed, or None. Files it linked before it was killed, before
+    its main file, are taken back (they are ours when their hash is the one it recorded): the name is
+    then written again, whole."""
+    hashes = entry.get("hashes") or {}
+    main = folder / f"{entry['stem']}{main_suffix}"
+    if main.exists():
+        if entry.get("done") or (main_suffix in hashes and file_digest(main) == hashes[main_suffix]):
+            return main
+        return None  # another program's file has the name now: a new one is chosen
+    for suffix, digest in hashes.items():
+        path = folder / f"{entry['stem']}{suffix}"
+        if path.is_file() and file_digest(path) == digest:
+            path.unlink()
+    return None
 
 
 def publish_new_folder(parent: Path, stem: str, write: Callable[[Path], None]) -> Path:
@@ -207,20 +267,32 @@ def publish_new_folder(parent: Path, stem: str, write: Callable[[Path], None]) -
 
 def _publish_new_folder(parent: Path, stem: str, write: Callable[[Path], None]) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
+    journal, key = _JOURNAL.get(), f"dir:{parent.resolve() / stem}"
+    earlier = journal.entry(key) if journal else None
+    if earlier and (earlier.get("done") or earlier.get("renaming")) and (parent / earlier["stem"]).is_dir():
+        journal.record(key, done=True)  # an earlier attempt of this job placed it
+        return parent / earlier["stem"]
     tmp = parent / f".{stem}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
         write(tmp)
-        for candidate in candidate_stems(stem):
+        candidates = candidate_stems(stem)
+        if earlier:
+            candidates = itertools.chain([earlier["stem"]], candidates)
+        for candidate in candidates:
             target = parent / candidate
             if target.exists():
                 continue
+            if journal:
+                journal.record(key, stem=candidate, renaming=True, done=False)
             try:
                 os.rename(tmp, target)
             except OSError:  # taken since the check (non-empty on POSIX, any folder on Windows)
                 if target.exists():
                     continue
                 raise
+            if journal:
+                journal.record(key, done=True)
             return target
     except BaseException:
         _discard(tmp)

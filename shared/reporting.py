@@ -57,12 +57,32 @@ class ConsoleReporter(Reporter):
 
 @dataclass
 class TrainResult:
+    """What a training run left: the adapter in output_dir, its copies in the deploy folders, and how it went."""
+
     output_path: Path
-    deployed_path: Path | None
-    steps: int
+    deployed: list[Path] = field(default_factory=list)  # deploy_dir first, then the client's folders
+    steps: int = 0
     losses: list[float] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     stopped_early: bool = False
+    outputs: dict[str, str] = field(default_factory=dict)  # the `finished` event's outputs
+
+    @property
+    def deployed_path(self) -> Path | None:
+        """The first deployed copy (the one `deploy_dir` names), or None."""
+        return self.deployed[0] if self.deployed else None
+
+    def to_json(self) -> dict:
+        return {"output_path": str(self.output_path), "deployed": [str(p) for p in self.deployed],
+                "steps": self.steps, "losses": self.losses, "checkpoints": [str(p) for p in self.checkpoints],
+                "stopped_early": self.stopped_early, "outputs": self.outputs}
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainResult:
+        return cls(output_path=Path(data["output_path"]), deployed=[Path(p) for p in data["deployed"]],
+                   steps=data["steps"], losses=list(data["losses"]),
+                   checkpoints=[Path(p) for p in data["checkpoints"]], stopped_early=data["stopped_early"],
+                   outputs=dict(data.get("outputs") or {}))
 
 
 class Throughput:

@@ -27,9 +27,10 @@ from pathlib import Path
 
 from shared.config import TrainConfig, detect_task
 from shared.errors import ConfigError
-from shared.files import atomic_write, publish_new, publish_new_folder, replace_folder
+from shared.files import atomic_write, journaled, publish_new, publish_new_folder, replace_folder
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
 from shared.training import state as states
+from shared.training.commit import Journal
 from shared.training.events import send
 from shared.training.launch import launch_training, wants_launch
 from shared.training.optim import build_optimizer, build_schedule, check_optimizer
@@ -47,15 +48,23 @@ from shared.training.ranks import (
 from shared.training.task import Progress, Samples, Task, task_class
 
 
-def run_training(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Train the config's task: here, or through `accelerate launch` when it asks for several processes."""
+def run_training(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dirs=(),
+                 journal: Path | None = None, rerun: bool = False) -> TrainResult:
+    """Train the config's task: here, or through `accelerate launch` when it asks for several processes.
+
+    `deploy_dirs`: more folders (a daemon client's Lora folders) that get a copy, as `deploy_dir` does.
+    `journal`: where a job that may run again after a kill (a daemon job) records what it publishes,
+    and `rerun` says this run is such a second attempt: it then completes, under the same names, what
+    the earlier attempt began, and publishes nothing twice (shared/training/commit.py)."""
     if wants_launch(cfg):
-        return launch_training(cfg, reporter or ConsoleReporter())
-    return train_task(cfg, reporter)
+        return launch_training(cfg, reporter or ConsoleReporter(), deploy_dirs=deploy_dirs, journal=journal,
+                               rerun=rerun)
+    return train_task(cfg, reporter, deploy_dirs=deploy_dirs, journal=journal, rerun=rerun)
 
 
-def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Train in this process: one rank of a multi-process run, or all of it."""
+def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dirs=(), journal: Path | None = None,
+               rerun: bool = False) -> TrainResult:
+    """Train in this process: one rank of a multi-process run, or all of it (see `run_training`)."""
     from accelerate.utils import set_seed
     from torch.utils.tensorboard import SummaryWriter
 
@@ -71,9 +80,16 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
     accelerator, precision = setup_precision(cfg)
     reporter.log(f"Using device: {accelerator.device}")
     check_optimizer(cfg, accelerator.device)
+    main, processes, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    targets = list({Path(d).resolve(): Path(d) for d in [output_dir, cfg.deploy_dir, *deploy_dirs] if d}.values())
+    journal = Journal.open(journal, cfg, targets[1:], rerun=rerun) if main and journal else None
+    done = from_main(accelerator, journal.finished() if journal else None)
+    if done is not None:  # an earlier attempt of this job trained and published it all: nothing to redo
+        reporter.log(f"Already trained and published by an earlier attempt of this job: {done.output_path}")
+        send(reporter, "finished", outputs=done.outputs, steps=done.steps)
+        return done
     set_seed(cfg.seed)
     task.load(precision)  # what the user must fix is refused here, before anything is written
-    main, processes, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     global_batch = cfg.batch_size * processes  # every rank plans the same batches, each trains its slice
     accum = cfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(task.epoch_batches(0, global_batch)) / accum)
@@ -107,7 +123,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
     writer = SummaryWriter(str(log_dir)) if main else None
     reporter.log(f"Training started... total steps: {total} ({batch_note(cfg, processes)})")
     send(reporter, "started", total=total, step=progress.step)
-    result = TrainResult(output_path=output_dir, deployed_path=None, steps=progress.step, losses=progress.losses)
+    result = TrainResult(output_path=output_dir, steps=progress.step, losses=progress.losses)
     throughput = Throughput(total)
     saved_state_at = None
 
@@ -211,14 +227,18 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
     finish = task.finish(output_dir, progress)
     if writer is not None:
         writer.close()
-    result.output_path = _publish(task, output_dir, stem, progress, finish.sidecars)
+    with journaled(journal):  # each output under one name, exactly once, whatever is killed when
+        result.output_path, *result.deployed = [_publish(task, folder, stem, progress, finish.sidecars)
+                                                for folder in targets]
+        exports = task.exports(result.output_path, output_dir)
     reporter.log(f"Saved LoRA to {result.output_path}{task.usage(result.output_path)}")
-    if cfg.deploy_dir:
-        result.deployed_path = _publish(task, Path(cfg.deploy_dir), stem, progress, finish.sidecars)
-        reporter.log(f"Deployed to {result.deployed_path}{task.usage(result.deployed_path)}")
-    outputs = {"lora": result.output_path, "deployed": result.deployed_path or "", **finish.outputs,
-               **task.exports(result.output_path, output_dir)}
-    send(reporter, "finished", outputs={k: str(v) for k, v in outputs.items()}, steps=progress.step)
+    for path in result.deployed:
+        reporter.log(f"Deployed to {path}{task.usage(path)}")
+    outputs = {"lora": result.output_path, "deployed": result.deployed_path or "", **finish.outputs, **exports}
+    result.outputs = {k: str(v) for k, v in outputs.items()}
+    if journal is not None:
+        journal.complete(result)
+    send(reporter, "finished", outputs=result.outputs, steps=progress.step)
     accelerator.wait_for_everyone()
     return result
 

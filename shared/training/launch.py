@@ -6,7 +6,8 @@ the ranks it starts run `python -m shared.distributed RUN_DIR` (each rank's entr
 re-reads the config and runs the training loop. Between them lies a run folder (a file channel,
 because torch's launcher does not pass inherited file descriptors on to the ranks):
 
-- `spec.json`: the config (every key, paths absolute) and the launcher's pid;
+- `spec.json`: the config (every key, paths absolute), what shared/train.py's run_training got besides
+  it (extra deploy folders, the publish journal) and the launcher's pid;
 - `events.jsonl`: rank 0 appends one JSON object a line, `{"event": KIND, "data": {...}}` or
   `{"log": "..."}`; the launcher tails it and replays each line to its own reporter, so the
   worker's JSON-lines channel to the daemon stays a single stream from the main rank;
@@ -89,11 +90,13 @@ def _port_for(cfg: TrainConfig) -> int | None:
     return DEFAULT_MULTI_NODE_PORT if cfg.num_machines > 1 else free_port()
 
 
-def launch_training(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
+def launch_training(cfg: TrainConfig, reporter: Reporter, *, deploy_dirs=(), journal: Path | None = None,
+                    rerun: bool = False) -> TrainResult:
     """Run the config's trainer in `accelerate launch`, replaying rank 0's events to `reporter`."""
     run_dir = Path(tempfile.mkdtemp(prefix="lora-daemon-run-"))
     try:
-        spec = {"config": cfg.to_dict(), "launcher_pid": os.getpid()}
+        spec = {"config": cfg.to_dict(), "launcher_pid": os.getpid(), "deploy_dirs": [str(d) for d in deploy_dirs],
+                "journal": str(journal) if journal else None, "rerun": rerun}
         (run_dir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
         cmd = launch_command(cfg, run_dir, _port_for(cfg))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
@@ -154,11 +157,5 @@ def _outcome(code: int, run_dir: Path, cfg: TrainConfig) -> TrainResult:
         raise RuntimeError(f"accelerate launch exited with code {code}: see the ranks' output above")
     result = run_dir / "result.json"
     if not result.is_file():  # a machine other than 0: machine 0 writes the outputs
-        return TrainResult(output_path=Path(cfg.output_dir), deployed_path=None, steps=0)
-    data = json.loads(result.read_text(encoding="utf-8"))
-    return TrainResult(
-        output_path=Path(data["output_path"]),
-        deployed_path=Path(data["deployed_path"]) if data["deployed_path"] else None,
-        steps=data["steps"], losses=data["losses"], checkpoints=[Path(p) for p in data["checkpoints"]],
-        stopped_early=data["stopped_early"],
-    )
+        return TrainResult(output_path=Path(cfg.output_dir))
+    return TrainResult.from_json(json.loads(result.read_text(encoding="utf-8")))

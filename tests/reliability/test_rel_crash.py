@@ -6,7 +6,9 @@ open with the test-only fault hook (shared/faults.py: the worker sleeps right th
 mark file), so the kill lands exactly in them. After every kill: the worker is gone, no job is
 missing, and every *.safetensors in the output and Lora folders opens whole (a killed writer may
 leave only hidden `.name.XXXXXXXX.tmp` files, which the next start deletes). At the end every job
-has finished (a re-run resumes from the newest training state), or failed with a reason.
+has finished (a re-run resumes from the newest training state), or failed with a reason, and every
+LoRA exists exactly once in its output folder and in the Lora folder (a re-run completes what the
+killed attempt began, under the same names).
 
 RELIABILITY_CRASH_ROUNDS (default 20) and RELIABILITY_SEED change the number and order of kills.
 """
@@ -67,6 +69,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
     daemon = DaemonProcess(tmp_path / "state", [tmp_path_factory.getbasetemp()], [tmp_path])
     daemon.env = {MARK_ENV: str(marks)}
     submitted: list[str] = []
+    train_jobs = list(range(TRAIN_JOBS))  # the numbers of the jobs that train (the others are dry runs)
     kills: Counter = Counter()
     partial, visible_temps, temps_after_kill, checkpoints_checked = [], [], 0, 0
 
@@ -88,6 +91,16 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
             with daemon.client() as client:
                 listed = {j["id"] for j in client.jobs(limit=10_000)}
                 assert listed == set(submitted), f"jobs went missing: {set(submitted) - listed}"
+                n = train_jobs[-1]
+                exported = tmp_path / "exports" / f"out-job{n}" / f"job{n}.safetensors"
+                deployed = tmp_path / "Lora" / f"job{n}.safetensors"  # the last file a job publishes
+                passed = {"training": deployed, "checkpoint": deployed, "export": exported, "deploy": deployed}
+                if moment in passed and passed[moment].exists():
+                    # a job's outputs are written once: a re-run never trains or exports again what it
+                    # published, so this moment needs a job that has not reached it yet
+                    n = len(submitted)
+                    submitted.append(client.submit(sd_job(tiny_sd, images, tmp_path, n), source=f"job{n}")["id"])
+                    train_jobs.append(n)
                 if moment == "queued":  # one more job, killed right after the daemon said "queued"
                     job = client.submit({**sd_job(tiny_sd, images, tmp_path, len(submitted)),
                                          "max_train_steps": 2, "save_steps": 0}, dry_run=True,
@@ -166,5 +179,10 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory, tin
     # a kill during a write left a hidden temporary, and the restart removed it
     if kills["checkpoint"] + kills["export"] + kills["deploy"]:
         assert temps_after_kill > 0 and removed == temps_after_kill
+    # every training job's LoRA exactly once: in its output folder and in the Lora folder, never a
+    # second copy (`job0_2`) from a re-run after a kill
     lora = sorted(p.name for p in (tmp_path / "Lora").iterdir())
-    assert {f"job{n}.safetensors" for n in range(TRAIN_JOBS)} <= set(lora), lora
+    assert lora == sorted(f"job{n}{s}" for n in train_jobs for s in (".json", ".preview.png", ".safetensors")), lora
+    for n in train_jobs:
+        out = sorted(p.name for p in (tmp_path / "exports" / f"out-job{n}").iterdir() if p.is_file())
+        assert [name for name in out if name.endswith(".safetensors")] == [f"job{n}.safetensors"], out
