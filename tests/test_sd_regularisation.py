@@ -111,7 +111,7 @@ def test_a_run_with_regularisation_images_records_them_as_kohya_does(sd_config, 
     assert any("Regularisation images: Found 4 images" in line for line in rec.lines)
 
 
-def test_the_preflight_reads_the_regularisation_folder(sd_config, tmp_path, tiny_sd, image_dir):
+def test_the_preflight_reads_the_regularisation_folder_and_confines_both_folders(sd_config, tmp_path, tiny_sd, image_dir):
     from shared.preflight import PathNotAllowed
     from shared.roots import Roots
 
@@ -125,6 +125,7 @@ def test_the_preflight_reads_the_regularisation_folder(sd_config, tmp_path, tiny
         check({**base, "reg_data_dir": base["train_data_dir"]}, source="c.yaml")
     outside = make_image_folder(tmp_path / "outside" / "1_dog", count=1, captions="none").parent
     roots = Roots(read=[image_dir, tiny_sd["safetensors"].parent, tiny_sd["config"]], write=[tmp_path / "out"])
-    with pytest.raises(PathNotAllowed) as err:  # confined as a read path before it is looked at
-        check({**base, "reg_data_dir": str(outside)}, source="c.yaml", roots=roots)
-    assert err.value.key == "reg_data_dir" and "outside the folders this daemon may read" in str(err.value)
+    for key in ("reg_data_dir", "validation_dir"):  # confined as read paths before they are looked at
+        with pytest.raises(PathNotAllowed) as err:
+            check({**base, key: str(outside)}, source="c.yaml", roots=roots)
+        assert err.value.key == key and "outside the folders this daemon may read" in str(err.value)
