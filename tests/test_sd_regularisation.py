@@ -65,7 +65,7 @@ def test_the_folder_is_read_like_training_data_with_class_captions(reg_dir):
 def test_regularisation_images_double_the_epoch_and_count_with_prior_loss_weight(sd_config, reg_dir, tmp_path):
     """A batch of training (T) and regularisation (R) images: its summed loss is L(T) + w * L(R), and so is
     its gradient; with w = 0 it is exactly the training images' (the regularisation images add nothing)."""
-    cfg = load_config(sd_config(reg_data_dir=reg_dir, prior_loss_weight=0.3, lora_dropout=0.0))
+    cfg = load_config(sd_config(reg_data_dir=reg_dir, prior_loss_weight=0.3, lora_dropout=0.0, trigger_word="sks"))
     task = loaded_task(cfg)
     plain = loaded_task(load_config(sd_config(lora_dropout=0.0)))
     assert len(task.data.training_items) == 6 and sum(i.is_reg for i in task.data.items) == 4
@@ -73,7 +73,8 @@ def test_regularisation_images_double_the_epoch_and_count_with_prior_loss_weight
     samples = [s for batch in task.epoch_batches(0, 2) for s in batch]
     train = [s for s in samples if not task.data.items[s.index].is_reg][:2]
     reg = [s for s in samples if task.data.items[s.index].is_reg][:2]
-    assert {task.data.items[s.index].caption for s in reg} == {"shape"}  # the class name of 1_shape
+    assert {s.caption for s in reg} == {"shape"}  # the class name of 1_shape, without the trigger word
+    assert all(s.caption.startswith("sks, ") for s in train)
     params = [p for group in task.param_groups() for p in group["params"]]
     modules = task.train_modules()
 

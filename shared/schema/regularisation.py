@@ -9,8 +9,8 @@ SECTION = "Regularisation images (SD)"
 SETTINGS = (
     Setting("reg_data_dir", Path, None, "Folder of regularisation (class) images, read like train_data_dir "
             "(metadata.csv, .txt captions or N_name folders; an image without a caption in an N_name folder is "
-            "captioned with the folder's name, e.g. `1_dog` -> `dog`). Each epoch trains as many of them as "
-            "training images (kohya's balancing), so an epoch is about twice as long.", tasks=SD_ONLY,
+            "captioned with the folder's name, e.g. `1_dog` -> `dog`; trigger_word is not added). Each epoch trains "
+            "as many of them as training images (kohya's balancing), so an epoch is about twice as long.", tasks=SD_ONLY,
             optional=True, path="read", exists="dir"),
     Setting("prior_loss_weight", float, 1.0, "Weight of a regularisation image's loss against a training image's "
             "(1: equal; 0: they add nothing to the gradient).", tasks=SD_ONLY, minimum=0, maximum=100),

@@ -62,15 +62,25 @@ class TrainData:
         """This rank's part of a global batch and the weight on its mean loss (shared.training.ranks)."""
         return shard(samples, self.rank, self.processes, self.cfg.batch_size)
 
+    def trigger_word(self, index: int) -> str | None:
+        """The trigger word for an item's caption: none for a regularisation image (it shows the class as the
+        base model knows it, which is what it must keep meaning)."""
+        return None if self.items[index].is_reg else self.cfg.trigger_word
+
     def fixed_caption(self, index: int) -> str:
-        """An item's caption as it reads without augmentation (text caches, previews)."""
-        return process_caption(self.items[index].caption, trigger_word=self.cfg.trigger_word, shuffle=False,
+        """An item's caption as it reads without augmentation (text caches, previews, validation)."""
+        return process_caption(self.items[index].caption, trigger_word=self.trigger_word(index), shuffle=False,
                                keep_tokens=0, dropout_rate=0.0, rng=random.Random(0))
+
+    def fixed_sample(self, index: int, noise_seed: int) -> Sample:
+        """An item as a Sample without augmentation: centre crop, unflipped, its fixed caption."""
+        resized, crop = plan_crop(self.sizes[index], self.plan.buckets[index], random_crop=False, rng=None)
+        return Sample(index, self.fixed_caption(index), False, resized, crop, noise_seed=noise_seed)
 
     def sample(self, epoch: int, batch: int, slot: int, index: int) -> Sample:
         cfg = self.cfg
         rng = random.Random(f"{cfg.seed}-{epoch}-{batch}-{slot}")
-        caption = process_caption(self.items[index].caption, trigger_word=cfg.trigger_word,
+        caption = process_caption(self.items[index].caption, trigger_word=self.trigger_word(index),
                                   shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
                                   dropout_rate=cfg.caption_dropout_rate, rng=rng)
         flip = cfg.random_flip and rng.random() < 0.5

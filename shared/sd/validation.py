@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.errors import DatasetError
-from shared.sd.dataset import ImageItem, plan_crop, scan_dataset
+from shared.sd.dataset import ImageItem, scan_dataset
 
 
 def validation_seed(cfg) -> int:
@@ -88,15 +88,10 @@ def fixed_timesteps(num_train_timesteps: int, count: int) -> list[int]:
 
 def validation_batches(data, batch_size: int, seed: int) -> list[list]:
     """The held-out images as Samples without augmentation, batched by bucket, in a fixed order."""
-    from shared.sd.train_data import Sample
-
     by_bucket: dict[tuple[int, int], list] = {}
     for index in range(len(data.items)):
-        bucket = data.plan.buckets[index]
-        resized, crop = plan_crop(data.sizes[index], bucket, random_crop=False, rng=None)
         noise_seed = random.Random(f"{seed}-validation-{index}").getrandbits(63)
-        sample = Sample(index, data.fixed_caption(index), False, resized, crop, noise_seed=noise_seed)
-        by_bucket.setdefault(bucket, []).append(sample)
+        by_bucket.setdefault(data.plan.buckets[index], []).append(data.fixed_sample(index, noise_seed))
     return [samples[i : i + batch_size] for _, samples in sorted(by_bucket.items())
             for i in range(0, len(samples), batch_size)]
 
