@@ -28,6 +28,7 @@ from daemon.settings import Settings
 from daemon.store import FINAL_STATES, Store
 from daemon.worker import RESULT_FILE  # the worker module itself imports nothing heavy
 from shared.roots import Roots, confine
+from shared.schema import JOB_KINDS
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding `daemon/` and `shared/`
 
@@ -143,12 +144,15 @@ class JobManager:
         if base_dir is not None and not Path(base_dir).is_absolute():
             raise ProtocolError("bad_message", f"submit: base_dir must be an absolute path, got {base_dir!r}",
                                 "base_dir")
-        if kind == "label" and dry_run:
+        if kind not in JOB_KINDS:
+            raise ProtocolError("bad_message", f"submit: kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}",
+                                "kind")
+        if kind != "train" and dry_run:
             raise ProtocolError("bad_message", "submit: dry_run is for training configs (kind train)", "dry_run")
         if kind == "label":
             return await self._submit_label(config, base_dir=base_dir, source=source, priority=priority)
         if kind != "train":
-            raise ProtocolError("bad_message", f"submit: kind must be train or label, got {kind!r}", "kind")
+            return await self._submit_tool(kind, config, base_dir=base_dir, source=source, priority=priority)
         for folder in deploy_dirs:
             if not Path(folder).is_absolute():
                 raise ProtocolError("bad_message", f"deploy_dirs: {folder} must be an absolute path", "deploy_dirs")
@@ -213,8 +217,29 @@ class JobManager:
             raise ProtocolError("invalid_config", str(exc), "config") from None
         label = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
         spec = {"kind": "label", "source": source, "base_dir": base_dir, "label": label, "deploy_dirs": []}
-        job = self.store.create_job(name=f"label-{Path(options['input_dir']).name}", task="label",
-                                    priority=priority, spec=spec, jobs_dir=self.settings.jobs_dir)
+        return self._queue(f"label-{Path(options['input_dir']).name}", "label", spec, priority)
+
+    async def _submit_tool(self, kind: str, config: dict, *, base_dir: str | None, source: str,
+                           priority: int) -> dict:
+        """A LoRA tool job (resize, merge, ...): its options and paths checked here, run in a worker."""
+        from shared.errors import UserError
+        from shared.preflight import PathNotAllowed
+        from shared.sd.lora_tools.job import job_name, tool_job
+
+        try:
+            checked = await asyncio.to_thread(tool_job, kind, config, source=source, roots=self._roots(),
+                                              base_dir=Path(base_dir) if base_dir else None,
+                                              require_absolute=base_dir is None)
+        except PathNotAllowed as exc:
+            raise ProtocolError("path_not_allowed", str(exc), f"config.{exc.key}") from None
+        except UserError as exc:
+            raise ProtocolError("invalid_config", str(exc), "config") from None
+        spec = {"kind": kind, "source": source, "base_dir": base_dir, **checked, "deploy_dirs": []}
+        return self._queue(job_name(kind, spec), kind, spec, priority)
+
+    def _queue(self, name: str, task: str, spec: dict, priority: int) -> dict:
+        """Store a checked job that is not training and wake the scheduler."""
+        job = self.store.create_job(name=name, task=task, priority=priority, spec=spec, jobs_dir=self.settings.jobs_dir)
         Path(job["job_dir"]).mkdir(parents=True, exist_ok=True)
         self.emit(job["id"], "queued", {"priority": priority, "position": len(self.store.queue())})
         self._wake.set()
@@ -419,8 +444,8 @@ def remove_cancelled_outputs(job: dict, events: list[dict]) -> list[str]:
     states, sample images, plus its hidden temporaries. Only those paths, and only inside the job's
     output and log folders: a file the user or another job put there is never touched."""
     config = (job.get("spec") or {}).get("config") or {}
-    if not config.get("output_dir"):
-        return []
+    if not config.get("output_dir"):  # not training: a LoRA tool job's temporaries at most
+        return remove_job_leftovers(job)
     output_dir = Path(config["output_dir"]).resolve()
     roots = [output_dir, Path(config.get("log_dir") or output_dir / "logs").resolve()]
     written = []
@@ -461,6 +486,8 @@ def remove_job_leftovers(job: dict) -> list[str]:
 
     spec = job.get("spec") or {}
     config = spec.get("config") or {}
+    if spec.get("output"):  # a LoRA tool job: the folder and name it writes were fixed at submit
+        return [str(p) for p in remove_leftovers(Path(spec["output"]["folder"]), spec["output"]["stem"])]
     if not config.get("output_dir"):
         return []
     output_dir = Path(config["output_dir"])

@@ -22,6 +22,7 @@ from shared.protocol import (  # noqa: F401 - re-exported: the daemon's code and
     PROTOCOL_VERSION,
     SERVER_MESSAGES,
 )
+from shared.schema import JOB_KINDS
 from shared.schema.json_schema import config_schema
 
 
@@ -182,9 +183,13 @@ def json_schema() -> dict:
             "required": ["v", "type", *[n for n, r in spec.items() if r.get("required")]],
             "additionalProperties": False,
         }
-    # a submit's config: a training config, or the auto-label options when kind is "label"
-    client["submit"]["if"] = {"properties": {"kind": {"const": "label"}}, "required": ["kind"]}
-    client["submit"]["then"] = {"properties": {"config": {"$ref": "#/$defs/label_options"}}}
+    # a submit's config: a training config, or the options of the job `kind` names (label, lora_resize, ...)
+    others = [kind for kind in JOB_KINDS if kind != "train"]
+    client["submit"]["properties"]["kind"]["enum"] = list(JOB_KINDS)
+    client["submit"]["if"] = {"properties": {"kind": {"enum": others}}, "required": ["kind"]}
+    client["submit"]["then"] = {"allOf": [
+        {"if": {"properties": {"kind": {"const": kind}}},
+         "then": {"properties": {"config": {"$ref": f"#/$defs/{options_def(kind)}"}}}} for kind in others]}
     client["submit"]["else"] = {"properties": {"config": {"$ref": "#/$defs/train_config"}}}
     server = {}
     for kind, required in SERVER_MESSAGES.items():
@@ -203,12 +208,17 @@ def json_schema() -> dict:
             **{f"client_{k}": v for k, v in client.items()},
             **{f"server_{k}": v for k, v in server.items()},
             "train_config": config_schema("train"),
-            "label_options": config_schema("label"),
+            **{options_def(kind): config_schema(kind) for kind in JOB_KINDS if kind != "train"},
             "client_message": {"oneOf": [{"$ref": f"#/$defs/client_{k}"} for k in client]},
             "server_message": {"oneOf": [{"$ref": f"#/$defs/server_{k}"} for k in server]},
         },
         "oneOf": [{"$ref": "#/$defs/client_message"}, {"$ref": "#/$defs/server_message"}],
     }
+
+
+def options_def(kind: str) -> str:
+    """The `$defs` name of a non-training job's options: label_options, lora_resize_options, ..."""
+    return f"{kind}_options"
 
 
 def shipped_schema() -> dict:

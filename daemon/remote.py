@@ -32,8 +32,11 @@ class ProgressBar:
         step, total = d.get("step", 0), max(1, d.get("total", 1))
         filled = int(self.width * step / total)
         bar = "#" * filled + "." * (self.width - filled)
-        line = (f"[{bar}] {step}/{total} loss {d.get('loss', 0):.4f} lr {d.get('lr', 0):.2e} "
-                f"{d.get('it_s') or 0:.2f} it/s {eta_text(d.get('it_s'), d.get('eta_s'))}")
+        if "loss" in d:
+            line = (f"[{bar}] {step}/{total} loss {d.get('loss', 0):.4f} lr {d.get('lr', 0):.2e} "
+                    f"{d.get('it_s') or 0:.2f} it/s {eta_text(d.get('it_s'), d.get('eta_s'))}")
+        else:  # not training: an auto-label or LoRA tool job counts images or modules
+            line = f"[{bar}] {step}/{total} {str(d.get('what') or '')[:40]:<40}"  # fixed width: redrawn in place
         if self.tty:
             self.stream.write("\r" + line)
             self.stream.flush()
@@ -73,6 +76,9 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
             where = ", ".join(data.get("deployed") or []) or data.get("lora")
             if data.get("captions") is not None:  # an auto-label job
                 bar.message(f"labelled {len(data['captions'])} images: {data.get('output')}")
+                return 0
+            if data.get("tool"):  # a LoRA tool job
+                bar.message(data.get("summary") or "")
                 return 0
             bar.message(f"finished after {data.get('steps')} steps: {where}")
             if data.get("task", "sd") == "sd":

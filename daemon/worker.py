@@ -1,4 +1,5 @@
-"""One training job in its own process: `python -m daemon.worker JOB_DIR` (started by the daemon).
+"""One job (training, auto-label, a LoRA tool) in its own process: `python -m daemon.worker JOB_DIR`
+(started by the daemon).
 
 A process per job means cancel is a reliable kill, a crash or out-of-memory cannot take the daemon
 down, and all GPU memory is released when the job ends. The daemon itself never imports torch.
@@ -24,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from shared import faults
+from shared.schema.lora_tools import KINDS as LORA_TOOL_KINDS
 
 # The TrainConfig key that asks the trainers to continue from the newest checkpoint in output_dir.
 RESUME_KEY = "resume"
@@ -135,9 +137,18 @@ def job_config(spec: dict):
     return TrainConfig.from_canonical(data)
 
 
+def report(job_dir: Path, channel: Channel, outcome: dict) -> int:
+    """The job's result: on disk first (if the daemon dies before it hears this, its next start finishes the
+    job from this file instead of running it, and deploying, a second time), then to the daemon."""
+    from shared.files import atomic_write
+
+    atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
+    channel.send(result=outcome)
+    return 0
+
+
 def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
     from shared.errors import UserError
-    from shared.files import atomic_write
 
     spec = json.loads((job_dir / "job.json").read_text(encoding="utf-8"))
     task, reporter = None, make_reporter(channel, stop)
@@ -146,18 +157,19 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             from shared.autolabel.labeller import label_folder
 
             outcome = label_folder(**spec["label"], reporter=reporter).as_dict()
-            atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
-            channel.send(result=outcome)
-            return 0
+            return report(job_dir, channel, outcome)
+        if spec.get("kind") in LORA_TOOL_KINDS:
+            from shared.sd.lora_tools.job import run_tool
+
+            outcome = run_tool(spec["kind"], spec["options"], spec["output"], reporter)
+            return report(job_dir, channel, outcome)
         cfg = job_config(spec)
         from shared.config import detect_task
 
         task = detect_task(cfg)
         if spec.get("dry_run"):
             outcome = dry_run(cfg, task, channel)
-            atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
-            channel.send(result=outcome)
-            return 0
+            return report(job_dir, channel, outcome)
         faults.hit("load", cfg.resolved_output_name)
         from shared.train import run_training
 
@@ -177,11 +189,7 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             "final_loss": result.losses[-1] if result.losses else None,
             "checkpoints": [str(p) for p in result.checkpoints],
         }
-        # on disk first: if the daemon dies before it hears this, its next start finishes the job
-        # from this file instead of training (and deploying) a second copy
-        atomic_write(job_dir / RESULT_FILE, lambda p: Path(p).write_text(json.dumps(outcome), encoding="utf-8"))
-        channel.send(result=outcome)
-        return 0
+        return report(job_dir, channel, outcome)
     except UserError as exc:
         print(f"error: {exc}", flush=True)
         full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)  # a WriteError into a full disk

@@ -11,7 +11,8 @@ before anything heavy loads:
 5. the family's rules: which keys apply to it (an SD setting on an LLM job is refused), and the rules
    declared with `family=True` beside the settings they concern (resolution: the multiple the model's
    own VAE and UNet need);
-6. the data set: SD images and captions (image headers only), LLM rows (parsed, not tokenized).
+6. the data set: SD images and captions (image headers only; the regularisation and validation images
+   too), LLM rows (parsed, not tokenized).
 
 What passes is stored as the canonical dict (every key, paths absolute, `task` resolved); the worker and
 the ranks rebuild `TrainConfig` from it (`TrainConfig.from_canonical`) without checking again. Not seen
@@ -141,8 +142,13 @@ def scan_data(values: Mapping[str, Any], family: ModelFamily) -> int:
     images (SD) or rows (LLM)."""
     if family.task == "sd":
         from shared.sd.dataset import scan_dataset  # captions and image headers only (PIL, no torch)
+        from shared.sd.regularisation import scan_reg
+        from shared.sd.validation import check_validation
 
-        return len(scan_dataset(values["train_data_dir"], values["metadata_path"], values["caption_extension"]).items)
+        images = len(scan_dataset(values["train_data_dir"], values["metadata_path"], values["caption_extension"]).items)
+        scan_reg(values)  # the regularisation and validation folders are read as the trainer will
+        check_validation(values, images)
+        return images
     from shared.llm.data import parse_record, read_records  # no tokenizer needed
 
     records = read_records(values["train_data_dir"])

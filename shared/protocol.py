@@ -26,8 +26,9 @@ CLIENT_MESSAGES: dict[str, dict[str, dict[str, Any]]] = {
     "ping": {},
     "submit": {
         "config": {"type": "object", "required": True,
-                   "help": "training config keys, as in a `train --config` YAML (for kind label: label options)"},
-        "kind": {"type": "string", "help": "train (default) or label (caption a folder of images with CLIP)"},
+                   "help": "training config keys, as in a `train --config` YAML (for the other kinds: their options)"},
+        "kind": {"type": "string", "help": "train (default), label (caption a folder of images with CLIP) or a LoRA "
+                                           "tool: lora_info, lora_resize, lora_merge, lora_extract, lora_convert"},
         "base_dir": {"type": "string", "help": "absolute folder that relative paths in config are relative to"},
         "source": {"type": "string", "help": "name of the config (file) used in error messages"},
         "priority": {"type": "integer", "minimum": -1_000_000, "maximum": 1_000_000,

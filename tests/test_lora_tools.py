@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from shared.config import load_config
 from shared.errors import UserError
+from shared.preflight import load_config
 from shared.sd.base_model import load_sd_model
 from shared.sd.lora_file import read_lora
 from shared.sd.lora_tools.convert import convert_lora

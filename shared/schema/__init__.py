@@ -3,13 +3,13 @@
     from shared.schema import TRAIN, LABEL, coerce_config
 
 `TRAIN` holds the training settings (the keys of a `train --config` YAML file and `TrainConfig`'s
-fields), `LABEL` the auto-label job's options. Generated from them, never restated: `TrainConfig`
-(shared/config.py), the pre-flight's checks and messages (shared/preflight.py), the WebUI tab's and the
-ComfyUI node's inputs, the job-config JSON Schema (`python -m daemon schema`, daemon/protocol.schema.json)
-and docs/config.md.
+fields), `LABEL` the auto-label job's options, `LORA_TOOLS` each LoRA tool job's (by kind). Generated
+from them, never restated: `TrainConfig` (shared/config.py), the pre-flight's checks and messages
+(shared/preflight.py), the WebUI tab's and the ComfyUI node's inputs, the job-config JSON Schema
+(`python -m daemon schema`, daemon/protocol.schema.json) and docs/config.md.
 
 A new setting is one `Setting(...)` line in its section's module; a new section is a module with
-`SECTION`, `SETTINGS` and `RULES`, named in `_TRAIN_SECTIONS` below. Everything here reads the two tables
+`SECTION`, `SETTINGS` and `RULES`, named in `_TRAIN_SECTIONS` below. Everything here reads the tables
 when it is called, so a changed declaration shows everywhere at once.
 
 Standard library only, relative imports only (the hosts load this package under a private name).
@@ -23,7 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import data, images, label, launch, llm, lora, model, output, samples, training
+from . import (
+    data,
+    images,
+    label,
+    launch,
+    llm,
+    lora,
+    lora_tools,
+    model,
+    output,
+    regularisation,
+    samples,
+    training,
+    validation,
+)
 from .setting import (
     BASIC,
     COMMON,
@@ -41,11 +55,11 @@ from .setting import (
     did_you_mean,
 )
 
-__all__ = ["BASIC", "COMMON", "FAMILY_RULES", "LABEL", "LABEL_ONLY", "LLM", "LLM_ONLY", "RULES", "SD", "SD_ONLY", "SECTIONS",
-           "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical", "coerce", "coerce_config",
-           "for_task", "form_settings", "unset_number"]
+__all__ = ["BASIC", "COMMON", "FAMILY_RULES", "JOB_KINDS", "LABEL", "LABEL_ONLY", "LLM", "LLM_ONLY", "LORA_TOOLS", "RULES",
+           "SD", "SD_ONLY", "SECTIONS", "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical",
+           "coerce", "coerce_config", "for_task", "form_settings", "job_table", "unset_number"]
 
-_TRAIN_SECTIONS = (model, data, lora, training, images, samples, output, llm, launch)
+_TRAIN_SECTIONS = (model, data, regularisation, validation, lora, training, images, samples, output, llm, launch)
 
 
 def _table(modules) -> dict[str, Setting]:
@@ -63,6 +77,19 @@ LABEL: dict[str, Setting] = _table((label,))
 RULES: list[Rule] = [rule for module in _TRAIN_SECTIONS for rule in module.RULES if not rule.family]
 FAMILY_RULES: list[Rule] = [rule for module in _TRAIN_SECTIONS for rule in module.RULES if rule.family]
 SECTIONS: list[str] = [module.SECTION for module in _TRAIN_SECTIONS]
+# The LoRA tool jobs: one table of options per kind (lora_resize, ...), each with its own rules
+LORA_TOOLS: dict[str, dict[str, Setting]] = {
+    kind: {s.name: replace(s, section=lora_tools.SECTION) for s in settings}
+    for kind, settings in lora_tools.SETTINGS.items()
+}
+JOB_KINDS = ("train", "label", *LORA_TOOLS)  # what a `submit` may ask for
+
+
+def job_table(kind: str) -> dict[str, Setting]:
+    """The settings of a job of `kind` (train, label or a LoRA tool's kind)."""
+    if kind == "train":
+        return TRAIN
+    return LABEL if kind == "label" else LORA_TOOLS[kind]
 
 
 def for_task(task: str, table: Mapping[str, Setting] | None = None) -> list[Setting]:
@@ -91,13 +118,14 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
     declarations and the cross-field rules. No file is touched. Each message names the key and where its
     value came from: `origins[key]` (e.g. `--set lora_rank=0`), else `source` (the file or client).
     `only_given` checks just the given keys (no required keys, no cross-field rules)."""
-    table = LABEL if kind == "label" else TRAIN
+    table = job_table(kind)
+    rules = RULES if kind == "train" else lora_tools.RULES.get(kind, ())
     origins = origins or {}
 
     def where(key: str) -> str:
         return origins.get(key, source)
 
-    what = "label option" if kind == "label" else "key"
+    what = {"train": "key", "label": "label option"}.get(kind, f"{kind} option")
     values: dict[str, Any] = {}
     for key, raw in data.items():
         setting = table.get(key) if isinstance(key, str) else None
@@ -110,12 +138,11 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
         if values.get(key) is None and setting.required:
             raise ConfigError(f"{where(key)}: missing required {what} {key!r} ({setting.help})")
         values.setdefault(key, setting.default)
-    if kind == "train":
-        for rule in RULES:
-            problem = rule.check(values)
-            if problem:
-                given = [k for k in rule.keys if k in origins]
-                raise ConfigError(f"{where(given[0]) if given else source}: {problem}")
+    for rule in rules:
+        problem = rule.check(values)
+        if problem:
+            given = [k for k in rule.keys if k in origins]
+            raise ConfigError(f"{where(given[0]) if given else source}: {problem}")
     return values
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from . import LABEL, TRAIN
+from . import job_table
 from .setting import Setting
 
 _TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", Path: "string"}
@@ -59,11 +59,12 @@ def property_schema(setting: Setting) -> dict[str, Any]:
 
 
 def config_schema(kind: str = "train") -> dict[str, Any]:
-    """The schema of a job's `config`: a training config (kind train) or the auto-label options (label)."""
-    table = LABEL if kind == "label" else TRAIN
+    """The schema of a job's `config`: a training config (kind train), the auto-label options (label) or a
+    LoRA tool's options (lora_resize, ...)."""
+    table = job_table(kind)
     schema: dict[str, Any] = {
         "type": "object",
-        "title": "auto-label job options" if kind == "label" else "training job config",
+        "title": {"train": "training job config", "label": "auto-label job options"}.get(kind, f"{kind} job options"),
         "properties": {name: property_schema(s) for name, s in table.items()},
         "additionalProperties": False,
     }
@@ -71,7 +72,7 @@ def config_schema(kind: str = "train") -> dict[str, Any]:
     schema["required"] = required
     if kind == "train":  # the daemon keeps the files in the job's own folder when only output_name is given
         schema["anyOf"] = [{"required": ["output_dir"]}, {"required": ["output_name"]}]
-    else:
+    elif kind == "label":
         schema["properties"]["format"] = {**property_schema(table["fmt"]), "description": "The same as fmt."}
     return schema
 

@@ -91,21 +91,24 @@ class LatentCache:
             atomic_write(self.folder / f"{key}.safetensors", lambda p: save_file({"latent_dist": value}, str(p)))
 
 
-def build_latent_cache(cfg, model, data, device, reporter) -> LatentCache:
-    """Encode every image once (both ways when flips are on) at its bucket size and centre crop."""
+def build_latent_cache(cfg, model, data, device, reporter, held_out=None) -> LatentCache:
+    """Encode every image once (both ways when flips are on) at its bucket size and centre crop; the
+    `held_out` validation images (another TrainData) unflipped only, as validation sees them."""
     import torch
 
     cache = LatentCache(cfg.cache_latents, cfg.cache_dir, module_hash(model.vae))
-    for index, item in enumerate(data.items):
-        bucket = data.plan.buckets[index]
-        resized, crop = plan_crop(data.sizes[index], bucket, random_crop=False, rng=None)
-        for flip in (False, True) if cfg.random_flip else (False,):
-            key = cache.key(item.path, bucket, crop, flip)
-            if cache.get(key) is None:
-                pixels = load_pixels(item.path, bucket, resized, crop, flip)[None]
-                with torch.no_grad():
-                    dist = model.vae.encode(pixels.to(device, model.vae.dtype)).latent_dist
-                cache.put(key, dist.parameters[0].float())
+    flips = (False, True) if cfg.random_flip else (False,)
+    for part, part_flips in ((data, flips), (held_out, (False,))):
+        for index, item in enumerate(part.items if part is not None else []):
+            bucket = part.plan.buckets[index]
+            resized, crop = plan_crop(part.sizes[index], bucket, random_crop=False, rng=None)
+            for flip in part_flips:
+                key = cache.key(item.path, bucket, crop, flip)
+                if cache.get(key) is None:
+                    pixels = load_pixels(item.path, bucket, resized, crop, flip)[None]
+                    with torch.no_grad():
+                        dist = model.vae.encode(pixels.to(device, model.vae.dtype)).latent_dist
+                    cache.put(key, dist.parameters[0].float())
     reporter.log(f"Latent cache ({cfg.cache_latents}): {cache.hits} reused, {cache.new} encoded")
     return cache
 

@@ -32,6 +32,7 @@ class ImageItem:
     caption: str
     repeats: int = 1
     subset: str = ""  # the folder the image came from (ss_dataset_dirs, ss_tag_frequency)
+    is_reg: bool = False  # a regularisation image (shared/sd/regularisation.py)
 
 
 @dataclass
@@ -116,10 +117,14 @@ def _check_readable(items: list[ImageItem]) -> tuple[list[ImageItem], list[tuple
     return good, bad
 
 
-def scan_dataset(data_dir: Path, metadata_path: Path | None = None, caption_extension: str = ".txt") -> DatasetScan:
+def scan_dataset(data_dir: Path, metadata_path: Path | None = None, caption_extension: str = ".txt", *,
+                 key: str = "train_data_dir", class_captions: bool = False) -> DatasetScan:
+    """The images of a folder and their captions. `key` names the setting in messages; with
+    `class_captions`, an image without a caption in an `N_name` folder is captioned `name` (kohya's class
+    tokens: how regularisation folders such as `1_dog` are captioned)."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DatasetError(f"train_data_dir: {data_dir} is not a folder of images")
+        raise DatasetError(f"{key}: {data_dir} is not a folder of images")
     subsets = sorted(p for p in data_dir.iterdir() if p.is_dir() and REPEAT_FOLDER.match(p.name))
     has_images = any(is_image(p) for p in data_dir.iterdir() if p.is_file())
     if subsets and not has_images and metadata_path is None:
@@ -127,10 +132,12 @@ def scan_dataset(data_dir: Path, metadata_path: Path | None = None, caption_exte
         for sub in subsets:
             repeats = int(REPEAT_FOLDER.match(sub.name).group(1))
             if repeats < 1:
-                raise DatasetError(f"train_data_dir: {sub.name}: the repeat count before '_' must be at least 1")
-            scan = _scan_folder(sub, None, caption_extension)
+                raise DatasetError(f"{key}: {sub.name}: the repeat count before '_' must be at least 1")
+            scan = _scan_folder(sub, None, caption_extension, key)
             for item in scan.items:
                 item.repeats, item.subset = repeats, sub.name
+                if class_captions and not item.caption:
+                    item.caption = REPEAT_FOLDER.match(sub.name).group(2)
             scan.skipped = [(f"{sub.name}/{name}", why) for name, why in scan.skipped]
             scans.append(scan)
         return DatasetScan(
@@ -139,13 +146,14 @@ def scan_dataset(data_dir: Path, metadata_path: Path | None = None, caption_exte
             [u for s in scans for u in s.unreadable],
             [skip for s in scans for skip in s.skipped],
         )
-    scan = _scan_folder(data_dir, metadata_path, caption_extension)
+    scan = _scan_folder(data_dir, metadata_path, caption_extension, key)
     for item in scan.items:
         item.subset = data_dir.name
     return scan
 
 
-def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: str) -> DatasetScan:
+def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: str,
+                 key: str = "train_data_dir") -> DatasetScan:
     default_csv = data_dir / "metadata.csv"
     if metadata_path is None and default_csv.is_file():
         metadata_path = default_csv
@@ -165,7 +173,7 @@ def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: 
         if not images:
             others = f"; found only {', '.join(name for name, _ in skipped[:5])}" if skipped else ""
             raise DatasetError(
-                f"train_data_dir: no images in {data_dir} (looked for {', '.join(IMAGE_SUFFIXES)}){others}"
+                f"{key}: no images in {data_dir} (looked for {', '.join(IMAGE_SUFFIXES)}){others}"
             )
         items = []
         for image in images:
@@ -178,7 +186,7 @@ def _scan_folder(data_dir: Path, metadata_path: Path | None, caption_extension: 
         source = f"{caption_extension} captions"
     good, bad = _check_readable(items)
     if not good:
-        raise DatasetError(f"train_data_dir: none of the {len(items)} images in {data_dir} can be read")
+        raise DatasetError(f"{key}: none of the {len(items)} images in {data_dir} can be read")
     return DatasetScan(good, source, bad, skipped)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from shared.sd.dataset import dataset_dirs, tag_frequency
 from shared.sd.kohya_export import lora_metadata
+from shared.sd.validation import validation_metadata
 
 SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
@@ -47,7 +48,7 @@ def training_metadata(cfg, model, data, progress, tensors: dict, name: str, base
         "ss_max_train_steps": str(progress.total),
         "ss_steps": str(progress.step),
         "ss_epoch": str(math.ceil(progress.step / max(1, progress.steps_per_epoch))),
-        "ss_num_train_images": str(sum(data.repeats)),
+        "ss_num_train_images": str(sum(item.repeats for item in data.training_items)),
         "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
         "ss_seed": str(cfg.seed),
@@ -68,13 +69,14 @@ def training_metadata(cfg, model, data, progress, tensors: dict, name: str, base
         "ss_random_crop": str(cfg.random_crop),
         "ss_cache_latents": str(cfg.cache_latents != "no"),
         "ss_bucket_info": data.plan.ss_bucket_info(data.repeats),
-        "ss_dataset_dirs": json.dumps(dataset_dirs(data.items)),
-        "ss_tag_frequency": json.dumps(tag_frequency(data.items)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs(data.training_items)),
+        "ss_tag_frequency": json.dumps(tag_frequency(data.training_items)),
         "ss_network_args": json.dumps({
             "init": cfg.lora_init, **({"dora_wd": True} if cfg.use_dora else {}),
             **({"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha or cfg.conv_rank} if cfg.conv_rank else {}),
         }),
         "sshs_model_hash": addnet_hash(tensors),
+        **data.reg_metadata, **validation_metadata(cfg, data.validation),
     }
     if base_hash:
         training["ss_sd_model_hash"] = base_hash

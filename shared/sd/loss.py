@@ -5,12 +5,14 @@ from __future__ import annotations
 
 
 def noise_losses(model, latents, encoder_hidden_states, generator=None, *, noise_offset: float = 0.0,
-                 min_snr_gamma: float | None = None, unet_extra: dict | None = None, unet=None):
+                 min_snr_gamma: float | None = None, unet_extra: dict | None = None, unet=None,
+                 timesteps=None):
     """The loss of each sample (a vector of the batch's length).
 
     `generator` is one generator for the batch, or a list with one per sample (the trainer's way: a
     sample's noise then depends on the sample alone, not on which process or batch slot it lands in).
-    `unet` is the module to call (the data-parallel wrapper); default model.unet."""
+    `unet` is the module to call (the data-parallel wrapper); default model.unet. `timesteps` (one per
+    sample) replaces the random ones (the validation loss scores fixed timesteps)."""
     import torch
     import torch.nn.functional as F
 
@@ -28,8 +30,9 @@ def noise_losses(model, latents, encoder_hidden_states, generator=None, *, noise
         # a per-channel shift of the noise lets the model learn overall brightness
         noise = noise + noise_offset * draw(torch.randn, (*latents.shape[:2], 1, 1)).to(device)
     steps = sched.config.num_train_timesteps
-    timesteps = draw(lambda shape, generator: torch.randint(0, steps, shape, generator=generator),
-                     (latents.shape[0],)).to(device)
+    if timesteps is None:
+        timesteps = draw(lambda shape, generator: torch.randint(0, steps, shape, generator=generator),
+                         (latents.shape[0],)).to(device)
     noisy = sched.add_noise(latents, noise, timesteps)
     pred = (unet or model.unet)(noisy, timesteps, encoder_hidden_states, **(unet_extra or {})).sample
     v = model.prediction_type == "v_prediction"

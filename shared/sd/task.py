@@ -25,8 +25,9 @@ from shared.sd.lora import (
 )
 from shared.sd.loss import noise_losses
 from shared.sd.sampling import before_after_grid, preview_image, render_samples
-from shared.sd.train_data import Sample, plan_data
-from shared.training.task import Finish, Precision, Progress, Samples, Task
+from shared.sd.train_data import Sample, TrainData, plan_data
+from shared.sd.validation import validation_loss
+from shared.training.task import Evaluation, Finish, Precision, Progress, Samples, Task
 
 
 def _place(module, device, dtype) -> None:
@@ -114,10 +115,12 @@ class SDTask(Task):
         """Encode every image (and caption) once when asked; afterwards no step runs the VAE (or the
         text encoders)."""
         cfg = self.cfg
+        held_out = self.data.validation
         if cfg.cache_latents != "no":
-            self.latent_cache = build_latent_cache(cfg, self.model, self.data, self.device, self.reporter)
+            self.latent_cache = build_latent_cache(cfg, self.model, self.data, self.device, self.reporter, held_out)
         if cfg.cache_text_encoder_outputs:
             prompts = [*(cfg.sample_prompts or []), ""]  # "": the negative prompt of every render
+            prompts += [held_out.fixed_caption(i) for i in range(len(held_out.items))] if held_out else []
             self.text_cache = build_text_cache(self.model, self.data, self.device, self.reporter, prompts)
         return {"latents": self.latent_cache is not None, "text": self.text_cache is not None}
 
@@ -125,12 +128,13 @@ class SDTask(Task):
     def epoch_batches(self, epoch: int, size: int) -> list[list[Sample]]:
         return self.data.epoch_samples(epoch, size)
 
-    def batch_inputs(self, samples: list[Sample]):
-        """(latents, text conditioning, SDXL's extra UNet inputs, one generator per sample)."""
+    def batch_inputs(self, samples: list[Sample], data: TrainData | None = None):
+        """(latents, text conditioning, SDXL's extra UNet inputs, one generator per sample) of samples
+        of `data` (default: the training data; the validation set passes its own)."""
         import torch
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        model, data = self.model, self.data
+        model, data = self.model, data or self.data
         bucket = data.plan.buckets[samples[0].index]
         if self.latent_cache is not None:
             params = []
@@ -171,13 +175,26 @@ class SDTask(Task):
         return latents.to(self.weight_dtype), ehs.to(self.weight_dtype), extra, generators
 
     def loss(self, items: list[Sample], modules: list):
+        import torch
+
         latents, ehs, extra, generators = self.batch_inputs(items)
         with self.autocast():
             losses = noise_losses(self.model, latents, ehs, generators, noise_offset=self.cfg.noise_offset,
                                   min_snr_gamma=self.cfg.min_snr_gamma, unet_extra=extra, unet=modules[0])
+        weights = self.data.loss_weights(items)  # regularisation images: prior_loss_weight
+        if weights is not None:
+            losses = losses * torch.tensor(weights, dtype=losses.dtype, device=losses.device)
         return losses.sum(), len(items)
 
     # --- looking at it ---------------------------------------------------------------------------
+    def evaluate(self, step: int, log_dir: Path) -> Evaluation:
+        """The validation loss (shared/sd/validation.py) when the job has a validation set."""
+        if self.data.validation is None:
+            return Evaluation()
+        loss = validation_loss(self, self.data.validation)
+        self.reporter.log(f"Validation loss at step {step}: {loss:.6f} ({len(self.data.validation.items)} images)")
+        return Evaluation(metrics={"eval_loss": loss})
+
     def sample(self, step: int, log_dir: Path) -> Samples | None:
         if not self.cfg.sample_prompts:
             return None
@@ -204,7 +221,7 @@ class SDTask(Task):
             self.reporter.log(f"Saved before/after grid {outputs['grid']}")
         elif cfg.preview:  # the card picture: a training caption at the preferred weight
             preview = preview_image(self.model, cfg, self.device, self.data.fixed_caption(0), self.text_cache)
-        notes = sidecar_json(cfg, self.model.arch, len(self.data.items))
+        notes = sidecar_json(cfg, self.model.arch, len(self.data.training_items))
         sidecars = {".json": lambda p, name: Path(p).write_text(json.dumps(notes, indent=2), encoding="utf-8")}
         if preview is not None and cfg.preview:
             sidecars[".preview.png"] = lambda p, name: preview.save(p, format="PNG")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.config import check_output_name
+from shared.errors import ConfigError
 from shared.files import publish_new
+from shared.schema.output import NAME_HELP, name_fits
 
 Progress = Callable[[int, int, str], None]
 
@@ -19,7 +20,8 @@ def output_place(source: Path, out_dir: Path | None, name: str | None, default_s
     """The folder (default: beside the source) and stem of an output; the stem is checked like
     output_name, as it becomes the `<lora:NAME:w>` alias."""
     stem = name or default_stem
-    check_output_name(stem, "--name")
+    if not name_fits(stem):
+        raise ConfigError(f"--name: output_name {stem!r} must be {NAME_HELP}")
     return Path(out_dir) if out_dir else Path(source).parent, stem
 
 
