@@ -158,15 +158,15 @@ def check_llm_targets(values: Mapping[str, Any], where: Callable[[str], str], ro
     """The LLM deploy keys (shared/llm/deploy.py): what they export exports, the folder they copy to is
     one, inside the roots."""
     from shared.errors import UserError
-    from shared.llm.deploy import preflight_targets
+    from shared.llm.deploy import preflight_targets, textgen_candidates
 
+    if roots is not None and values["textgen_dir"] is not None:  # its loras folder may link out of it
+        confine_paths(values, {}, roots, extra=[("textgen_dir", p, "write") for p in textgen_candidates(values["textgen_dir"])])
     try:
-        loras = preflight_targets(values)
+        preflight_targets(values)
     except UserError as exc:
         key = str(exc).split(":")[0].split(" ")[0]  # each message starts with the key it is about
         raise type(exc)(f"{where(key)}: {exc}") from None
-    if roots is not None and loras is not None:
-        confine_paths(values, {}, roots, extra=[("textgen_dir", loras, "write")])
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -96,11 +96,17 @@ def write_llama_cpp_files(
 # text-generation-webui
 
 
+def textgen_candidates(path: Path) -> tuple[Path, Path]:
+    """Where a text-generation-webui install keeps its LoRAs: `user_data/loras` (newer releases) or
+    `loras` (older)."""
+    return Path(path) / "user_data" / "loras", Path(path) / "loras"
+
+
 def textgen_loras_dir(path: Path) -> Path:
-    """The loras folder of a text-generation-webui install (`user_data/loras` in newer releases,
-    `loras` in older), or `path` itself when it is a loras folder."""
+    """The loras folder of a text-generation-webui install (`textgen_candidates`), or `path` itself
+    when it is a loras folder."""
     path = Path(path)
-    for candidate in (path / "user_data" / "loras", path / "loras"):
+    for candidate in textgen_candidates(path):
         if candidate.is_dir():
             return candidate
     if path.name == "loras" and path.is_dir():
@@ -177,8 +183,8 @@ def preflight_targets(values) -> Path | None:
     """What the pre-flight checks of the deploy keys from the config's values (`values[key]`; no
     weights, no tokenizer library): the adapter (and with gguf_base the base: its weights' format,
     rope scaling, tokenizer) exports to GGUF, `textgen_dir` is a text-generation-webui folder.
-    Returns the loras folder a copy will go to (the caller confines it to the write roots: it may be
-    a link out of `textgen_dir`), or None."""
+    Returns the loras folder a copy will go to, or None. (The daemon confines `textgen_candidates`
+    to its write roots first: a loras folder may be a link out of `textgen_dir`.)"""
     from shared.llm.gguf_export import check_gguf_exportable, check_model_exportable
 
     if wants_gguf(values):
