@@ -119,7 +119,8 @@ class LLMTask(Task):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def fingerprint(self) -> dict:
-        return {"sequences": len(self.data.train), "objective": self.cfg.objective}
+        # a preference state is not continued with another objective (SFT states keep their old fingerprint)
+        return {"sequences": len(self.data.train), **({"objective": self.cfg.objective} if self.objective else {})}
 
     # --- a step ----------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, size: int) -> list[list]:
