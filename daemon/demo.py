@@ -3,13 +3,16 @@
 It builds two tiny models from fixed seeds (an SD1.5-architecture checkpoint saved as a real single
 file, and a LLaMA-architecture causal LM saved with `save_pretrained`), starts a daemon with its own
 state folder inside the demo folder, submits an SD LoRA job and an LLM adapter job, shows their
-progress, deploys the SD file into a demo Lora folder, and prints the LLM's answers before and after.
-Nothing is downloaded. It lives with the daemon (it drives one); the data it trains on is shipped in
+progress, deploys the SD file into a demo Lora folder, and prints the LLM's answers before and after
+and the files for llama.cpp and Ollama the LLM job wrote beside its adapter (the adapter as GGUF, the
+tiny base as GGUF and a Modelfile), with the commands that use them (and, where llama-cpp-python is
+installed, llama.cpp's own answer from those files). Nothing is downloaded. It lives with the daemon (it drives one); the data it trains on is shipped in
 shared/demo/images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -78,6 +81,7 @@ def llm_demo_config(workdir: Path) -> Path:
         "max_train_steps": 150,
         "save_steps": 0,
         "seed": 0,
+        "gguf_base": True,  # the llama.cpp/Ollama files: the adapter and the (tiny) base as GGUF, a Modelfile
     }
     path = workdir / "demo_llm.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -144,3 +148,55 @@ def run_demo(workdir: Path) -> None:
     print(f"\nSD LoRA: {sd['lora']}")
     print(f"Deployed into the demo Lora folder: {', '.join(sd['deployed'])} (use it as <lora:{sd['lora_name']}:0.8>)")
     print(f"LLM adapter: {llm['lora']}")
+    show_llama_cpp_files(Path(llm["lora"]), questions[0])
+
+
+def show_llama_cpp_files(adapter: Path, question: str) -> None:
+    """The llama.cpp/Ollama files the LLM job wrote into its adapter folder, and how to use them."""
+    adapter_gguf = next(adapter.glob("*-lora.gguf"))
+    base_gguf = next(p for p in adapter.glob("*.gguf") if p != adapter_gguf)
+    print("\nFor llama.cpp and Ollama, in the adapter folder:")
+    print(f"  {adapter_gguf.name}  the adapter as a llama.cpp LoRA adapter")
+    print(f"  {base_gguf.name}  the base model as GGUF (f16)")
+    print("  Modelfile  FROM that base, ADAPTER the adapter, TEMPLATE and stops from the training chat template")
+    print(f"\n  llama-cli -m {base_gguf} --lora {adapter_gguf} -cnv")
+    print(f"  cd {adapter} && ollama create {adapter.name} -f Modelfile && ollama run {adapter.name} {question!r}")
+    answer = llama_cpp_answer(base_gguf, adapter_gguf, adapter, question)
+    if answer is not None:
+        print(f"\nllama.cpp itself (llama-cpp-python), from these two files:\n  Q: {question}\n     {answer!r}")
+
+
+def llama_cpp_answer(base_gguf: Path, adapter_gguf: Path, adapter: Path, question: str) -> str | None:
+    """llama.cpp's greedy answer with the adapter, where llama-cpp-python is installed (else None)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    from shared.llm.model import load_tokenizer
+
+    tokenizer = load_tokenizer(adapter, trust_remote_code=False)  # the adapter's: its training chat template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    with _quiet_stderr():  # llama.cpp logs a line per adapter tensor while it loads, even with verbose=False
+        llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf), n_ctx=256, n_threads=1,
+                              seed=0, verbose=False)
+    out = []
+    prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if token == llm.token_eos() or len(out) >= 24:
+            break
+        out.append(token)
+    return llm.detokenize(out).decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to the null device for a while (native code writes there directly)."""
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)

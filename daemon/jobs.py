@@ -497,4 +497,10 @@ def remove_job_leftovers(job: dict) -> list[str]:
     for folder in [config.get("deploy_dir"), *spec.get("deploy_dirs", [])]:
         if folder:
             removed += remove_leftovers(Path(folder), stem)
+    if config.get("textgen_dir"):  # an LLM adapter's copy in text-generation-webui's loras folder
+        from shared.errors import UserError
+        from shared.llm.deploy import textgen_loras_dir  # no torch: paths and JSON only
+
+        with contextlib.suppress(UserError, OSError):
+            removed += remove_leftovers(textgen_loras_dir(Path(config["textgen_dir"])), stem)
     return [str(p) for p in removed]

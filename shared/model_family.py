@@ -6,7 +6,9 @@
 - an SD diffusers folder: `model_index.json` and the unet/vae `config.json` files;
 - a Transformers folder: `config.json`;
 - a `.ckpt` (a pickle, read only by the loader with `weights_only=True`): SD, with the conservative rule
-  (a multiple of 64, what the SD1/SD2 UNets need) unless `model_config` describes its structure.
+  (a multiple of 64, what the SD1/SD2 UNets need) unless `model_config` describes its structure;
+- a GGUF file (llama.cpp's, Ollama's, ComfyUI-GGUF's inference format), or a folder holding only
+  GGUF weights: refused with the reason and where to get trainable weights (shared/llm/deploy.py).
 
 The safetensors header is read by hand: the format is 8 bytes (little-endian header length) and a JSON
 object naming each tensor's dtype, shape and offsets, and the `safetensors` package opens files only for
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError, ModelError
+from shared.gguf_base import refuse_gguf_base
 
 SD_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER = 100 * 2**20  # the format's own limit
@@ -126,6 +129,7 @@ def model_family(base_model: Path, model_config: Path | None = None, task: str =
     """The family of `base_model` from its header or config files. `task` (from the config) may only
     confirm it, or choose SD for a checkpoint file of another suffix."""
     base = Path(base_model)
+    refuse_gguf_base(base)  # a GGUF is an inference format, of an LLM or an image model: one line, first
     family = None
     if base.is_file():
         suffix = base.suffix.lower()

@@ -12,12 +12,15 @@ before anything heavy loads:
    declared with `family=True` beside the settings they concern (resolution: the multiple the model's
    own VAE and UNet need);
 6. the data set: SD images and captions (image headers only; the regularisation and validation images
-   too), LLM rows (parsed, not tokenized).
+   too), LLM rows (parsed, not tokenized; with a preference `objective`, as chosen/rejected pairs);
+7. the LLM deploy targets: the base's architecture exports to GGUF (config.json), `textgen_dir` is a
+   text-generation-webui folder and its loras folder lies inside the write roots too.
 
 What passes is stored as the canonical dict (every key, paths absolute, `task` resolved); the worker and
 the ranks rebuild `TrainConfig` from it (`TrainConfig.from_canonical`) without checking again. Not seen
 here, because it needs the libraries the daemon does not import: whether a Transformers folder's
-model type is a causal LM and has a tokenizer, and what CUDA offers (adamw8bit, load_in_4bit); the
+model type is a causal LM and has a tokenizer, whether its chat template can be written as an Ollama
+TEMPLATE (it is rendered by the tokenizer), and what CUDA offers (adamw8bit, load_in_4bit); the
 worker checks those first, before any weight loads. No torch, no transformers: the daemon imports this.
 """
 
@@ -76,6 +79,8 @@ def check(data: Mapping[str, Any], *, source: str, base_dir: Path | None = None,
     family = model_family(values["base_model"], values["model_config"], values["task"])
     check_family(values, set(data), family, where)
     items = scan_data(values, family)
+    if family.task == "llm":
+        check_llm_targets(values, where, roots)
     values["task"] = family.task
     canonical = schema.canonical(values)
     return Checked(TrainConfig.from_canonical(canonical), canonical, family, items)
@@ -149,12 +154,24 @@ def scan_data(values: Mapping[str, Any], family: ModelFamily) -> int:
         scan_reg(values)  # the regularisation and validation folders are read as the trainer will
         check_validation(values, images)
         return images
-    from shared.llm.data import parse_record, read_records  # no tokenizer needed
+    from shared.llm.objective import scan_rows  # no tokenizer needed
 
-    records = read_records(values["train_data_dir"])
-    for record in records:
-        parse_record(record)
-    return len(records)
+    return scan_rows(values["train_data_dir"], values["objective"])
+
+
+def check_llm_targets(values: Mapping[str, Any], where: Callable[[str], str], roots: Roots | None) -> None:
+    """The LLM deploy keys (shared/llm/deploy.py): what they export exports, the folder they copy to is
+    one, inside the roots."""
+    from shared.errors import UserError
+    from shared.llm.deploy import preflight_targets, textgen_candidates
+
+    if roots is not None and values["textgen_dir"] is not None:  # its loras folder may link out of it
+        confine_paths(values, {}, roots, extra=[("textgen_dir", p, "write") for p in textgen_candidates(values["textgen_dir"])])
+    try:
+        preflight_targets(values)
+    except UserError as exc:
+        key = str(exc).split(":")[0].split(" ")[0]  # each message starts with the key it is about
+        raise type(exc)(f"{where(key)}: {exc}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

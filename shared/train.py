@@ -187,9 +187,12 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
             window = []
             lr = scheduler.get_last_lr()[0]
             it_s, eta = throughput.tick(step)
+            scalars = task.step_scalars()  # every rank: the task's numbers of this step restart
             if writer is not None:
                 writer.add_scalar("loss", progress.losses[-1], step)
                 writer.add_scalar("lr", lr, step)
+                for name, value in scalars.items():
+                    writer.add_scalar(f"train/{name}", value, step)
             send(reporter, "progress", step=step, total=total, loss=progress.losses[-1], lr=lr, it_s=it_s, eta_s=eta)
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
                 path = _write_checkpoint(task, checkpoints, stem, progress) if main else None

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from shared.errors import ConfigError, ModelError
+from shared.gguf_base import refuse_gguf_base
 from shared.llm.deploy import (
     VLLM_REQUIRED,
     check_ollama_settings,
     check_vllm,
     place_in_textgen,
-    refuse_gguf_base,
     vllm_problems,
     write_llama_cpp_files,
 )

@@ -1,11 +1,10 @@
-"""The GGUF files in llama.cpp itself (llama-cpp-python compiles it from source): the base model
-GGUF loads, tokenizes every training prompt to the ids training used, and with the adapter GGUF
-greedily writes the answers the trained adapter writes. Runs where `llama-cpp-python` is installed
-(`pip install -e .[llamacpp]`)."""
+"""The GGUF files a job writes (`gguf_base: true`), in llama.cpp itself (llama-cpp-python compiles it
+from source): the base model GGUF loads, tokenizes every training prompt to the ids training used,
+and with the adapter GGUF greedily writes the answers the trained adapter writes. Runs where
+`llama-cpp-python` is installed (`pip install -e .[llamacpp]`)."""
 
 import pytest
 
-from shared.llm.gguf_export import write_adapter_gguf, write_model_gguf
 from shared.llm.model import load_causal_lm, load_tokenizer
 from shared.train import run_training
 from tests.llm_fixtures import PAIRS, answers, chat_prompt_ids, llm_config
@@ -29,13 +28,15 @@ def llama_cpp_greedy(llm, prompt_ids: list[int], max_new_tokens: int = 24) -> tu
 def test_llama_cpp_loads_the_base_gguf_with_the_adapter_and_gives_the_trained_answers(tiny_llama, chat_data, tmp_path):
     from peft import PeftModel
 
-    result = run_training(llm_config(tiny_llama, chat_data, tmp_path / "out" / "facts", val_split=0.0))
+    result = run_training(llm_config(tiny_llama, chat_data, tmp_path / "out" / "facts", val_split=0.0, gguf_base=True))
     tokenizer = load_tokenizer(tiny_llama, trust_remote_code=False)
     trained = answers(PeftModel.from_pretrained(load_causal_lm(tiny_llama), str(result.output_path)), tokenizer)
     assert [g.text for g in trained] == [a for _, a in PAIRS]  # what llama.cpp must reproduce
 
-    base_gguf = write_model_gguf(tiny_llama, tmp_path / "tiny-llama-f16.gguf")
-    adapter_gguf = write_adapter_gguf(result.output_path, tiny_llama, tmp_path / "facts-lora.gguf").path
+    # the files the job published with the adapter, as a user would take them
+    base_gguf, adapter_gguf = result.output_path / "tiny-llama-f16.gguf", result.output_path / "facts-lora.gguf"
+    modelfile = (result.output_path / "Modelfile").read_text()
+    assert "FROM ./tiny-llama-f16.gguf\n" in modelfile and "ADAPTER ./facts-lora.gguf\n" in modelfile
     kwargs = dict(model_path=str(base_gguf), n_ctx=256, n_threads=1, seed=0, verbose=False)
     plain = llama_cpp.Llama(**kwargs)
     tuned = llama_cpp.Llama(**kwargs, lora_path=str(adapter_gguf))
@@ -50,3 +51,8 @@ def test_llama_cpp_loads_the_base_gguf_with_the_adapter_and_gives_the_trained_an
         assert tuned.detokenize(got).decode() == answer
         base_answer, _ = llama_cpp_greedy(plain, ids)
         assert plain.detokenize(base_answer).decode(errors="replace") != answer  # the adapter did it
+
+    # the demo's llama.cpp answer, from the same two files and the adapter's chat template
+    from daemon.demo import llama_cpp_answer
+
+    assert llama_cpp_answer(base_gguf, adapter_gguf, result.output_path, PAIRS[0][0]) == PAIRS[0][1]

@@ -1,6 +1,5 @@
 """Where an LLM adapter goes after training: the files llama.cpp and Ollama load, the PEFT folder in
-text-generation-webui's loras folder, a check that vLLM can load it, and the pre-flight refusal of
-a GGUF base model.
+text-generation-webui's loras folder, and a check that vLLM can load it.
 
 - llama.cpp / Ollama: `write_llama_cpp_files` writes, into a folder being published (the adapter's
   own, so everything appears at once): `<stem>-lora.gguf` (the GGUF LoRA adapter), optionally
@@ -11,6 +10,11 @@ a GGUF base model.
   of the Lora folder (`publish_new_folder`: a new name if taken, never half a folder).
 - vLLM: `--lora-modules name=<folder>` loads the PEFT folder as it is; `vllm_problems` checks the
   fields vLLM's PEFTHelper reads and refuses (see VLLM_FIELDS).
+
+`Targets` is what one LLM job's deploy keys (shared/schema/llm_deploy.py) ask for, as the LLM task
+uses it: checked when the job loads (before the weights), written into each adapter folder being
+published, placed and checked after publishing. `preflight_targets` is the part the pre-flight can
+check from the config's values alone.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import shutil
 from pathlib import Path
 
 from shared.errors import ConfigError, ModelError
-
-GGUF_MAGIC = b"GGUF"
+from shared.schema.llm_deploy import wants_gguf
 
 # What vLLM's LoRA loader (vllm/lora/peft_helper.py, PEFTHelper.from_dict / validate_legal) reads
 # from adapter_config.json: r, lora_alpha and target_modules are required; bias must be "none";
@@ -33,49 +36,6 @@ VLLM_DEFAULT_MAX_RANK = 16
 
 # Files of the adapter folder that are for other hosts, not PEFT: left out of the loras copy.
 NOT_FOR_PEFT = ("*.gguf", "Modelfile")
-
-
-# ---------------------------------------------------------------------------------------------
-# Pre-flight
-
-
-def _gguf_name(path: Path) -> str:
-    """What a GGUF file says it is (its general.name / base model repo), for the refusal's hint."""
-    try:
-        import gguf
-
-        reader = gguf.GGUFReader(str(path))
-        for key in ("general.base_model.0.repo_url", "general.source.repo_url", "general.base_model.0.name", "general.name"):
-            field = reader.get_field(key)
-            if field is not None:
-                return str(field.contents())
-    except Exception:  # a truncated or foreign file: the refusal stands without the hint
-        return ""
-    return ""
-
-
-def refuse_gguf_base(base_model: Path) -> None:
-    """Raise one line if `base_model` is a GGUF file, or a folder holding only GGUF weights: LLM LoRA
-    training runs on the Transformers weights (config.json + safetensors), which GGUF files are not."""
-    path = Path(base_model)
-    gguf_file = None
-    if path.is_file():
-        with open(path, "rb") as fh:
-            if fh.read(4) == GGUF_MAGIC or path.suffix.lower() == ".gguf":
-                gguf_file = path
-    elif path.is_dir() and not (path / "config.json").is_file():
-        found = sorted(path.glob("*.gguf"))
-        gguf_file = found[0] if found else None
-    if gguf_file is None:
-        return
-    name = _gguf_name(gguf_file)
-    hint = f" (this one says it is {name})" if name else ""
-    raise ModelError(
-        f"base_model: {gguf_file} is a GGUF file{hint}, the llama.cpp/Ollama inference format; LoRA training "
-        "needs the model's Transformers weights: download its original repository (config.json, "
-        "tokenizer files, *.safetensors), e.g. `huggingface-cli download <org>/<model> --local-dir <folder>`, "
-        "and set base_model to that folder"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +78,7 @@ def write_llama_cpp_files(
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     adapter_gguf = folder / f"{stem}-lora.gguf"
-    write_adapter_gguf(adapter_dir, base_model, adapter_gguf)
+    write_adapter_gguf(adapter_dir, base_model, adapter_gguf, name=stem)
     out["gguf_adapter"] = adapter_gguf
     if base_gguf:
         out["gguf_base"] = write_model_gguf(
@@ -136,11 +96,17 @@ def write_llama_cpp_files(
 # text-generation-webui
 
 
+def textgen_candidates(path: Path) -> tuple[Path, Path]:
+    """Where a text-generation-webui install keeps its LoRAs: `user_data/loras` (newer releases) or
+    `loras` (older)."""
+    return Path(path) / "user_data" / "loras", Path(path) / "loras"
+
+
 def textgen_loras_dir(path: Path) -> Path:
-    """The loras folder of a text-generation-webui install (`user_data/loras` in newer releases,
-    `loras` in older), or `path` itself when it is a loras folder."""
+    """The loras folder of a text-generation-webui install (`textgen_candidates`), or `path` itself
+    when it is a loras folder."""
     path = Path(path)
-    for candidate in (path / "user_data" / "loras", path / "loras"):
+    for candidate in textgen_candidates(path):
         if candidate.is_dir():
             return candidate
     if path.name == "loras" and path.is_dir():
@@ -207,3 +173,94 @@ def check_vllm(adapter_dir: Path, max_lora_rank: int = VLLM_DEFAULT_MAX_RANK) ->
     problems = vllm_problems(adapter_dir, max_lora_rank)
     if problems:
         raise ModelError(f"vLLM: {adapter_dir} would not load: {'; '.join(problems)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One job's deploy keys
+
+
+def preflight_targets(values) -> Path | None:
+    """What the pre-flight checks of the deploy keys from the config's values (`values[key]`; no
+    weights, no tokenizer library): the adapter (and with gguf_base the base: its weights' format,
+    rope scaling, tokenizer) exports to GGUF, `textgen_dir` is a text-generation-webui folder.
+    Returns the loras folder a copy will go to, or None. (The daemon confines `textgen_candidates`
+    to its write roots first: a loras folder may be a link out of `textgen_dir`.)"""
+    from shared.llm.gguf_export import check_gguf_exportable, check_model_exportable
+
+    if wants_gguf(values):
+        check_gguf_exportable(Path(values["base_model"]), use_dora=values["use_dora"])
+    if values["gguf_base"]:  # the base (and a merged model, which has its config and tokenizer) as GGUF
+        check_model_exportable(Path(values["base_model"]), "base_model")
+    return textgen_loras_dir(Path(values["textgen_dir"])) if values["textgen_dir"] else None
+
+
+class Targets:
+    """The deploy keys of one LLM job (shared/schema/llm_deploy.py), as the LLM task uses them.
+
+    Built when the job loads, after the data and before the weights: everything that could refuse the
+    files is checked then (a job never trains for an hour to fail at its Modelfile). `write` puts the
+    llama.cpp/Ollama files into an adapter folder being published (the PEFT files are already in it),
+    so they appear with it; `after_publish` places the text-generation-webui copy, writes the merged
+    GGUF and logs whether vLLM would load the adapter."""
+
+    def __init__(self, cfg, tokenizer, template: str | None, reporter):
+        from shared.llm.modelfile import template_pieces
+
+        self.cfg, self.tokenizer, self.reporter = cfg, tokenizer, reporter
+        self.base = Path(cfg.base_model)
+        self.gguf = wants_gguf(vars(cfg))
+        self.modelfile = bool(cfg.ollama_base or cfg.gguf_base)
+        self.template = template
+        preflight_targets(vars(cfg))  # again, for a config that did not come through the pre-flight
+        if self.modelfile:
+            if template is None:
+                key = "ollama_base" if cfg.ollama_base else "gguf_base"
+                raise ConfigError(
+                    f"{key}: the Modelfile's TEMPLATE comes from the chat template the job trains with, and this "
+                    "job's rows (prompt/completion or text) train without one; train on chat or alpaca rows, or "
+                    "use gguf_adapter alone (llama.cpp takes the prompt as it is)"
+                )
+            check_ollama_settings(cfg.ollama_base, cfg.gguf_base, template)
+            template_pieces(tokenizer, template)  # refuses a template no Ollama TEMPLATE can reproduce
+        self.names: dict[str, str] = {}  # kind -> file name in the adapter folder, once written
+
+    def write(self, folder: Path, stem: str) -> None:
+        """The GGUF adapter (and base GGUF, Modelfile) into `folder`, a finished adapter being published."""
+        from shared.llm.gguf_export import write_adapter_gguf
+
+        if not self.gguf:
+            return
+        folder = Path(folder)
+        if self.modelfile:
+            out = write_llama_cpp_files(folder, adapter_dir=folder, base_model=self.base, stem=stem,
+                                        tokenizer=self.tokenizer, chat_template=self.template,
+                                        ollama_from=self.cfg.ollama_base, base_gguf=self.cfg.gguf_base)
+        else:
+            out = {"gguf_adapter": write_adapter_gguf(folder, self.base, folder / f"{stem}-lora.gguf", name=stem).path}
+        self.names = {kind: path.name for kind, path in out.items()}
+
+    def after_publish(self, published: Path, output_dir: Path, merged: Path | None = None) -> dict[str, Path]:
+        """Outputs beside the published adapter: its llama.cpp/Ollama files, the merged model as GGUF
+        (with merge_output and gguf_base), the text-generation-webui copy; and the vLLM check, logged."""
+        from shared.llm.gguf_export import export_model_gguf
+
+        published = Path(published)
+        outputs = {kind: published / name for kind, name in self.names.items()}
+        log = self.reporter.log
+        if "gguf_adapter" in outputs:
+            base_gguf = outputs.get("gguf_base")
+            log(f"llama.cpp: llama-cli -m {base_gguf or '<the base model as GGUF>'} --lora {outputs['gguf_adapter']}")
+        if "modelfile" in outputs:
+            log(f"Ollama: cd {published} && ollama create {published.name} -f Modelfile")
+        if merged is not None and self.cfg.gguf_base:
+            outputs["merged_gguf"] = export_model_gguf(merged, output_dir, merged.name, chat_template=self.template)
+            log(f"Saved the merged model as GGUF: {outputs['merged_gguf']}")
+        if self.cfg.textgen_dir:
+            outputs["textgen"] = place_in_textgen(published, Path(self.cfg.textgen_dir), published.name)
+            log(f"text-generation-webui: copied the adapter to {outputs['textgen']} (Model tab, LoRA(s))")
+        problems = vllm_problems(published)
+        if problems:
+            log(f"Note: vLLM would not load this adapter: {'; '.join(problems)}")
+        else:
+            log(f"vLLM: vllm serve {self.base} --enable-lora --lora-modules {published.name}={published}")
+        return outputs

@@ -171,10 +171,11 @@ def _adapter_alpha(cfg: dict, where: str) -> tuple[float, int]:
     return alpha, rank
 
 
-def write_adapter_gguf(adapter_dir: Path, base_model: Path, out: Path) -> AdapterGGUF:
+def write_adapter_gguf(adapter_dir: Path, base_model: Path, out: Path, *, name: str | None = None) -> AdapterGGUF:
     """Convert the PEFT adapter in `adapter_dir` (adapter_config.json + adapter_model.safetensors)
     into a llama.cpp LoRA adapter at `out`. `base_model` is the Transformers folder it was trained on
-    (only its config.json is read)."""
+    (only its config.json is read). `name` (`general.name`; default: the folder's name) is the
+    adapter's, for a folder being published under a temporary name."""
     import gguf
     import numpy as np
     from safetensors.torch import load_file
@@ -209,7 +210,7 @@ def write_adapter_gguf(adapter_dir: Path, base_model: Path, out: Path) -> Adapte
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    writer.add_name(adapter_dir.name)
+    writer.add_name(name or adapter_dir.name)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for module in sorted(pairs):
         pair = pairs[module]
@@ -386,6 +387,23 @@ def _add_vocab(writer, model_dir: Path, config: dict, chat_template: str | None)
     special.add_to_gguf(writer, quiet=True)
 
 
+def check_model_exportable(model_dir: Path, what: str = "model") -> ModelShape:
+    """What `write_model_gguf` would refuse, read from the folder's JSON files and file names only (no
+    weights, no tokenizer library): the pre-flight of `gguf_base`, before any training."""
+    model_dir = Path(model_dir)
+    shape = model_shape(_read_json(model_dir / "config.json", what), f"{what} {model_dir}")
+    if not sorted(model_dir.glob("model*.safetensors")):
+        raise ModelError(f"{what} {model_dir}: no model*.safetensors weights (GGUF export reads safetensors only)")
+    kind = _rope_scaling(shape.config)["rope_type"]
+    if kind not in ("default", "linear") and not (kind == "llama3" and shape.arch == "llama"):
+        raise ModelError(f"{what} {model_dir}: rope scaling {kind!r} is not exported to GGUF here; {CONVERTER_HINT}")
+    where = f"{what} {model_dir}: its tokenizer"
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelError(f"{where}: no tokenizer.json (a fast tokenizer is needed for GGUF export)")
+    _bpe_pre(_read_json(model_dir / "tokenizer.json", "tokenizer"), where)
+    return shape
+
+
 def write_model_gguf(model_dir: Path, out: Path, *, outtype: str = "f16", chat_template: str | None = None) -> Path:
     """Convert a Transformers model folder (safetensors) of a supported architecture into a GGUF model
     llama.cpp loads. `outtype` f16 (2-D weights in F16, the rest F32) or f32. `chat_template`
@@ -397,10 +415,8 @@ def write_model_gguf(model_dir: Path, out: Path, *, outtype: str = "f16", chat_t
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in ("f16", "f32"):
         raise ConfigError(f"gguf outtype: {outtype!r}; use f16 or f32")
-    shape = model_shape(_read_json(model_dir / "config.json", "model"), f"model {model_dir}")
+    shape = check_model_exportable(model_dir)
     files = sorted(model_dir.glob("model*.safetensors"))
-    if not files:
-        raise ModelError(f"model {model_dir}: no model*.safetensors weights (GGUF export reads safetensors only)")
     file_type = gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32
     names = gguf.get_tensor_name_map(_ggml_arch(shape.arch), shape.n_blocks)
     writer = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[_ggml_arch(shape.arch)])

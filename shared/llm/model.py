@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from shared.errors import ConfigError, ModelError
+from shared.gguf_base import refuse_gguf_base
 
 # Heads that make a model something other than a next-token predictor.
 _NON_CAUSAL_SUFFIXES = (
@@ -24,8 +25,9 @@ _NON_CAUSAL_SUFFIXES = (
 
 
 def read_model_config(folder: Path) -> dict:
-    """config.json of a model folder, or one clear error."""
+    """config.json of a model folder, or one clear error (a GGUF file or folder: why it cannot train)."""
     folder = Path(folder)
+    refuse_gguf_base(folder)
     config_json = folder / "config.json"
     if not folder.is_dir():
         raise ModelError(f"base_model: {folder} is not a folder; an LLM base model is a Transformers folder")

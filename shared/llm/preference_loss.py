@@ -82,34 +82,48 @@ def kto_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kl, beta:
     return torch.cat([chosen, rejected])
 
 
-def pair_margin(model, pairs, pad_id: int, batch_size: int = 8) -> float:
-    """Mean log p(chosen) - log p(rejected) of `pairs` (PreferencePair) under `model`: the held-out
-    measure of what preference training taught."""
+def pair_stats(model, pairs, pad_id: int, batch_size: int = 8, device=None) -> tuple[float, float]:
+    """(mean log p(chosen) - log p(rejected), fraction of pairs with log p(chosen) > log p(rejected))
+    of `pairs` (PreferencePair) under `model`: the held-out measure of what preference training
+    taught. Needs no reference model, so it compares across objectives and checkpoints."""
     import torch
 
     from shared.llm.preference import collate_pairs
 
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, right = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             batch = collate_pairs(pairs[i : i + batch_size], pad_id)
-            logps, _ = answer_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                    batch["labels"])
+            inputs = {k: batch[k].to(device) if device is not None else batch[k] for k in ("input_ids", "attention_mask")}
+            logps, _ = answer_logps(model(**inputs).logits, batch["labels"])
             n = batch["n_pairs"]
-            total += (logps[:n] - logps[n:]).sum().item()
+            margins = logps[:n] - logps[n:]
+            total += margins.sum().item()
+            right += int((margins > 0).sum().item())
     model.train(was_training)
-    return total / max(len(pairs), 1)
+    return total / max(len(pairs), 1), right / max(len(pairs), 1)
+
+
+def pair_margin(model, pairs, pad_id: int, batch_size: int = 8) -> float:
+    """Mean log p(chosen) - log p(rejected) of `pairs` under `model` (see `pair_stats`)."""
+    return pair_stats(model, pairs, pad_id, batch_size)[0]
 
 
 @contextlib.contextmanager
 def reference_of(peft_model):
-    """The reference model: `peft_model` with its adapter off and no gradients."""
+    """The reference model: `peft_model` with its adapter off, no gradients, and in eval mode (the
+    base's own dropout off: the reference is the same function at every step, as a frozen copy is)."""
     import torch
 
-    with torch.no_grad(), peft_model.disable_adapter():
-        yield
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad(), peft_model.disable_adapter():
+            yield
+    finally:
+        peft_model.train(was_training)
 
 
 @dataclass
@@ -125,7 +139,8 @@ def preference_loss(model, batch: dict, method: str = "dpo", beta: float = 0.1, 
     """The loss of one batch from `collate_pairs` (B chosen rows, B rejected rows, and for KTO B
     mismatched rows) and its stats. `model` is what the loop runs forward (it may be an
     accelerate/DDP wrapper); `peft_model` is the unwrapped PeftModel whose adapter is switched off
-    for the reference (default: `model`)."""
+    for the reference (default: `model`). The reference runs through `peft_model` itself: without
+    gradients it needs none of the wrapper's gradient bookkeeping."""
     import torch
 
     if method not in METHODS:
@@ -143,7 +158,7 @@ def preference_loss(model, batch: dict, method: str = "dpo", beta: float = 0.1, 
         reward_margin = log_odds
     else:
         with reference_of(peft_model):
-            ref, _ = answer_logps(model(**inputs).logits, batch["labels"])
+            ref, _ = answer_logps(peft_model(**inputs).logits, batch["labels"])
         rc, rr = ref[:b], ref[b : 2 * b]
         if method == "dpo":
             losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta, label_smoothing)

@@ -2,8 +2,9 @@
 
 Output layout under `output_dir` (the SD side's, with folders for files):
 - `<output_name>/`: the PEFT adapter (adapter_config.json + adapter_model.safetensors), the tokenizer
-  it was trained with and training_info.json. A name already taken gets `_2`, `_3`, ...: an earlier
-  run's adapter is never replaced, and the folder appears whole.
+  it was trained with and training_info.json, and the llama.cpp/Ollama files the deploy keys ask for
+  (shared/llm/deploy.py). A name already taken gets `_2`, `_3`, ...: an earlier run's adapter is
+  never replaced, and the folder appears whole.
 - `<output_name>-merged/` (with `merge_output`): the base model with the LoRA merged in.
 - `checkpoints/<output_name>-stepNNNNNN/`: the adapter at that step; `checkpoints/state-stepNNNNNN/`:
   the training state `resume` continues from (shared/training/state.py).
@@ -16,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from shared.llm.data import build_data, collate
+from shared.llm.deploy import Targets
 from shared.llm.export import export_merged, run_info, save_adapter
 from shared.llm.lora import add_lora, enable_gradient_checkpointing, resolve_targets, trainable_parameters
 from shared.llm.loss import evaluate, token_loss
@@ -26,6 +28,7 @@ from shared.llm.model import (
     quantization_config,
     read_model_config,
 )
+from shared.llm.objective import preference_objective
 from shared.llm.samples import SampleWriter, sample_prompts
 from shared.training.task import Evaluation, Finish, Precision, Progress, Samples, Task
 
@@ -54,13 +57,15 @@ class LLMTask(Task):
         check_causal_lm(base, model_json, cfg.trust_remote_code)
         quantization_config(cfg.load_in_4bit)
         self.tokenizer = tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-        self.data = data = build_data(
+        self.objective = preference_objective(cfg, tokenizer, reporter)  # None: SFT (shared/llm/objective.py)
+        self.data = data = self.objective.data if self.objective else build_data(
             cfg.train_data_dir, tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
             chat_template=cfg.chat_template, packing=cfg.packing, val_split=cfg.val_split, seed=cfg.seed,
             model_name=str(base),
         )
         for line in data.report:
             reporter.log(line)
+        self.targets = Targets(cfg, tokenizer, data.renderer.template if data.uses_template else None, reporter)
         model = load_causal_lm(base, trust_remote_code=cfg.trust_remote_code, dtype=precision.weight_dtype,
                                load_in_4bit=cfg.load_in_4bit)
         use_cache = bool(getattr(model.config, "use_cache", True))
@@ -88,14 +93,16 @@ class LLMTask(Task):
             + (", rsLoRA" if cfg.use_rslora else "") + (", DoRA" if cfg.use_dora else "") + ")"
         )
         self.pad_id = tokenizer.pad_token_id
-        self.samples = SampleWriter(sample_prompts(cfg, data, tokenizer), tokenizer, cfg.sample_max_tokens,
-                                    use_cache, reporter)
+        prompts = self.objective.sample_prompts() if self.objective else sample_prompts(cfg, data, tokenizer)
+        self.samples = SampleWriter(prompts, tokenizer, cfg.sample_max_tokens, use_cache, reporter)
         if data.renderer.template is not None and data.uses_template:
             tokenizer.chat_template = data.renderer.template  # the adapter's tokenizer carries what was trained
         self.eval_losses: list[float] = []
         self.info: dict | None = None
 
     def histogram(self) -> dict[str, int]:
+        if self.objective:
+            return self.objective.histogram(length_range)
         counts: dict[str, int] = {}
         for s in sorted(self.data.train, key=lambda s: len(s.input_ids)):
             key = length_range(len(s.input_ids))
@@ -112,7 +119,8 @@ class LLMTask(Task):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def fingerprint(self) -> dict:
-        return {"sequences": len(self.data.train)}
+        # a preference state is not continued with another objective (SFT states keep their old fingerprint)
+        return {"sequences": len(self.data.train), **({"objective": self.cfg.objective} if self.objective else {})}
 
     # --- a step ----------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, size: int) -> list[list]:
@@ -120,12 +128,16 @@ class LLMTask(Task):
         draws nothing here), cut into batches of `size`."""
         import torch
 
+        if self.objective:
+            return self.objective.epoch_batches(epoch, size)
         order = torch.randperm(len(self.data.train),
                                generator=torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)).tolist()
         train = self.data.train
         return [[train[i] for i in order[j : j + size]] for j in range(0, len(order), size)]
 
     def loss(self, items: list, modules: list):
+        if self.objective:
+            return self.objective.loss(items, modules[0], self.model, self.autocast, self.device)
         batch = collate(items, self.pad_id)
         with self.autocast():
             logits = modules[0](input_ids=batch["input_ids"].to(self.device),
@@ -136,6 +148,9 @@ class LLMTask(Task):
     def evaluate(self, step: int, log_dir: Path) -> Evaluation:
         """Eval loss and perplexity on the held-out samples (none without a validation split), and the
         sample answers."""
+        if self.objective:  # the held-out pair margin (shared/llm/objective.py)
+            return Evaluation(self.objective.evaluate(self.model, step, self.device),
+                              self.samples.run(self.model, step, log_dir))
         metrics = {}
         if self.data.val:
             loss, ppl = evaluate(self.model, self.data.val, self.cfg.batch_size, self.pad_id, self.device)
@@ -148,19 +163,26 @@ class LLMTask(Task):
     def sample(self, step: int, log_dir: Path) -> Samples | None:
         return self.samples.run(self.model, step, log_dir)
 
+    def step_scalars(self) -> dict[str, float]:
+        return self.objective.step_scalars() if self.objective else {}
+
     # --- output ----------------------------------------------------------------------------------
     def write_adapter(self, path: Path, name: str, progress: Progress, final: bool) -> None:
         save_adapter(self.model, self.tokenizer, path, self.info if final else None)
+        if final:
+            self.targets.write(path, name)  # the llama.cpp/Ollama files appear with the adapter
 
     def finish(self, output_dir: Path, progress: Progress) -> Finish:
         started = datetime.fromtimestamp(progress.started_at, timezone.utc).isoformat(timespec="seconds")
         self.info = run_info(self.cfg, started, progress.step, self.data, progress.losses, self.eval_losses)
+        if self.objective:
+            self.info.update(self.objective.info())
         return Finish()
 
     def exports(self, published: Path, output_dir: Path) -> dict[str, Path]:
-        if not self.cfg.merge_output:
-            return {}
-        merged = export_merged(self.model, self.tokenizer, Path(self.cfg.base_model), output_dir,
-                               f"{published.name}-merged")
-        self.reporter.log(f"Saved merged model to {merged}")
-        return {"merged": merged}
+        merged = None
+        if self.cfg.merge_output:
+            merged = export_merged(self.model, self.tokenizer, Path(self.cfg.base_model), output_dir,
+                                   f"{published.name}-merged")
+            self.reporter.log(f"Saved merged model to {merged}")
+        return {**({"merged": merged} if merged else {}), **self.targets.after_publish(published, output_dir, merged)}

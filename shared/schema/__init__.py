@@ -29,10 +29,12 @@ from . import (
     label,
     launch,
     llm,
+    llm_deploy,
     lora,
     lora_tools,
     model,
     output,
+    preference,
     regularisation,
     samples,
     training,
@@ -59,7 +61,8 @@ __all__ = ["BASIC", "COMMON", "FAMILY_RULES", "JOB_KINDS", "LABEL", "LABEL_ONLY"
            "SD", "SD_ONLY", "SECTIONS", "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical",
            "coerce", "coerce_config", "for_task", "form_settings", "job_table", "unset_number"]
 
-_TRAIN_SECTIONS = (model, data, regularisation, validation, lora, training, images, samples, output, llm, launch)
+_TRAIN_SECTIONS = (model, data, regularisation, validation, lora, training, images, samples, output, llm, llm_deploy,
+                   preference, launch)
 
 
 def _table(modules) -> dict[str, Setting]:

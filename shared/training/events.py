@@ -12,7 +12,7 @@ stores and forwards them (docs/protocol.md lists them with the daemon's own kind
 | `progress` | `step`, `total`, `loss`, `lr`, `it_s`, `eta_s` (after each optimizer step) |
 | `checkpoint` | `step`, `path` (the loadable adapter; "" for the state a stop writes), `state` (the training state folder); plus the evaluation's `METRICS` where the task computed them |
 | `sample` | `step`, `paths` (the files holding the samples), `texts` (generated text per prompt; empty for image tasks) |
-| `finished` | `outputs` (name -> path: `lora`, `deployed`, and the task's own such as `grid` or `merged`), `steps` |
+| `finished` | `outputs` (name -> path: `lora`, `deployed`, and the task's own such as `grid`, `merged`, or an LLM's `gguf_adapter`, `gguf_base`, `modelfile`, `merged_gguf`, `textgen`), `steps` |
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
 METRICS: dict[str, str] = {
     "eval_loss": "mean loss on the held-out split (LLM: per answer token)",
     "perplexity": "exp(eval_loss) (LLM)",
+    "pair_margin": "mean log p(chosen) - log p(rejected) on the held-out preference pairs (LLM dpo/orpo/kto)",
+    "pair_accuracy": "fraction of the held-out preference pairs whose chosen answer is the likelier (LLM dpo/orpo/kto)",
 }
 
 

@@ -12,8 +12,8 @@ sample cadence, resumable states, publishing. A task owns what differs between m
   the ranks' data-parallel wrappers hold, and the named tensors a state saves;
 - `write_adapter(path, name, progress, final)` and `adapter_suffix`: the adapter in the format the
   hosts load (a file, or a folder when the suffix is empty);
-- optional: `histogram`, `build_caches`, `fingerprint`, `evaluate`, `sample`, `finish`, `exports`,
-  `usage`.
+- optional: `histogram`, `build_caches`, `fingerprint`, `evaluate`, `sample`, `step_scalars`,
+  `finish`, `exports`, `usage`.
 
 A task never sends events itself: the loop sends every event from what these methods return, so
 every task's event stream has the same kinds and fields (shared/training/events.py).
@@ -153,6 +153,12 @@ class Task:
     def sample(self, step: int, log_dir: Path) -> Samples | None:
         """Every `sample_every_n_steps` (main process only); None when there is nothing to sample."""
         return None
+
+    def step_scalars(self) -> dict[str, float]:
+        """After each optimizer step (every process): numbers the task measured over the step's
+        micro-batches, for TensorBoard as train/<name> (the main process's; e.g. a preference
+        objective's margin and accuracy)."""
+        return {}
 
     # --- output --------------------------------------------------------------------------------
     def write_adapter(self, path: Path, name: str, progress: Progress, final: bool) -> None:
