@@ -105,15 +105,38 @@ def head_probe(model, head, vocab: int) -> bool:
     return again.shape == logits.shape and bool(torch.allclose(again.float(), logits.float(), rtol=1e-4, atol=1e-5))
 
 
+@contextlib.contextmanager
+def adapter_inputs_as_they_come(layers: list, device_type: str):
+    """Under autocast, peft's LoRA layers need not cast their input to the fp32 of the LoRA weights:
+    with a bf16 base that cast copies every LoRA input to fp32 (the dropout then runs on the copy) and
+    autocast casts it back for the product, twice the traffic of the product itself. Outside autocast
+    (sampling) the cast is needed and stays."""
+    import torch
+
+    if not layers or not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
+
+
 class AnswerLoss:
     """(sum of the answer tokens' cross-entropy, their count) of a collated batch, without full logits
     where the model allows it (`chunked`)."""
 
     def __init__(self, model, device, autocast=contextlib.nullcontext, chunk_elements: int = CHUNK_ELEMENTS):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.device, self.autocast, self.chunk_elements = device, autocast, chunk_elements
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0] if head is not None and hasattr(head, "weight") else 0
         self.head = head if vocab and head_probe(model, head, vocab) else None
+        self.adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
     @property
     def chunked(self) -> bool:
@@ -131,7 +154,7 @@ class AnswerLoss:
     def __call__(self, model, batch: dict):
         inputs = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         labels = batch["labels"]
-        with self.autocast():
+        with self.autocast(), adapter_inputs_as_they_come(self.adapters, self.device.type):
             if self.head is None:
                 return token_loss(model(**inputs, use_cache=False).logits, labels)
             with head_bypassed(self.head):
