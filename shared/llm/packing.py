@@ -122,6 +122,19 @@ def collate_packed(samples: list[PackedSample], pad_id: int, *, flat: bool = Fal
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
+def attention_for(device, dtype) -> str | None:
+    """flash-attention 2 on a CUDA device computing in bf16/fp16 when the `flash_attn` package is there
+    (packed rows then take its varlen path: no padding, no mask, attention per row only); else None,
+    transformers' default (sdpa)."""
+    import importlib.util
+
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else None
+
+
 def uses_varlen(model) -> bool:
     """Whether the model runs flash-attention, whose varlen path wants the batch as one row."""
     implementation = getattr(getattr(model, "config", None), "_attn_implementation", "") or ""

@@ -61,7 +61,8 @@ class LLMTask(Task):
             chat_template=cfg.chat_template, val_split=cfg.val_split, seed=cfg.seed, model_name=str(base),
         )
         model = load_causal_lm(base, trust_remote_code=cfg.trust_remote_code, dtype=precision.weight_dtype,
-                               load_in_4bit=cfg.load_in_4bit)
+                               load_in_4bit=cfg.load_in_4bit,
+                               attn_implementation=packing.attention_for(self.device, precision.weight_dtype))
         use_cache = bool(getattr(model.config, "use_cache", True))
         n_params = sum(p.numel() for p in model.parameters())
         reporter.log(f"Loaded base model from {base} ({model_json.get('model_type')}, {n_params / 1e6:.1f}M parameters)")
