@@ -76,14 +76,18 @@ def make_data(path: Path, rows: int = 96, seed: int = 0) -> Path:
     return path
 
 
-def _rate(stamps, tokens, padded, warmup):
+def _rate(stamps, cpu_stamps, tokens, padded, warmup):
+    """Rates over the steps after `warmup`: per wall second, and per CPU second of the training process
+    (with one torch thread that is the work itself, whatever else the machine runs)."""
     durations = step_times(stamps, warmup)
     n = len(durations)
     trained = sum(tokens[warmup:warmup + n])
     seconds = sum(durations)
+    cpu_seconds = sum(step_times(cpu_stamps, warmup))
     return {"step_s": durations, "trained_tokens": trained, "padded_tokens": sum(padded[warmup:warmup + n]),
-            "epoch_trained_tokens": sum(tokens), "steps": len(stamps),
-            "seconds": seconds, "tokens_per_s": trained / seconds if seconds else None}
+            "epoch_trained_tokens": sum(tokens), "steps": len(stamps), "seconds": seconds,
+            "cpu_seconds": cpu_seconds, "tokens_per_s": trained / seconds if seconds else None,
+            "tokens_per_cpu_s": trained / cpu_seconds if cpu_seconds else None}
 
 
 def worker_ours(spec: dict) -> dict:
@@ -95,7 +99,7 @@ def worker_ours(spec: dict) -> dict:
     from shared.train import run_training
 
     torch.set_num_threads(spec["threads"])
-    stamps, tokens, padded, steps, lines = [], [], [], [0], []
+    stamps, cpu_stamps, tokens, padded, steps, lines = [], [], [], [], [0], []
     original = llm_loss.AnswerLoss.__call__
 
     def counting_loss(self, model, batch):  # the trained tokens of each step, as the trainer counts them
@@ -116,6 +120,7 @@ def worker_ours(spec: dict) -> dict:
         def event(self, kind, **data):
             if kind == "progress":
                 stamps.append(time.perf_counter())
+                cpu_stamps.append(time.process_time())
                 steps[0] += 1
 
     settings = VARIANTS[spec["variant"]][1]
@@ -127,7 +132,8 @@ def worker_ours(spec: dict) -> dict:
     t0 = time.perf_counter()
     run_training(cfg, Recorder())
     notes = [line for line in lines if line.startswith(("packing:", "Loss:", "Packed"))]
-    return {**_rate(stamps, tokens, padded, spec["warmup"]), "total_s": time.perf_counter() - t0, "notes": notes,
+    return {**_rate(stamps, cpu_stamps, tokens, padded, spec["warmup"]), "total_s": time.perf_counter() - t0,
+            "notes": notes,
             "mixed_precision": cfg.mixed_precision}
 
 
@@ -137,16 +143,19 @@ def worker_ref(spec: dict) -> dict:
     from benchmarks import llm_reference
 
     torch.set_num_threads(spec["threads"])
-    stamps, tokens, padded = [], [], []
+    stamps, cpu_stamps, tokens, padded = [], [], [], []
+
+    def on_step(step):
+        stamps.append(time.perf_counter())
+        cpu_stamps.append(time.process_time())
 
     def on_batch(batch):
         tokens.append(int((batch["labels"][:, 1:] != -100).sum()))  # the positions the loss averages over
         padded.append(batch["input_ids"].numel())
 
     settings = VARIANTS[spec["variant"]][1]
-    model, dataset, collator, total = llm_reference.train({**spec, **settings},
-                                                          lambda step: stamps.append(time.perf_counter()), on_batch)
-    out = {**_rate(stamps, tokens, padded, spec["warmup"]), "total_s": total,
+    model, dataset, collator, total = llm_reference.train({**spec, **settings}, on_step, on_batch)
+    out = {**_rate(stamps, cpu_stamps, tokens, padded, spec["warmup"]), "total_s": total,
            "params": sum(p.numel() for p in model.parameters()),
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if spec.get("count_flops"):
@@ -184,7 +193,8 @@ def run(workdir: Path, size: str = "full", steps: int | None = None, warmup: int
                     "count_flops": variant == "ref" and r == 0}
             result = run_worker("llm_compare", variant, spec, workdir)
             runs[variant].append(result)
-            log(f"LLM: {LABELS[variant]} round {r + 1}: {result['tokens_per_s']:.0f} trained tokens/s, "
+            log(f"LLM: {LABELS[variant]} round {r + 1}: {result['tokens_per_s']:.0f} trained tokens/s "
+                f"({result['tokens_per_cpu_s']:.0f} per CPU second), "
                 f"peak RSS {result['peak_rss_mb']:.0f} MiB, {result['steps']} steps, load {result['load_avg'][1]:.1f}")
     import torch
 
@@ -196,9 +206,11 @@ def run(workdir: Path, size: str = "full", steps: int | None = None, warmup: int
         trained = sum(r["trained_tokens"] for r in results)
         pad = sum(r["padded_tokens"] for r in results)
         seconds = sum(r["seconds"] for r in results)
+        cpu_seconds = sum(r["cpu_seconds"] for r in results)
         bf16 = VARIANTS[variant][1].get("bf16") or results[0].get("mixed_precision") == "bf16"
         rows_out[variant] = {
             "label": LABELS[variant], "tokens_per_s": trained / seconds, "trained_tokens": trained,
+            "tokens_per_cpu_s": trained / cpu_seconds if cpu_seconds else None,
             "padded_tokens_per_s": pad / seconds, "padded_tokens": pad,
             "epoch_trained_tokens": results[0]["epoch_trained_tokens"], "steps": results[0]["steps"],
             "median_step_s": median([t for r in results for t in r["step_s"]]),
@@ -213,6 +225,8 @@ def run(workdir: Path, size: str = "full", steps: int | None = None, warmup: int
             if ref in rows_out:
                 suffix = "" if ref == "ref" else "_best"
                 row[f"speed_ratio_vs_ref{suffix}"] = row["tokens_per_s"] / rows_out[ref]["tokens_per_s"]
+                if row["tokens_per_cpu_s"] and rows_out[ref]["tokens_per_cpu_s"]:
+                    row[f"cpu_speed_ratio_vs_ref{suffix}"] = row["tokens_per_cpu_s"] / rows_out[ref]["tokens_per_cpu_s"]
                 row[f"rss_ratio_vs_ref{suffix}"] = row["peak_rss_mb"] / rows_out[ref]["peak_rss_mb"]
         row["padded_speed_ratio_vs_ref"] = row["padded_tokens_per_s"] / rows_out["ref"]["padded_tokens_per_s"]
     return {"size": size, "settings": {k: v for k, v in base.items() if k not in ("model", "data")},

@@ -143,3 +143,21 @@ def test_a_batch_without_answer_tokens_gives_zero_that_still_backpropagates(tiny
     total, count = AnswerLoss(model, torch.device("cpu"))(model, data)
     assert int(count) == 0 and float(total.detach()) == 0.0
     total.backward()  # joins the graph: a rank with such a batch still takes part in the gradient exchange
+
+
+def test_bypassing_the_head_restores_a_forward_hooked_on_the_instance():
+    from shared.llm.loss import head_bypassed
+
+    head = torch.nn.Linear(4, 6)
+    plain = head.forward
+    head.forward = lambda x: plain(x) * 2  # what accelerate's hooks do to a dispatched module
+    hooked = head.forward
+    x = torch.randn(2, 4)
+    with head_bypassed(head):
+        assert head(x) is x
+    assert head.forward is hooked
+    torch.testing.assert_close(head(x), plain(x) * 2)
+    del head.forward
+    with head_bypassed(head):
+        pass
+    assert "forward" not in head.__dict__

@@ -52,11 +52,15 @@ def _identity(hidden, *args, **kwargs):
 @contextlib.contextmanager
 def head_bypassed(head):
     """Inside: the head module passes its input through, so a model's `.logits` are its hidden states."""
+    previous = head.__dict__.get("forward")  # accelerate's hooks wrap `forward` on the instance
     head.forward = _identity
     try:
         yield
     finally:
-        del head.forward  # back to the class's forward (hooks and LoRA layers included)
+        if previous is not None:
+            head.forward = previous
+        else:
+            del head.forward  # back to the class's forward (a LoRA layer's included)
 
 
 def _chunk_loss(head, hidden, targets):
