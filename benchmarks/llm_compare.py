@@ -1,9 +1,12 @@
-"""LLM LoRA training: our trainer against the Hugging Face Trainer + PEFT (benchmarks/llm_reference.py)
-on a LLaMA-layout model with random weights (about 50 M parameters), alpaca rows of varied length,
-LoRA rank 8 on every linear layer but the head, batch 4. Reports trained tokens (label != -100) per
-second after warm-up; each variant runs in its own process, alternating.
+"""LLM LoRA training: our trainer against the Hugging Face Trainer + PEFT (benchmarks/llm_reference.py),
+with its defaults and at its best (bf16, group_by_length), on a LLaMA-layout model with random weights
+(about 50 M parameters), alpaca rows of varied length, LoRA rank 8 on every linear layer but the head,
+batch 4, LoRA dropout 0.1 on both sides. Every variant trains one whole epoch of the same rows, so all
+of them train the same tokens whatever their batches look like (packed, grouped or shuffled); the rate
+is trained tokens (label != -100) per second over the steps after the first. Each variant runs in its
+own process, in an order that rotates between rounds.
 
-    python -m benchmarks.llm_compare [--size full|tiny] [--steps N] [--rounds R]
+    python -m benchmarks.llm_compare [--size full|tiny] [--rounds R] [--variants ref,ours,...]
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ SIZES = {
     "gpu": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, max_len=512),
 }
-LABELS = {"ref": "reference (HF Trainer + PEFT)", "ours": "ours (defaults)", "ours_packed": "ours (packing: true)"}
+# name: (label, settings). `ref*` run benchmarks/llm_reference.py; `ours*` our trainer with these config keys
+# on top of the defaults (`ours` is the defaults: whatever `mixed_precision` and `packing` resolve to).
+VARIANTS = {
+    "ref": ("HF Trainer + PEFT (defaults: fp32, random batches)", {}),
+    "ref_best": ("HF Trainer + PEFT at its best (bf16, group_by_length)", {"bf16": True, "group_by_length": True}),
+    "ours": ("ours (defaults)", {}),
+    "ours_bf16": ("ours (mixed_precision: bf16)", {"mixed_precision": "bf16"}),
+    "ours_packed": ("ours (bf16, packing: true)", {"mixed_precision": "bf16", "packing": True}),
+}
+LABELS = {name: label for name, (label, _) in VARIANTS.items()}
 WORDS = ("the model answers every question about gardens rivers and mountains with care while the small "
          "robot paints a blue house near the old bridge because light changes quickly in autumn and "
          "people write short notes about trains music bread and weather").split()
@@ -64,51 +76,65 @@ def make_data(path: Path, rows: int = 96, seed: int = 0) -> Path:
     return path
 
 
-def _rate(stamps, tokens, padded, warmup):
+def _rate(stamps, cpu_stamps, tokens, padded, warmup):
+    """Rates over the steps after `warmup`: per wall second, and per CPU second of the training process
+    (with one torch thread that is the work itself, whatever else the machine runs)."""
     durations = step_times(stamps, warmup)
     n = len(durations)
     trained = sum(tokens[warmup:warmup + n])
     seconds = sum(durations)
+    cpu_seconds = sum(step_times(cpu_stamps, warmup))
     return {"step_s": durations, "trained_tokens": trained, "padded_tokens": sum(padded[warmup:warmup + n]),
-            "seconds": seconds, "tokens_per_s": trained / seconds if seconds else None}
+            "epoch_trained_tokens": sum(tokens), "steps": len(stamps), "seconds": seconds,
+            "cpu_seconds": cpu_seconds, "tokens_per_s": trained / seconds if seconds else None,
+            "tokens_per_cpu_s": trained / cpu_seconds if cpu_seconds else None}
 
 
-def worker_ours(spec: dict, packing: bool = False) -> dict:
+def worker_ours(spec: dict) -> dict:
     import torch
 
     from shared.config import config_from_dict
-    from shared.llm import task as llm_task
+    from shared.llm import loss as llm_loss
     from shared.reporting import Reporter
     from shared.train import run_training
 
     torch.set_num_threads(spec["threads"])
-    stamps, tokens, padded = [], [], []
-    original = llm_task.token_loss
+    stamps, cpu_stamps, tokens, padded, steps, lines = [], [], [], [], [0], []
+    original = llm_loss.AnswerLoss.__call__
 
-    def counting_loss(logits, labels):  # the trained tokens of each batch, as the trainer counts them
-        total, count = original(logits, labels)
-        tokens.append(int(count))
-        padded.append(labels.numel())
+    def counting_loss(self, model, batch):  # the trained tokens of each step, as the trainer counts them
+        total, count = original(self, model, batch)
+        if len(tokens) < steps[0] + 1:
+            tokens.append(0)
+            padded.append(0)
+        tokens[-1] += int(count)
+        padded[-1] += batch["input_ids"].numel()
         return total, count
 
-    llm_task.token_loss = counting_loss
+    llm_loss.AnswerLoss.__call__ = counting_loss
 
     class Recorder(Reporter):
         def log(self, message):
-            pass
+            lines.append(message)
 
         def event(self, kind, **data):
             if kind == "progress":
                 stamps.append(time.perf_counter())
+                cpu_stamps.append(time.process_time())
+                steps[0] += 1
 
+    settings = VARIANTS[spec["variant"]][1]
     cfg = config_from_dict(dict(
         base_model=spec["model"], train_data_dir=spec["data"], output_dir=spec["out"], batch_size=spec["batch_size"],
-        max_train_steps=spec["steps"], save_steps=0, lora_rank=spec["rank"], lora_alpha=spec["alpha"],
+        epochs=1, save_steps=0, lora_rank=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.1,
         learning_rate=spec["lr"], seed=spec["seed"], max_seq_len=spec["max_len"], device=spec.get("device", "cpu"),
-        mixed_precision=spec.get("mixed_precision", "no"), sample_max_tokens=1, packing=packing))
+        sample_max_tokens=1, **settings))
     t0 = time.perf_counter()
     run_training(cfg, Recorder())
-    return {**_rate(stamps, tokens, padded, spec["warmup"]), "total_s": time.perf_counter() - t0}
+    notes = [line for line in lines if line.startswith(("packing:", "Loss:", "Packed"))]
+    return {**_rate(stamps, cpu_stamps, tokens, padded, spec["warmup"]), "total_s": time.perf_counter() - t0,
+            "notes": notes,
+            "mixed_precision": cfg.mixed_precision}
 
 
 def worker_ref(spec: dict) -> dict:
@@ -117,15 +143,19 @@ def worker_ref(spec: dict) -> dict:
     from benchmarks import llm_reference
 
     torch.set_num_threads(spec["threads"])
-    stamps, tokens, padded = [], [], []
+    stamps, cpu_stamps, tokens, padded = [], [], [], []
+
+    def on_step(step):
+        stamps.append(time.perf_counter())
+        cpu_stamps.append(time.process_time())
 
     def on_batch(batch):
-        tokens.append(int((batch["labels"] != -100).sum()))
+        tokens.append(int((batch["labels"][:, 1:] != -100).sum()))  # the positions the loss averages over
         padded.append(batch["input_ids"].numel())
 
-    model, dataset, collator, total = llm_reference.train(spec, lambda step: stamps.append(time.perf_counter()),
-                                                          on_batch)
-    out = {**_rate(stamps, tokens, padded, spec["warmup"]), "total_s": total,
+    settings = VARIANTS[spec["variant"]][1]
+    model, dataset, collator, total = llm_reference.train({**spec, **settings}, on_step, on_batch)
+    out = {**_rate(stamps, cpu_stamps, tokens, padded, spec["warmup"]), "total_s": total,
            "params": sum(p.numel() for p in model.parameters()),
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if spec.get("count_flops"):
@@ -139,68 +169,93 @@ def worker_ref(spec: dict) -> dict:
     return out
 
 
-def run(workdir: Path, size: str = "full", steps: int = 8, warmup: int = 2, rounds: int = 2, threads: int = 1,
-        model_cache: Path | None = None, log=print, device: str = "cpu", mixed_precision: str = "no",
-        batch_size: int = 4) -> dict:
+def run(workdir: Path, size: str = "full", steps: int | None = None, warmup: int = 1, rounds: int = 2,
+        threads: int = 1, model_cache: Path | None = None, log=print, device: str = "cpu", batch_size: int = 4,
+        rows: int = 96, variants: list[str] | None = None) -> dict:
+    """Each variant trains one epoch of `rows` alpaca rows (`steps` is accepted for the common command
+    line and ignored: an epoch is what makes the variants train the same tokens)."""
     from benchmarks.common import matmul_flops
 
     workdir.mkdir(parents=True, exist_ok=True)
     model = (model_cache or workdir) / f"llama-{size}-random"
     run_worker("llm_compare", "build", {"threads": threads, "model": str(model), "size": size}, workdir)
-    data = make_data(workdir / "llm-data" / "alpaca.json")
-    base = dict(model=str(model), data=str(data), batch_size=batch_size, device=device, mixed_precision=mixed_precision, steps=warmup + steps, warmup=warmup, rank=8,
-                alpha=16.0, lr=2e-4, seed=42, threads=threads, max_len=SIZES[size]["max_len"])
-    runs: dict[str, list[dict]] = {"ref": [], "ours": [], "ours_packed": []}
-    order = list(runs)
+    data = make_data(workdir / "llm-data" / f"alpaca-{rows}.json", rows)
+    base = dict(model=str(model), data=str(data), batch_size=batch_size, device=device, warmup=warmup, rank=8,
+                alpha=16.0, lr=2e-4, seed=42, threads=threads, max_len=SIZES[size]["max_len"], rows=rows)
+    order = [v for v in VARIANTS if v in (variants or VARIANTS)]
+    if "ref" not in order:
+        order.insert(0, "ref")
+    runs: dict[str, list[dict]] = {v: [] for v in order}
     for r in range(rounds):
-        for variant in order[r % 3:] + order[:r % 3]:  # rotate: each variant runs early and late
-            spec = {**base, "out": str(workdir / f"llm-out-{variant}-{r}"), "count_flops": variant == "ref" and r == 0}
+        k = r % len(order)
+        for variant in order[k:] + order[:k]:  # rotate: each variant runs early and late
+            spec = {**base, "variant": variant, "out": str(workdir / f"llm-out-{variant}-{r}"),
+                    "count_flops": variant == "ref" and r == 0}
             result = run_worker("llm_compare", variant, spec, workdir)
             runs[variant].append(result)
-            log(f"LLM: {LABELS[variant]} round {r + 1}: {result['tokens_per_s']:.0f} trained tokens/s, "
-                f"peak RSS {result['peak_rss_mb']:.0f} MiB, load {result['load_avg'][1]:.1f}")
+            log(f"LLM: {LABELS[variant]} round {r + 1}: {result['tokens_per_s']:.0f} trained tokens/s "
+                f"({result['tokens_per_cpu_s']:.0f} per CPU second), "
+                f"peak RSS {result['peak_rss_mb']:.0f} MiB, {result['steps']} steps, load {result['load_avg'][1]:.1f}")
     import torch
 
-    peak = matmul_flops(threads, device=device, dtype=torch.bfloat16 if mixed_precision == "bf16" else None)
+    peak = matmul_flops(threads, device=device)
+    peak_bf16 = matmul_flops(threads, device=device, dtype=torch.bfloat16)
     fpt = runs["ref"][0].get("flops_per_padded_token", 0)
-    rows = {}
+    rows_out = {}
     for variant, results in runs.items():
         trained = sum(r["trained_tokens"] for r in results)
         pad = sum(r["padded_tokens"] for r in results)
         seconds = sum(r["seconds"] for r in results)
-        rows[variant] = {
+        cpu_seconds = sum(r["cpu_seconds"] for r in results)
+        bf16 = VARIANTS[variant][1].get("bf16") or results[0].get("mixed_precision") == "bf16"
+        rows_out[variant] = {
             "label": LABELS[variant], "tokens_per_s": trained / seconds, "trained_tokens": trained,
-            "padded_tokens_per_s": pad / seconds,
-            "padded_tokens": pad, "median_step_s": median([t for r in results for t in r["step_s"]]),
+            "tokens_per_cpu_s": trained / cpu_seconds if cpu_seconds else None,
+            "padded_tokens_per_s": pad / seconds, "padded_tokens": pad,
+            "epoch_trained_tokens": results[0]["epoch_trained_tokens"], "steps": results[0]["steps"],
+            "median_step_s": median([t for r in results for t in r["step_s"]]),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results), "runs": len(results),
             "tokens_per_s_runs": [r["tokens_per_s"] for r in results],
-            "mfu": fpt * pad / seconds / peak if peak else None, "load_avg": [r["load_avg"] for r in results],
+            "mfu": fpt * pad / seconds / (peak_bf16 if bf16 else peak) if peak else None,
+            "load_avg": [r["load_avg"] for r in results], "notes": results[0].get("notes", []),
             "peak_vram_mb": max((r.get("peak_vram_mb", 0) for r in results), default=0) or None,
         }
-    for row in rows.values():
-        row["speed_ratio_vs_ref"] = row["tokens_per_s"] / rows["ref"]["tokens_per_s"]
-        # the samplers differ (ours: a seeded per-epoch shuffle; the Trainer's: its own), so over a
-        # few steps the two draw different rows: the processed-token rate compares the work itself
-        row["padded_speed_ratio_vs_ref"] = row["padded_tokens_per_s"] / rows["ref"]["padded_tokens_per_s"]
-        row["rss_ratio_vs_ref"] = row["peak_rss_mb"] / rows["ref"]["peak_rss_mb"]
+    for row in rows_out.values():
+        for ref in ("ref", "ref_best"):
+            if ref in rows_out:
+                suffix = "" if ref == "ref" else "_best"
+                row[f"speed_ratio_vs_ref{suffix}"] = row["tokens_per_s"] / rows_out[ref]["tokens_per_s"]
+                if row["tokens_per_cpu_s"] and rows_out[ref]["tokens_per_cpu_s"]:
+                    row[f"cpu_speed_ratio_vs_ref{suffix}"] = row["tokens_per_cpu_s"] / rows_out[ref]["tokens_per_cpu_s"]
+                row[f"rss_ratio_vs_ref{suffix}"] = row["peak_rss_mb"] / rows_out[ref]["peak_rss_mb"]
+        row["padded_speed_ratio_vs_ref"] = row["padded_tokens_per_s"] / rows_out["ref"]["padded_tokens_per_s"]
     return {"size": size, "settings": {k: v for k, v in base.items() if k not in ("model", "data")},
             "params": runs["ref"][0]["params"], "trainable_params": runs["ref"][0]["trainable_params"],
-            "flops_per_padded_token": fpt, "matmul_flops_per_s": peak, "variants": rows}
+            "flops_per_padded_token": fpt, "matmul_flops_per_s": peak, "matmul_bf16_flops_per_s": peak_bf16,
+            "variants": rows_out}
 
 
 def worker_main(name: str, spec: dict) -> None:
     if name == "build":
         build_model(Path(spec["model"]), spec["size"])
         emit({})
-    elif name == "ref":
+    elif name.startswith("ref"):
         emit(worker_ref(spec))
     else:
-        emit(worker_ours(spec, packing=name == "ours_packed"))
+        emit(worker_ours(spec))
 
 
 def main(argv=None) -> int:
-    return compare_main(argv, doc=__doc__, sizes=SIZES, default_steps=8, section="llm", run=run,
-                        worker_main=worker_main)
+    import argparse
+    import functools
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (ref always runs)")
+    parser.add_argument("--rows", type=int, default=96)
+    known, rest = parser.parse_known_args(argv)
+    chosen = known.variants.split(",") if known.variants else None
+    return compare_main(rest, doc=__doc__, sizes=SIZES, default_steps=0, section="llm",
+                        run=functools.partial(run, variants=chosen, rows=known.rows), worker_main=worker_main)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,17 @@ from benchmarks import daemon_bench, llm_compare, sd_compare
 from benchmarks.common import REPO, machine
 
 TARGETS = {
-    "sd_time_ratio": 0.6, "sd_rss_ratio": 1.0, "llm_speed_ratio": 1.3, "llm_rss_ratio": 1.0,
+    "sd_time_ratio": 0.6, "sd_rss_ratio": 1.0,
+    "llm_speed_ratio": 1.8, "llm_speed_ratio_best": 1.3, "llm_rss_ratio_best": 0.8,  # issue 18: vs HF defaults / best
     "daemon_idle_rss_mb": 80, "daemon_start_s": 1.0, "daemon_first_progress_delay_s": 1.0, "daemon_overhead_s": 2.0,
 }
 
 
 def _sections(quick: bool) -> dict:
     if quick:
-        return {"sd": dict(size="tiny", steps=3, warmup=1, rounds=1), "llm": dict(size="tiny", steps=3, warmup=1, rounds=1),
+        return {"sd": dict(size="tiny", steps=3, warmup=1, rounds=1), "llm": dict(size="tiny", warmup=1, rounds=1),
                 "daemon": dict(steps=4, subscribers=50, runs=1)}
-    return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", steps=10, warmup=2, rounds=2),
+    return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", warmup=1, rounds=2),
             "daemon": dict(steps=20, subscribers=50, runs=2)}
 
 
@@ -102,29 +103,7 @@ def markdown(r: dict) -> str:
                   f"{_mark(sd['variants']['ours_cached']['rss_ratio_vs_ref'] <= 1.0)} (caches). "
                   f"Matmul peak measured: {sd['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", ""]
     if "llm" in r:
-        llm = r["llm"]
-        s = llm["settings"]
-        lines += [f"### LLM LoRA ({llm['size']}: LLaMA layout, {llm['params'] / 1e6:.1f} M parameters, "
-                  f"{llm['trainable_params'] / 1e6:.2f} M trainable, batch {s['batch_size']}, max {s['max_len']} tokens, "
-                  f"{s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up, "
-                  f"{llm['variants']['ref']['runs']} run(s) each)", "",
-                  "| variant | trained tokens/s | processed tokens/s | s/step (median) | peak RSS MiB | speed vs ref "
-                  "(trained / processed) | RSS vs ref | MFU |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for v in ("ref", "ours", "ours_packed"):
-            if v not in llm["variants"]:
-                continue
-            row = llm["variants"][v]
-            lines.append(f"| {row['label']} | {row['tokens_per_s']:.0f} | {row.get('padded_tokens_per_s', 0):.0f} | "
-                         f"{_f(row['median_step_s'], '{:.3f}')} | {row['peak_rss_mb']:.0f} | {row['speed_ratio_vs_ref']:.2f} / "
-                         f"{row.get('padded_speed_ratio_vs_ref', 0):.2f} | {row['rss_ratio_vs_ref']:.2f} | "
-                         f"{_f(row['mfu'], '{:.0%}')} |")
-        ours = llm["variants"]["ours"]
-        packed = llm["variants"].get("ours_packed", ours)
-        lines += ["", f"Targets: speed >= {t['llm_speed_ratio']}x: {_mark(ours['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])} "
-                  f"(defaults), {_mark(packed['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])} (packing); "
-                  f"peak memory <= ref: {_mark(ours['rss_ratio_vs_ref'] <= 1.0)}. FLOPs per padded token "
-                  f"{llm['flops_per_padded_token'] / 1e6:.0f} M (forward + backward).", ""]
+        lines += llm_markdown(r["llm"], t)
     if "daemon" in r:
         d = r["daemon"]
         fan = d["fanout"]
@@ -151,6 +130,39 @@ def markdown(r: dict) -> str:
         lines += [f"| {a} | {b} | {c} | {_mark(ok) if ok is not None else ''} |" for a, b, c, ok in rows]
         lines.append("")
     return "\n".join(lines)
+
+
+def llm_markdown(llm: dict, t: dict) -> list[str]:
+    s = llm["settings"]
+    v = llm["variants"]
+    lines = [f"### LLM LoRA ({llm['size']}: LLaMA layout, {llm['params'] / 1e6:.1f} M parameters, "
+             f"{llm['trainable_params'] / 1e6:.2f} M trainable, batch {s['batch_size']}, max {s['max_len']} tokens, "
+             f"one epoch of {s['rows']} rows each, timed after the first step, {v['ref']['runs']} run(s) each)", "",
+             "| variant | trained tokens/s | per CPU s | processed tokens/s | steps | s/step (median) | peak RSS MiB | "
+             "speed vs HF defaults / HF best (CPU time) | RSS vs HF best | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in v.values():
+        best = row.get("speed_ratio_vs_ref_best")
+        cpu = (f" ({_f(row.get('cpu_speed_ratio_vs_ref'))} / {_f(row.get('cpu_speed_ratio_vs_ref_best'))})"
+               if row.get("tokens_per_cpu_s") else "")
+        lines.append(f"| {row['label']} | {row['tokens_per_s']:.0f} | {_f(row.get('tokens_per_cpu_s'), '{:.0f}')} | "
+                     f"{row['padded_tokens_per_s']:.0f} | {row['steps']} | {_f(row['median_step_s'], '{:.3f}')} | "
+                     f"{row['peak_rss_mb']:.0f} | {row['speed_ratio_vs_ref']:.2f} / {_f(best)}{cpu} | "
+                     f"{_f(row.get('rss_ratio_vs_ref_best'))} | {_f(row['mfu'], '{:.0%}')} |")
+    ours = v.get("ours")
+    if ours and "ref_best" in v:
+        lines += ["", f"Targets (ours, defaults): >= {t['llm_speed_ratio']}x HF defaults: "
+                  f"{_mark(ours['speed_ratio_vs_ref'] >= t['llm_speed_ratio'])} ({ours['speed_ratio_vs_ref']:.2f}x); "
+                  f">= {t['llm_speed_ratio_best']}x HF at its best: "
+                  f"{_mark(ours['speed_ratio_vs_ref_best'] >= t['llm_speed_ratio_best'])} "
+                  f"({ours['speed_ratio_vs_ref_best']:.2f}x); peak RSS <= {t['llm_rss_ratio_best']}x HF at its best: "
+                  f"{_mark(ours['rss_ratio_vs_ref_best'] <= t['llm_rss_ratio_best'])} "
+                  f"({ours['rss_ratio_vs_ref_best']:.2f}x)."]
+    notes = "; ".join(ours["notes"]) if ours else ""
+    lines += [f"Ours, as its log says: {notes}" if notes else "",
+              f"FLOPs per processed token {llm['flops_per_padded_token'] / 1e6:.0f} M (forward + backward); MFU against "
+              f"the measured fp32 or bf16 matmul peak of the variant's type.", ""]
+    return lines
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,7 @@ def _escape(text: str) -> str:
 
 def type_name(setting: Setting) -> str:
     if setting.choices is not None:
-        return " \\| ".join(f"`{c}`" for c in setting.choices)
+        return " \\| ".join(f"`{str(c).lower() if isinstance(c, bool) else c}`" for c in setting.choices)
     name = _TYPE_NAMES[setting.type]
     if setting.type is Path and setting.path:
         name += f" ({setting.path})"

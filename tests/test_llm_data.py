@@ -139,13 +139,15 @@ def test_nothing_left_within_max_seq_len_is_an_error(tmp_path, llm_tokenizer):
 
 
 def test_packing_joins_whole_samples(tmp_path, llm_tokenizer):
+    from shared.llm.packing import pack
+
     path = write_instruction_data(tmp_path / "chat.jsonl", "chat", PAIRS)
     plain = build_data(path, llm_tokenizer, max_seq_len=64)
-    packed = build_data(path, llm_tokenizer, max_seq_len=64, packing=True)
-    assert len(packed.train) < len(plain.train)
-    assert all(len(s.input_ids) <= 64 for s in packed.train)
-    assert sum(len(s.input_ids) for s in packed.train) == sum(len(s.input_ids) for s in plain.train)
-    n_eos = sum(s.labels.count(llm_tokenizer.eos_token_id) for s in packed.train)
+    packed = pack(plain.train, 64)
+    assert len(packed) < len(plain.train)
+    assert all(len(s.input_ids) <= 64 for s in packed)
+    assert sum(len(s.input_ids) for s in packed) == sum(len(s.input_ids) for s in plain.train)
+    n_eos = sum(s.labels.count(llm_tokenizer.eos_token_id) for s in packed)
     assert n_eos == len(PAIRS)  # each packed sample keeps its trained EOS
 
 

@@ -1,6 +1,7 @@
 """The same comparisons on a CUDA GPU at real sizes, bf16: SD1.5 at 512 px (ours, ours with caches,
 the reference loop), an SDXL-layout UNet at 1024 px (ours with caches: the reference loop is SD1.5's),
-and a 1B-class LLaMA layout (ours against HF Trainer + PEFT). Random weights, nothing downloaded.
+and a 1B-class LLaMA layout (ours against HF Trainer + PEFT with its defaults and at its best:
+benchmarks/gpu/llm_gpu.py). Random weights, nothing downloaded.
 Sized to finish in under 8 minutes on one H100-class card (model folders are written first and reused).
 
     python -m benchmarks.gpu.run_gpu [--out DIR]     # needs CUDA; refuses without it
@@ -18,20 +19,19 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks import llm_compare, sd_compare
+from benchmarks import sd_compare
 from benchmarks.common import REPO, machine, run_worker
+from benchmarks.gpu import llm_gpu
 
 
 def plan(dry_run: bool) -> dict:
     if dry_run:
         return {"device": "cpu", "precision": "no",
                 "sd15": dict(size="tiny", steps=2, warmup=1, rounds=1),
-                "sdxl": dict(size="tiny", steps=2, warmup=1),
-                "llm": dict(size="tiny", steps=2, warmup=1, rounds=1, batch_size=4)}
+                "sdxl": dict(size="tiny", steps=2, warmup=1)}
     return {"device": "cuda", "precision": "bf16",
             "sd15": dict(size="gpu", steps=20, warmup=5, rounds=1),
-            "sdxl": dict(size="gpu", steps=10, warmup=3),
-            "llm": dict(size="gpu", steps=20, warmup=5, rounds=1, batch_size=8)}
+            "sdxl": dict(size="gpu", steps=10, warmup=3)}
 
 
 def sdxl_ours(workdir: Path, size: str, steps: int, warmup: int, device: str, precision: str) -> dict:
@@ -99,7 +99,7 @@ def run(out: Path, workdir: Path, dry_run: bool) -> dict:
     result["sd15"] = sd_compare.run(workdir / "sd15", **p["sd15"], **common)
     result["sdxl"] = sdxl_ours(workdir, p["sdxl"]["size"], p["sdxl"]["steps"], p["sdxl"]["warmup"], p["device"],
                                p["precision"])
-    result["llm"] = llm_compare.run(workdir / "llm", **p["llm"], **common)
+    result["llm"] = llm_gpu.run(workdir, dry_run, model_cache=workdir)  # benchmarks/gpu/llm_gpu.py
     result["wall_s"] = time.time() - started
     out.mkdir(parents=True, exist_ok=True)
     name = "gpu-dry-run" if dry_run else "gpu-latest"
@@ -120,9 +120,7 @@ def markdown(r: dict) -> str:
     x = r["sdxl"]
     lines.append(f"| SDXL {x['resolution']} px | {x['label']} | {x['median_step_s']:.3f} s/step | "
                  f"{x.get('peak_vram_mb') or 0:.0f} | |")
-    for row in r["llm"]["variants"].values():
-        lines.append(f"| LLaMA {r['llm']['params'] / 1e9:.2f} B | {row['label']} | {row['tokens_per_s']:.0f} tokens/s | "
-                     f"{row.get('peak_vram_mb') or 0:.0f} | {row['speed_ratio_vs_ref']:.2f} |")
+    lines += llm_gpu.markdown_rows(r["llm"])
     lc = r["sd15"]["loss_curves"]
     lines += ["", f"SD1.5 loss curves, max |ours - ref| = {lc['max_abs_diff']}"]
     return "\n".join(lines) + "\n"

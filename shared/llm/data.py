@@ -386,12 +386,11 @@ def build_data(
     max_seq_len: int,
     train_on_prompt: bool = False,
     chat_template: str | None = None,
-    packing: bool = False,
     val_split: float = 0.0,
     seed: int = 0,
     model_name: str = "",
 ) -> LLMData:
-    """Read, render, tokenize, cut, split and (optionally) pack the training data."""
+    """Read, render, tokenize, cut and split the training data."""
     records = read_records(path)
     parsed = [(rec, parse_record(rec)) for rec in records]
     uses_template = any(p.kind == "chat" for _, p in parsed)
@@ -438,31 +437,8 @@ def build_data(
     train = [samples[i] for i in sorted(order[n_val:])]
     if val:
         report.append(f"Held out {len(val)} samples for validation, training on {len(train)}")
-    unpacked = train
-    if packing:
-        train = pack(train, max_seq_len)
-        report.append(f"Packed {len(unpacked)} samples into {len(train)} sequences of up to {max_seq_len} tokens")
-    return LLMData(train, val, uses_template, renderer, report, unpacked)
-
-
-def pack(samples: list[Sample], max_len: int) -> list[Sample]:
-    """Join whole samples, in order, into sequences of at most max_len tokens. Samples are never split;
-    a packed sample attends to the ones before it in its sequence (plain concatenation, as most
-    trainers pack), and each keeps its own labels and EOS."""
-    out: list[Sample] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    wheres: list[str] = []
-    for s in samples:
-        if ids and len(ids) + len(s.input_ids) > max_len:
-            out.append(Sample(ids, labels, "", "; ".join(wheres)))
-            ids, labels, wheres = [], [], []
-        ids = ids + s.input_ids
-        labels = labels + s.labels
-        wheres.append(s.where)
-    if ids:
-        out.append(Sample(ids, labels, "", "; ".join(wheres)))
-    return out
+    # packing is decided with the loaded model (shared/llm/packing.py), which packs `train` in place
+    return LLMData(train, val, uses_template, renderer, report, list(train))
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict:

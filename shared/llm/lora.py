@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 
 from shared.errors import ConfigError, ModelError
+from shared.llm.dropout import use_fast_dropout
 
 # Output heads and similar non-trainable projections by model_type, beyond get_output_embeddings().
 ARCH_EXCLUDED = {
@@ -124,7 +125,9 @@ def add_lora(model, cfg, targets: list[str]):
         # GPT-2's Conv1D stores its weight as [in, out]
         fan_in_fan_out=all(isinstance(modules[t], Conv1D) for t in targets),
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    use_fast_dropout(model)  # the same dropout, a cheaper mask on the CPU (shared/llm/dropout.py)
+    return model
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -115,8 +115,10 @@ def quantization_config(load_in_4bit: bool):
     )
 
 
-def load_causal_lm(folder: Path, *, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False):
-    """The model (eval mode, on the CPU unless quantized) from a local folder, or one clear error."""
+def load_causal_lm(folder: Path, *, trust_remote_code: bool = False, dtype=None, load_in_4bit: bool = False,
+                   attn_implementation: str | None = None):
+    """The model (eval mode, on the CPU unless quantized) from a local folder, or one clear error.
+    `attn_implementation`: transformers' name (None: its default, sdpa where the model has it)."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
@@ -128,6 +130,8 @@ def load_causal_lm(folder: Path, *, trust_remote_code: bool = False, dtype=None,
         kwargs.update(quantization_config=quant, device_map={"": 0})
     elif dtype is not None:
         kwargs["dtype"] = dtype
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except Exception as exc:  # a broken or foreign folder fails in many ways; name the folder and the cause

@@ -79,7 +79,8 @@ class Preference:
                 "orpo": f"ORPO, lambda {cfg.pref_beta:g}", "kto": f"KTO, beta {cfg.pref_beta:g}"}[self.method]
         reference = "no reference model" if self.method == "orpo" else "reference: the base (the adapter switched off)"
         data.report.append(f"Objective: {what} on {len(data.train)} pairs ({reference}); batch_size counts pairs")
-        unused = [k for k in ("packing", "train_on_prompt") if getattr(cfg, k)]
+        unused = [k for k, on in (("packing", str(cfg.packing).lower() == "true"), ("train_on_prompt", cfg.train_on_prompt))
+                  if on]
         if unused:
             data.report.append(f"{' and '.join(unused)} apply to SFT rows only; preference pairs are not packed and "
                                "only their answers are scored")

@@ -16,11 +16,13 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+from shared.llm import packing
+from shared.llm.batching import grouped_batches
 from shared.llm.data import build_data, collate
 from shared.llm.deploy import Targets
 from shared.llm.export import export_merged, run_info, save_adapter
 from shared.llm.lora import add_lora, enable_gradient_checkpointing, resolve_targets, trainable_parameters
-from shared.llm.loss import evaluate, token_loss
+from shared.llm.loss import AnswerLoss, evaluate
 from shared.llm.model import (
     check_causal_lm,
     load_causal_lm,
@@ -60,14 +62,12 @@ class LLMTask(Task):
         self.objective = preference_objective(cfg, tokenizer, reporter)  # None: SFT (shared/llm/objective.py)
         self.data = data = self.objective.data if self.objective else build_data(
             cfg.train_data_dir, tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
-            chat_template=cfg.chat_template, packing=cfg.packing, val_split=cfg.val_split, seed=cfg.seed,
-            model_name=str(base),
+            chat_template=cfg.chat_template, val_split=cfg.val_split, seed=cfg.seed, model_name=str(base),
         )
-        for line in data.report:
-            reporter.log(line)
         self.targets = Targets(cfg, tokenizer, data.renderer.template if data.uses_template else None, reporter)
         model = load_causal_lm(base, trust_remote_code=cfg.trust_remote_code, dtype=precision.weight_dtype,
-                               load_in_4bit=cfg.load_in_4bit)
+                               load_in_4bit=cfg.load_in_4bit,
+                               attn_implementation=packing.attention_for(self.device, precision.weight_dtype))
         use_cache = bool(getattr(model.config, "use_cache", True))
         n_params = sum(p.numel() for p in model.parameters())
         reporter.log(f"Loaded base model from {base} ({model_json.get('model_type')}, {n_params / 1e6:.1f}M parameters)")
@@ -85,6 +85,12 @@ class LLMTask(Task):
         if not cfg.load_in_4bit:
             model.to(self.device)
         model.train()
+        # packs data.train when on; preference pairs are scored whole (shared/llm/objective.py)
+        self.packing = (packing.PackingChoice(False, "Packing: off (preference pairs)") if self.objective
+                        else packing.arrange(data, cfg.packing, cfg.max_seq_len, model))
+        self.lm_loss = AnswerLoss(model, self.device, self.autocast)
+        for line in data.report + [self.packing.reason, self.lm_loss.note]:
+            reporter.log(line)
         self.params = trainable_parameters(model)
         leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
         reporter.log(
@@ -120,29 +126,27 @@ class LLMTask(Task):
 
     def fingerprint(self) -> dict:
         # a preference state is not continued with another objective (SFT states keep their old fingerprint)
-        return {"sequences": len(self.data.train), **({"objective": self.cfg.objective} if self.objective else {})}
+        return {"sequences": len(self.data.train), "packing": self.packing.on,
+                **({"objective": self.cfg.objective} if self.objective else {})}
 
     # --- a step ----------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, size: int) -> list[list]:
-        """A seeded order per epoch (its own generator: the global RNG, which the dropout masks use,
-        draws nothing here), cut into batches of `size`."""
-        import torch
-
+        """Batches of `size` sequences of similar length, in a seeded order per epoch
+        (shared/llm/batching.py); preference pairs as their objective orders them."""
         if self.objective:
             return self.objective.epoch_batches(epoch, size)
-        order = torch.randperm(len(self.data.train),
-                               generator=torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)).tolist()
         train = self.data.train
-        return [[train[i] for i in order[j : j + size]] for j in range(0, len(order), size)]
+        lengths = [len(s.input_ids) for s in train]
+        return [[train[i] for i in batch] for batch in grouped_batches(lengths, size, self.cfg.seed, epoch)]
 
     def loss(self, items: list, modules: list):
         if self.objective:
             return self.objective.loss(items, modules[0], self.model, self.autocast, self.device)
-        batch = collate(items, self.pad_id)
-        with self.autocast():
-            logits = modules[0](input_ids=batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device)).logits
-        return token_loss(logits, batch["labels"])
+        if self.packing.on and self.packing.isolated:
+            batch = packing.collate_packed(items, self.pad_id, flat=self.packing.flat)
+        else:
+            batch = collate(items, self.pad_id)
+        return self.lm_loss(modules[0], batch)
 
     # --- looking at it ---------------------------------------------------------------------------
     def evaluate(self, step: int, log_dir: Path) -> Evaluation:
@@ -153,7 +157,7 @@ class LLMTask(Task):
                               self.samples.run(self.model, step, log_dir))
         metrics = {}
         if self.data.val:
-            loss, ppl = evaluate(self.model, self.data.val, self.cfg.batch_size, self.pad_id, self.device)
+            loss, ppl = evaluate(self.lm_loss, self.model, self.data.val, self.cfg.batch_size, self.pad_id)
             self.reporter.log(f"Eval at step {step}: loss {loss:.4f}, perplexity {ppl:.2f} "
                               f"({len(self.data.val)} held-out samples)")
             self.eval_losses.append(loss)

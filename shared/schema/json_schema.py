@@ -36,6 +36,9 @@ def property_schema(setting: Setting) -> dict[str, Any]:
         prop["anyOf"].append({"type": "null"})
     if setting.choices is not None:
         prop["enum"] = list(setting.choices)
+        kinds = sorted({_TYPES[type(c)] for c in setting.choices})
+        if kinds != [prop["type"]]:  # e.g. `auto`, true or false
+            prop["type"] = kinds + (["null"] if setting.optional else [])
     for bound, exclusive, word in ((setting.minimum, setting.exclusive_minimum, "Minimum"),
                                    (setting.maximum, setting.exclusive_maximum, "Maximum")):
         if bound is not None:

@@ -10,7 +10,10 @@ SETTINGS = (
             tasks=LLM_ONLY),
     Setting("chat_template", str, None, "Template for chat/alpaca rows: the tokenizer's own by default; `chatml` or "
             "`alpaca` for a tokenizer without one (or to override it).", tasks=LLM_ONLY, optional=True),
-    Setting("packing", bool, False, "Join short samples into sequences of up to max_seq_len tokens.", tasks=LLM_ONLY),
+    Setting("packing", str, "auto", "Join whole samples into sequences of up to max_seq_len tokens, each sample "
+            "attending only to itself; `auto`: on when the median sample is at most a quarter of max_seq_len (the log "
+            "says which and why). Off: batches of samples of similar length.", tasks=LLM_ONLY,
+            choices=("auto", True, False)),
     Setting("val_split", float, 0.0, "Fraction of samples held out for eval loss and perplexity (0.1 = 10%; "
             "0: none).", tasks=LLM_ONLY, minimum=0, maximum=1, exclusive_maximum=True),
     Setting("trust_remote_code", bool, False, "Allow a model folder's own Python code (auto_map) to run. Only for "
