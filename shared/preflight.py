@@ -62,7 +62,11 @@ def check(data: Mapping[str, Any], *, source: str, base_dir: Path | None = None,
     """Run the whole pre-flight on a mapping of config keys; a UserError (one line, naming the key and
     where its value came from) on the first problem. `roots` confines the paths (the daemon's);
     `require_absolute` refuses relative paths (a client that gave no base folder)."""
-    origins = origins or {}
+    from shared.presets import apply_preset, preset_origins
+
+    given = set(data)  # the user's own keys (a preset's are checked by the preset's family rule)
+    origins = preset_origins(dict(data), source, origins)
+    data = apply_preset(dict(data), source)  # the preset's keys first, the config's own over them
 
     def where(key: str) -> str:
         return origins.get(key, source)
@@ -73,7 +77,7 @@ def check(data: Mapping[str, Any], *, source: str, base_dir: Path | None = None,
         confine_paths(values, schema.TRAIN, roots)
     check_exist(values, schema.TRAIN, where, folders_to_write=True)
     family = model_family(values["base_model"], values["model_config"], values["task"])
-    check_family(values, set(data), family, where)
+    check_family(values, given, family, where)
     items = scan_data(values, family)
     values["task"] = family.task
     canonical = schema.canonical(values)

@@ -353,7 +353,7 @@ def test_the_training_seed_stays_fixed_in_the_comfyui_frontend(comfy):
     rank, lr = required["lora_rank"], required["learning_rate"]
     assert rank == ("INT", {"tooltip": "LoRA rank (network dim). (at least 1 and at most 4096)", "default": 8,
                             "max": 4096, "min": 1, "step": 1})
-    assert lr[1]["default"] == 2e-4 and lr[1]["max"] == 1 and lr[1]["round"] is False
+    assert lr[1]["default"] == 2e-4 and lr[1]["max"] == 10 and lr[1]["round"] is False  # 10: Prodigy's multiplier
     assert required["max_train_steps"][1]["min"] == 0 and required["resolution"][1]["step"] == 8
 
 

@@ -34,7 +34,9 @@ def test_every_preset_key_is_a_config_key_with_a_valid_value(name, tmp_path, tin
 def test_user_keys_win_and_unknown_presets_are_named():
     merged = apply_preset({"preset": "sdxl-character-12gb", "lora_rank": 64, "learning_rate": 5e-5})
     assert merged["lora_rank"] == 64 and merged["learning_rate"] == 5e-5 and merged["resolution"] == 1024
-    assert "preset" not in merged
+    assert merged["preset"] == "sdxl-character-12gb"  # kept: the job's config names what was applied
     assert apply_preset({"lora_rank": 4}) == {"lora_rank": 4}
+    assert apply_preset({"preset": "none", "lora_rank": 4}) == apply_preset({"preset": None, "lora_rank": 4}) == {
+        "lora_rank": 4}
     with pytest.raises(ConfigError, match="unknown preset 'sdxl-anime' \\(shipped: flux-dev-character-24gb"):
         apply_preset({"preset": "sdxl-anime"})

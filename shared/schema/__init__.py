@@ -23,7 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import data, images, label, launch, llm, lora, model, output, samples, training
+from . import (
+    blocks,
+    data,
+    ema,
+    images,
+    label,
+    launch,
+    llm,
+    lora,
+    masks,
+    model,
+    network,
+    optimizer,
+    output,
+    presets,
+    samples,
+    training,
+)
 from .setting import (
     BASIC,
     COMMON,
@@ -45,7 +62,10 @@ __all__ = ["BASIC", "COMMON", "FAMILY_RULES", "LABEL", "LABEL_ONLY", "LLM", "LLM
            "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical", "coerce", "coerce_config",
            "for_task", "form_settings", "unset_number"]
 
-_TRAIN_SECTIONS = (model, data, lora, training, images, samples, output, llm, launch)
+# `presets` last: its field is the last of the hosts' basic inputs, so a saved ComfyUI workflow's widget values
+# (stored by position) keep their places
+_TRAIN_SECTIONS = (model, data, lora, network, blocks, training, optimizer, ema, images, masks, samples, output, llm,
+                   launch, presets)
 
 
 def _table(modules) -> dict[str, Setting]:
@@ -121,4 +141,5 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
 
 def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
     """JSON-able values (paths as text): what a job stores and its worker and ranks rebuild from."""
-    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else v) for k, v in values.items()}
+    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+            for k, v in values.items()}
