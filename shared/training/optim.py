@@ -67,9 +67,11 @@ def _adafactor(groups, cfg, args, warmup):
     from transformers.optimization import Adafactor
 
     relative = bool(args.get("relative_step", False))
-    # a fixed rate unless asked (the setting kohya recommends for LoRA); relative steps with the
-    # parameter scaling and warm-up transformers' documentation pairs them with
-    options = {"scale_parameter": relative, "relative_step": relative, "warmup_init": relative, **args}
+    # A fixed rate unless asked (what kohya recommends for LoRA). With relative steps, no parameter
+    # scaling by default: it scales each step by the tensor's RMS, and LoRA's up-projection starts at
+    # zero, so it would move at 1e-3 of the rate; no warm-up init either (its rate starts at 1e-6 x
+    # step). Both can be asked for in optimizer_args.
+    options = {"scale_parameter": False, "relative_step": relative, "warmup_init": False, **args}
     return Adafactor(groups, lr=None if relative else cfg.learning_rate, weight_decay=cfg.weight_decay, **options)
 
 
