@@ -208,12 +208,14 @@ def coerce(setting: Setting, raw: Any, *, where: str = "", base_dir: Path | None
 def _numbers(setting: Setting, raw: Any, fail) -> list | str:
     """A list of numbers (a YAML list, or comma-separated text), or a word the setting's `pattern` admits
     (kept as text, e.g. a shape name that the trainer expands)."""
+    words = f" or {setting.pattern_help}" if setting.pattern_help else ""
     if isinstance(raw, str):
         text = raw.strip()
         if setting.pattern and re.fullmatch(setting.pattern, text):
             return text
         raw = [part.strip() for part in text.split(",") if part.strip()]
-    words = f" or {setting.pattern_help}" if setting.pattern_help else ""
+        if not all(re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", part) for part in raw):
+            fail(f"expected a list of numbers{words}, got {text!r:.80}")
     if not isinstance(raw, (list, tuple)):
         fail(f"expected a list of numbers{words}, got {raw!r:.80}")
     values = []

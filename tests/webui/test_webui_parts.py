@@ -312,3 +312,13 @@ def test_a_finished_job_renders_the_lora_cards_for_pages_loaded_later(tmp_path):
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["api"] == ["fresh"] and "data-name='fresh'" not in seen["before"]
     assert "data-name='fresh'" in seen["after"]  # what pages_html hands the next page load
+
+
+def test_with_a_preset_the_fields_left_at_their_default_give_way(tmp_path):
+    """The basic fields are always sent, except under a chosen preset: then a field still at its declared
+    default is left out, so the preset's value applies; a changed field and the YAML box still win."""
+    config = form.build_config(**form_values(tmp_path, preset="sdxl-character-12gb", lora_rank=64,
+                                             advanced="batch_size: 2\n"))
+    assert config["preset"] == "sdxl-character-12gb" and config["lora_rank"] == 64 and config["batch_size"] == 2
+    assert not {"learning_rate", "resolution", "lora_alpha", "epochs"} & set(config)
+    assert "preset" not in form.build_config(**form_values(tmp_path))  # "none": no key at all
