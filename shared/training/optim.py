@@ -174,6 +174,21 @@ def schedule_note(cfg) -> str | None:
     return None
 
 
+def optimizer_name(cfg) -> str:
+    """The optimizer as kohya records it in `ss_optimizer`: its name and arguments, e.g. `prodigy(d_coef=2)`."""
+    args = ",".join(f"{k}={v}" for k, v in _args(cfg).items())
+    return f"{cfg.optimizer}({args})" if args else cfg.optimizer
+
+
+def schedule_name(cfg) -> str:
+    """The schedule that runs (`ss_lr_scheduler`): the configured one, or the optimizer's own."""
+    if relative_adafactor(cfg):
+        return "adafactor"
+    if cfg.optimizer == "adamw_schedulefree":
+        return "constant (schedule-free)"
+    return cfg.lr_scheduler
+
+
 def current_lr(cfg, optimizer, scheduler) -> float:
     """The learning rate of the first group as the events and TensorBoard report it: Prodigy's adapted
     d * lr, schedule-free's warmed-up rate, else the schedule's (Adafactor's relative step included)."""
