@@ -60,7 +60,8 @@ def inputs() -> dict[str, tuple]:
 
 
 def config_values(values: dict[str, Any]) -> dict[str, Any]:
-    """{config key: value} from the node's input values (by input name); "not set" leaves the key out."""
+    """{config key: value} from the node's input values (by input name); "not set" leaves the key out, and so
+    does a widget at its default when a preset is chosen (the preset's value applies)."""
     out = {}
     for setting in basic_settings():
         name = input_name(setting)
@@ -72,4 +73,4 @@ def config_values(values: dict[str, Any]) -> dict[str, Any]:
         if setting.type is Path or setting.type is list:
             value = str(value)
         out[setting.name] = value
-    return out
+    return schema.presets.form_values(out, schema.TRAIN)  # with a preset: widgets at their default give way

@@ -22,7 +22,9 @@ from shared.schema.output import derived_name
 
 
 def _annotation(setting: schema.Setting) -> Any:
-    kind = {list: list[str]}.get(setting.type, setting.type)
+    kind = {list: list[str], dict: dict[str, Any]}.get(setting.type, setting.type)
+    if setting.type is list and setting.items is not str:
+        kind = list[setting.items] | str
     if setting.choices is not None:
         kind = Literal[setting.choices]
     return kind | None if setting.optional or setting.required else kind
@@ -114,8 +116,11 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config", base_dir: 
                      origins: dict[str, str] | None = None) -> TrainConfig:
     """A TrainConfig from a mapping of keys, checked against the declarations only (types, rules,
     cross-field rules; no file is touched). shared.preflight.check runs the whole pre-flight."""
-    values = schema.coerce_config(data, source=source, base_dir=Path(base_dir) if base_dir else None,
-                                  origins=origins)
+    from shared.presets import apply_preset, preset_origins
+
+    origins = preset_origins(data, source, origins)
+    values = schema.coerce_config(apply_preset(data, source), source=source,
+                                  base_dir=Path(base_dir) if base_dir else None, origins=origins)
     return TrainConfig(**values)
 
 

@@ -29,9 +29,10 @@ apply to the job's model family (an SD key on an LLM job) is refused. Generated 
 Schema.
 """
 
-_TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "text", Path: "path", list: "list of names"}
+_TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "text", Path: "path", list: "list of names",
+               dict: "mapping"}
 _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", Path: "string (path)",
-               list: "array of strings"}
+               list: "array of strings", dict: "object"}
 _APPLIES = {schema.COMMON: "all", schema.SD_ONLY: "SD", schema.LLM_ONLY: "LLM", schema.LABEL_ONLY: "label"}
 
 
@@ -43,6 +44,8 @@ def type_name(setting: Setting) -> str:
     if setting.choices is not None:
         return " \\| ".join(f"`{str(c).lower() if isinstance(c, bool) else c}`" for c in setting.choices)
     name = _TYPE_NAMES[setting.type]
+    if setting.type is list and setting.items is not str:
+        name = "list of numbers"
     if setting.type is Path and setting.path:
         name += f" ({setting.path})"
     return name + (" (optional)" if setting.optional else "")
@@ -93,7 +96,8 @@ def render_protocol_block() -> str:
     """The job-config table inside docs/protocol.md (between its markers)."""
     lines = [PROTOCOL_BEGIN, "", "| key | JSON type | default | rule | applies to |", "| --- | --- | --- | --- | --- |"]
     for s in schema.TRAIN.values():
-        kind = _JSON_TYPES[s.type] + (" or null" if s.optional else "")
+        kind = "array of numbers or string" if s.type is list and s.items is not str else _JSON_TYPES[s.type]
+        kind += " or null" if s.optional else ""
         rule = _escape(s.rule_text())
         lines.append(f"| `{s.name}` | {kind} | {default_text(s)} | {rule} | {_APPLIES[s.tasks]} |")
     return "\n".join([*lines, "", PROTOCOL_END])

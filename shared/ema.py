@@ -51,4 +51,5 @@ class AdapterEMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.load_state_dict(state["ema"])
+        self.ema.to(device=self.params[0].device)  # a state is read onto the CPU
         self._steps = int(state["steps"])

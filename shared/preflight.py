@@ -3,14 +3,14 @@
 The daemon runs it when a job is submitted (nothing is queued unless it passes) and `train` runs it
 before anything heavy loads:
 
-1. the values: types, ranges, choices and cross-field rules, from the declarations (shared/schema); no
-   file is touched;
+1. the values, with a `preset`'s keys under the config's own: types, ranges, choices and cross-field
+   rules, from the declarations (shared/schema); no file is touched;
 2. the roots (the daemon): every path against its read or write roots, before it is opened or stat-ed;
 3. existence: the files and folders the job reads, and no file where a folder is to be written;
 4. the model family, from the checkpoint's header (shared/model_family.py; never a pickle);
 5. the family's rules: which keys apply to it (an SD setting on an LLM job is refused), and the rules
    declared with `family=True` beside the settings they concern (resolution: the multiple the model's
-   own VAE and UNet need);
+   own VAE and UNet need; a preset made for the model's family);
 6. the data set: SD images and captions (image headers only; the regularisation and validation images
    too), LLM rows (parsed, not tokenized; with a preference `objective`, as chosen/rejected pairs);
 7. the LLM deploy targets: the base's architecture exports to GGUF (config.json), `textgen_dir` is a
@@ -66,7 +66,11 @@ def check(data: Mapping[str, Any], *, source: str, base_dir: Path | None = None,
     """Run the whole pre-flight on a mapping of config keys; a UserError (one line, naming the key and
     where its value came from) on the first problem. `roots` confines the paths (the daemon's);
     `require_absolute` refuses relative paths (a client that gave no base folder)."""
-    origins = origins or {}
+    from shared.presets import apply_preset, preset_origins
+
+    given = set(data)  # the user's own keys (a preset's are checked by the preset's family rule)
+    origins = preset_origins(dict(data), source, origins)
+    data = apply_preset(dict(data), source)  # the preset's keys first, the config's own over them
 
     def where(key: str) -> str:
         return origins.get(key, source)
@@ -77,7 +81,7 @@ def check(data: Mapping[str, Any], *, source: str, base_dir: Path | None = None,
         confine_paths(values, schema.TRAIN, roots)
     check_exist(values, schema.TRAIN, where, folders_to_write=True)
     family = model_family(values["base_model"], values["model_config"], values["task"])
-    check_family(values, set(data), family, where)
+    check_family(values, given, family, where)
     items = scan_data(values, family)
     if family.task == "llm":
         check_llm_targets(values, where, roots)

@@ -31,9 +31,10 @@ from shared.files import atomic_write, journaled, publish_new, publish_new_folde
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
 from shared.training import state as states
 from shared.training.commit import Journal
+from shared.training.ema import build_ema, exported_weights, final_weights
 from shared.training.events import send
 from shared.training.launch import launch_training, wants_launch
-from shared.training.optim import build_optimizer, build_schedule, check_optimizer
+from shared.training.optim import build_optimizer, build_schedule, check_optimizer, current_lr, schedule_note
 from shared.training.precision import setup_precision
 from shared.training.ranks import (
     average_gradients,
@@ -97,21 +98,25 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     progress = Progress(started_at=time.time(), total=total, steps_per_epoch=steps_per_epoch)
     groups = task.param_groups()
     params = [p for group in groups for p in group["params"]]
-    optimizer = build_optimizer(cfg, groups)
+    optimizer = build_optimizer(cfg, groups, total)
     # Not through accelerate.prepare: its wrapper steps a schedule once per process at each
     # optimizer step, which with several processes would run the warm-up and decay too fast.
     scheduler = build_schedule(cfg, optimizer, total)
+    if schedule_note(cfg):
+        reporter.log(schedule_note(cfg))
+    ema = build_ema(cfg, params)  # None unless use_ema: the average the outputs then show
     *modules, optimizer = accelerator.prepare(*task.train_modules(), optimizer)
     in_wrappers = {id(p) for module in task.train_modules() for p in module.parameters()}
     unsynced = [p for p in params if id(p) not in in_wrappers]
     send(reporter, "buckets", histogram=task.histogram())
     fingerprint = {"base_model": Path(cfg.base_model).name, "lora_rank": cfg.lora_rank, "batch_size": cfg.batch_size,
-                   "gradient_accumulation_steps": accum, "processes": processes, **task.fingerprint()}
+                   "gradient_accumulation_steps": accum, "processes": processes, **task.fingerprint(),
+                   **({"use_ema": True} if ema is not None else {})}
 
     # --- resume ----------------------------------------------------------------------------------
     saved = from_main(accelerator, states.load_state(resume_from) if main and resume_from else None)
     if saved is not None:
-        progress = _restore(saved, resume_from, task, optimizer, scheduler, fingerprint, progress)
+        progress = _restore(saved, resume_from, task, optimizer, scheduler, fingerprint, progress, ema)
         reporter.log(f"Resumed from {resume_from} at step {progress.step}")
     elif cfg.resume:
         reporter.log(f"resume: no training state in {checkpoints} yet: starting fresh")
@@ -136,7 +141,8 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
         trainer = {"epoch": progress.epoch, "next_batch": progress.next_batch, "losses": progress.losses,
                    "started_at": progress.started_at, "fingerprint": fingerprint}
         path = states.save_state(checkpoints, progress.step, lora=trained, optimizer=optimizer, scheduler=scheduler,
-                                 rng={"ranks": rngs}, trainer=trainer)
+                                 rng={"ranks": rngs}, trainer=trainer,
+                                 extras={"ema": ema.state_dict()} if ema is not None else None)
         states.prune(checkpoints, cfg.save_last_n, stem)
         return path
 
@@ -178,6 +184,8 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if ema is not None:
+                ema.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
@@ -185,7 +193,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
             step = progress.step
             progress.losses.append(mean_over_ranks(accelerator, sum(window) / len(window)))
             window = []
-            lr = scheduler.get_last_lr()[0]
+            lr = current_lr(cfg, optimizer, scheduler)  # Prodigy: its adapted d * lr
             it_s, eta = throughput.tick(step)
             scalars = task.step_scalars()  # every rank: the task's numbers of this step restart
             if writer is not None:
@@ -195,16 +203,19 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
                     writer.add_scalar(f"train/{name}", value, step)
             send(reporter, "progress", step=step, total=total, loss=progress.losses[-1], lr=lr, it_s=it_s, eta_s=eta)
             if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
-                path = _write_checkpoint(task, checkpoints, stem, progress) if main else None
+                with exported_weights(optimizer, ema):
+                    path = _write_checkpoint(task, checkpoints, stem, progress) if main else None
                 state, saved_state_at = save_state(), step  # keep-last-N then counts this checkpoint too
                 if main:
                     result.checkpoints.append(path)
                     reporter.log(f"Saved checkpoint {path} and training state {state.name}")
-                    evaluation = task.evaluate(step, log_dir)
+                    with exported_weights(optimizer, ema):
+                        evaluation = task.evaluate(step, log_dir)
                     send(reporter, "checkpoint", step=step, path=str(path), state=str(state), **evaluation.metrics)
                     show(evaluation.samples, step, evaluation.metrics)
             if main and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
-                show(task.sample(step, log_dir), step)
+                with exported_weights(optimizer, ema):
+                    show(task.sample(step, log_dir), step)
             if step >= total:
                 break
             if stop_all(accelerator, reporter):
@@ -225,6 +236,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     if not main:  # the main process alone writes the outputs
         accelerator.wait_for_everyone()
         return result
+    final_weights(optimizer, ema)  # from here on: the weights the outputs show (EMA, schedule-free average)
     evaluation = task.evaluate(progress.step, log_dir)
     show(evaluation.samples, progress.step, evaluation.metrics)
     finish = task.finish(output_dir, progress)
@@ -247,7 +259,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
 
 
 def _restore(saved: dict, path: Path, task: Task, optimizer, scheduler, fingerprint: dict,
-             progress: Progress) -> Progress:
+             progress: Progress, ema=None) -> Progress:
     """Put a state's tensors, optimizer and schedule back; refuse one trained with other settings."""
     import torch
 
@@ -268,6 +280,8 @@ def _restore(saved: dict, path: Path, task: Task, optimizer, scheduler, fingerpr
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"resume: {path} does not fit this config ({' '.join(str(exc).split())[:200]})") from None
     scheduler.load_state_dict(saved["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(saved["extras"]["ema"])
     return Progress(step=int(trainer["step"]), epoch=int(trainer["epoch"]), next_batch=int(trainer["next_batch"]),
                     losses=list(trainer.get("losses", [])),
                     started_at=float(trainer.get("started_at", progress.started_at)),

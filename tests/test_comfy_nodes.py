@@ -353,7 +353,7 @@ def test_the_training_seed_stays_fixed_in_the_comfyui_frontend(comfy):
     rank, lr = required["lora_rank"], required["learning_rate"]
     assert rank == ("INT", {"tooltip": "LoRA rank (network dim). (at least 1 and at most 4096)", "default": 8,
                             "max": 4096, "min": 1, "step": 1})
-    assert lr[1]["default"] == 2e-4 and lr[1]["max"] == 1 and lr[1]["round"] is False
+    assert lr[1]["default"] == 2e-4 and lr[1]["max"] == 10 and lr[1]["round"] is False  # 10: Prodigy's multiplier
     assert required["max_train_steps"][1]["min"] == 0 and required["resolution"][1]["step"] == 8
 
 
@@ -375,3 +375,16 @@ def test_the_auto_label_nodes_errors_name_its_inputs(comfy, tmp_path, tmp_path_f
     assert "no open_clip weights for ViT-B-32" in message
     assert "set clip_weights to /path/to/open_clip_model.safetensors (a checkpoint for clip_model ViT-B-32)" in message
     assert "--weights" not in message and "--model" not in message
+
+
+def test_the_node_offers_the_presets_and_its_defaults_give_way_to_one(comfy):
+    required = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN].INPUT_TYPES()["required"]
+    choices, options = required["preset"]
+    assert choices[0] == "none" and options["default"] == "none" and "sdxl-character-12gb" in choices
+    assert list(required)[-1] == "preset"  # the last widget: saved workflows keep their other widgets' places
+    inputs = sys.modules[comfy.pack.__name__ + ".inputs"]
+    widgets = {name: options.get("default") for name, (_, options) in required.items()
+               if name not in ("checkpoint", "dataset_folder", "caption_source", "output_name")}
+    assert "learning_rate" in inputs.config_values(widgets) and "preset" not in inputs.config_values(widgets)
+    chosen = inputs.config_values({**widgets, "preset": "sd15-style-8gb", "lora_rank": 4})
+    assert chosen == {"preset": "sd15-style-8gb", "lora_rank": 4}  # the rest at their defaults: the preset's apply

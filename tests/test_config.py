@@ -98,8 +98,10 @@ def test_to_dict_is_json_able(sd_config):
 
 
 @pytest.mark.parametrize("key, value, rule", [
-    ("learning_rate", 0, "learning_rate must be greater than 0 and less than 1, got 0"),
-    ("learning_rate", 1.0, "learning_rate must be greater than 0 and less than 1, got 1"),
+    ("learning_rate", 0, "learning_rate must be greater than 0 and at most 10, got 0"),
+    # below 1 is AdamW's (a rule beside learning_rate: the range follows the optimizer)
+    ("learning_rate", 1.0, "learning_rate must be less than 1 for optimizer adamw, got 1 (a multiplier such as 1.0 "
+                           "is what optimizer: prodigy takes)"),
     ("lora_dropout", 1, "lora_dropout must be at least 0 and less than 1, got 1"),
     ("lora_rank", 5000, "lora_rank must be at least 1 and at most 4096, got 5000"),
     ("lora_alpha", 0, "lora_alpha must be greater than 0 and at most 65,536, got 0"),

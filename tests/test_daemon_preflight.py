@@ -107,3 +107,18 @@ def test_a_job_stores_the_config_it_was_checked_with(daemon, sd_config):
     assert stored["output_dir"] == str(job_dir / "output") and stored["task"] == "sd"
     assert set(stored) == set(yaml.safe_load((job_dir / "config.yaml").read_text())) and len(stored) > 70
     assert not (daemon.state_dir / "jobs" / "_pending").exists()
+
+
+def test_a_preset_is_applied_at_submit_and_its_family_checked(daemon, sd_config):
+    """The daemon path expands `preset` before the values are checked (as `train` does): the stored config
+    has the preset's keys under the user's; a preset of another family is refused in one line."""
+    config = sd_job(daemon, sd_config, preset="sd15-style-8gb", lora_rank=4)
+    with daemon.client() as client:
+        job = client.submit(config, source="styled.yaml", dry_run=True)
+    stored = job["spec"]["config"]
+    assert stored["preset"] == "sd15-style-8gb" and stored["lora_alpha"] == 8 and stored["random_flip"] is True
+    assert stored["lora_rank"] == 4 and stored["learning_rate"] == 1e-3  # the user's keys win
+    err = refused(daemon, sd_job(daemon, sd_config, preset="sdxl-style-12gb"), source="xl.yaml")
+    assert err.code == "invalid_config" and str(err).startswith(
+        "xl.yaml: preset sdxl-style-12gb is for SDXL models, but base_model is an SD1.x model")
+    assert str(err).endswith("use one of sd15-character-8gb, sd15-style-8gb")

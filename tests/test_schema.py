@@ -41,7 +41,12 @@ def test_the_job_config_json_schema_carries_the_declarations():
     rank = train["properties"]["lora_rank"]
     assert (rank["type"], rank["minimum"], rank["maximum"], rank["default"]) == ("integer", 1, 4096, 8)
     lr = train["properties"]["learning_rate"]
-    assert lr["exclusiveMinimum"] == 0 and lr["exclusiveMaximum"] == 1 and lr["x-form"]["level"] == "basic"
+    # the range's top is Prodigy's (a multiplier); the optimizer's own range is a rule beside it
+    assert lr["exclusiveMinimum"] == 0 and lr["maximum"] == 10 and lr["x-form"]["level"] == "basic"
+    assert train["properties"]["optimizer_args"]["type"] == ["object", "null"]
+    weights = train["properties"]["down_lr_weight"]["anyOf"]
+    assert weights[0] == {"type": "array", "items": {"type": "number", "minimum": 0}} and weights[1:] == [
+        {"type": "string"}, {"type": "null"}]
     res = train["properties"]["resolution"]
     assert res["multipleOf"] == 8 and res["x-tasks"] == ["sd"]
     assert train["properties"]["max_train_steps"]["type"] == ["integer", "null"]

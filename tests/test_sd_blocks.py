@@ -99,3 +99,57 @@ def test_block_groups_cover_lycoris_modules():
     inject_lycoris(unet, targets, LycorisSpec("loha", rank=2, alpha=1), prefix="lora_unet")
     groups = block_param_groups(unet, 1e-3, block_lr_weights(unet.config))
     assert sum(len(g["params"]) for g in groups) == sum(1 for n, p in unet.named_parameters() if p.requires_grad)
+
+
+# --- through the SD task --------------------------------------------------------------------------
+
+
+def test_block_ranks_and_learning_rates_through_the_task(sd_config, tmp_path):
+    """Tiny SD1.5 blocks: in0..in5, mid, out0..out5 (attention in in1, in2, mid, out3..out5). block_dims
+    drops in2 and mid and gives out5 rank 2 (alpha 1); down_lr_weight 0 freezes the input blocks, whose
+    up-projections then stay at their zero init in the file; the groups carry lr x factor."""
+    import json
+
+    from safetensors import safe_open
+
+    from shared.preflight import load_config
+    from shared.sd.task import SDTask
+    from shared.train import run_training
+    from shared.training.precision import setup_precision
+    from tests.test_llm_training import Recorder
+
+    dims = [8, 8, 0, 8, 8, 8, 0, 8, 8, 8, 8, 8, 2]
+    alphas = [4.0] * 12 + [1.0]
+    values = dict(block_dims=dims, block_alphas=alphas, down_lr_weight="zeros", up_lr_weight="0,0,0,1,1,0.5",
+                  learning_rate=1e-2, max_train_steps=3, lora_dropout=0.0, preview=False)
+    cfg = load_config(sd_config(**values))
+    task = SDTask(cfg, Recorder())
+    task.load(setup_precision(cfg)[1])
+    groups = {g["block"]: g["lr"] for g in task.param_groups()}
+    assert groups == {"out3": 1e-2, "out4": 1e-2, "out5": 5e-3}  # in*: factor 0; mid: no modules left
+    result = run_training(cfg)
+    with safe_open(str(result.output_path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        args = json.loads(f.metadata()["ss_network_args"])
+    modules = {k.split(".", 1)[0] for k in tensors}
+    assert not any("down_blocks_1_attentions" in m or "mid_block" in m for m in modules)  # in2 / mid: rank 0
+    out5 = [m for m in modules if m.startswith("lora_unet_up_blocks_1_attentions_2_")]
+    assert out5 and all(tensors[f"{m}.lora_down.weight"].shape[0] == 2 and float(tensors[f"{m}.alpha"]) == 1.0
+                        for m in out5)
+    frozen = [m for m in modules if m.startswith("lora_unet_down_blocks_0_attentions_")]  # in1, trained at factor 0
+    assert frozen and all(not tensors[f"{m}.lora_up.weight"].any() for m in frozen)
+    assert all(tensors[f"{m}.lora_up.weight"].any() for m in out5)
+    assert args["block_dims"] == ",".join(str(d) for d in dims) and args["down_lr_weight"] == "zeros"
+
+
+def test_a_wrong_count_is_one_line_before_anything_is_written(sd_config, tmp_path):
+    from shared.preflight import load_config
+    from shared.train import run_training
+
+    with pytest.raises(ConfigError, match=r"^block_dims: expected 13 values \(one per block\), got 25$"):
+        run_training(load_config(sd_config(block_dims=[4] * 25)))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="conv_block_dims sets LoCon's conv ranks: set conv_rank > 0"):
+        load_config(sd_config(conv_block_dims=[4] * 13))
+    with pytest.raises(ConfigError, match="down_lr_weight: expected a list of numbers or cosine, sine"):
+        load_config(sd_config(down_lr_weight="steep"))

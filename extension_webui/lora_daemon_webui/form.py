@@ -93,8 +93,9 @@ def build_config(*, base_model: str | None, dataset: str | None, caption_source:
                  settings: dict[str, Any], advanced: str | None, deploy_dir: str | Path | None,
                  base_dir: Path) -> dict:
     """The config dict to submit. `settings` holds the fields' values by setting name: the basic ones are
-    always sent, the advanced ones only where they differ from the default. The YAML box is applied
-    last, so a pasted full config wins."""
+    always sent (with a preset chosen, only where they differ from the default, so the preset's values
+    apply), the advanced ones only where they differ from the default. The YAML box is applied last, so
+    a pasted full config wins."""
     if not base_model or not str(base_model).strip():
         raise FormError("Base model: choose a checkpoint or enter the path of a model file")
     if not dataset or not str(dataset).strip():
@@ -107,10 +108,12 @@ def build_config(*, base_model: str | None, dataset: str | None, caption_source:
         "train_data_dir": dataset,
         "output_name": field_value(schema.TRAIN["output_name"], output_name.strip()),
     }
+    basic = {}
     for setting in basic_settings():
         value = field_value(setting, settings.get(setting.name), required=not setting.optional)
         if value is not None:
-            config[setting.name] = value
+            basic[setting.name] = value
+    config.update(schema.presets.form_values(basic, schema.TRAIN))  # with a preset: defaults give way to it
     for setting in advanced_settings():
         value = field_value(setting, settings.get(setting.name))
         if value is not None and value != setting.default:

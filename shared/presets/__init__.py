@@ -18,6 +18,7 @@ from shared.errors import ConfigError
 
 FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 PRESET_KEY = "preset"
+NO_PRESET = "none"  # the choice that sets nothing (the hosts' dropdowns need a value)
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,31 @@ def get_preset(name: str) -> Preset:
 
 def apply_preset(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """A raw config mapping with its `preset` expanded: the preset's values, then the mapping's own
-    keys over them. A mapping without `preset` comes back unchanged."""
-    if data.get(PRESET_KEY) in (None, ""):
+    keys over them (`preset` stays, naming what was applied). A mapping without one, or with `preset:
+    none` (or empty), comes back without the key."""
+    name = data.get(PRESET_KEY)
+    if name in (None, "", NO_PRESET):
         return {k: v for k, v in data.items() if k != PRESET_KEY}
-    name = data[PRESET_KEY]
     if not isinstance(name, str):
         raise ConfigError(f"{source}: preset: expected a preset name, got {name!r}")
-    preset = get_preset(name)
-    return {**preset.values, **{k: v for k, v in data.items() if k != PRESET_KEY}}
+    try:
+        preset = get_preset(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return {**preset.values, **data}
+
+
+def preset_origins(data: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> dict[str, str]:
+    """Where each key came from, for the messages: the keys a preset set are named as the preset's."""
+    name = data.get(PRESET_KEY)
+    origins = dict(origins or {})
+    if name in (None, "", NO_PRESET) or not isinstance(name, str):
+        return origins
+    try:
+        preset = get_preset(name)
+    except ConfigError:
+        return origins  # apply_preset names the unknown preset
+    for key in preset.values:
+        if key not in data:
+            origins.setdefault(key, f"{source} (preset {name})")
+    return origins

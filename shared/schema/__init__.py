@@ -24,7 +24,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import (
+    blocks,
     data,
+    ema,
     images,
     label,
     launch,
@@ -32,9 +34,13 @@ from . import (
     llm_deploy,
     lora,
     lora_tools,
+    masks,
     model,
+    network,
+    optimizer,
     output,
     preference,
+    presets,
     regularisation,
     samples,
     training,
@@ -61,8 +67,10 @@ __all__ = ["BASIC", "COMMON", "FAMILY_RULES", "JOB_KINDS", "LABEL", "LABEL_ONLY"
            "SD", "SD_ONLY", "SECTIONS", "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical",
            "coerce", "coerce_config", "for_task", "form_settings", "job_table", "unset_number"]
 
-_TRAIN_SECTIONS = (model, data, regularisation, validation, lora, training, images, samples, output, llm, llm_deploy,
-                   preference, launch)
+# `presets` last: its field is the last of the hosts' basic inputs, so a saved ComfyUI workflow's widget values
+# (stored by position) keep their places
+_TRAIN_SECTIONS = (model, data, regularisation, validation, lora, network, blocks, training, optimizer, ema, images,
+                   masks, samples, output, llm, llm_deploy, preference, launch, presets)
 
 
 def _table(modules) -> dict[str, Setting]:
@@ -151,4 +159,5 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
 
 def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
     """JSON-able values (paths as text): what a job stores and its worker and ranks rebuild from."""
-    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else v) for k, v in values.items()}
+    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+            for k, v in values.items()}

@@ -22,10 +22,16 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 def property_schema(setting: Setting) -> dict[str, Any]:
     """One setting as a JSON Schema property."""
     if setting.type is list:
-        items = {"type": "array", "items": {"type": "string", "minLength": 1}}
+        item = {"type": "string", "minLength": 1} if setting.items is str else {"type": _TYPES[setting.items]}
+        if setting.items is not str and setting.minimum is not None:
+            item["minimum"] = setting.minimum
+        items = {"type": "array", "items": item}
         if setting.min_items:
             items["minItems"] = setting.min_items
         prop: dict[str, Any] = {"anyOf": [items, {"type": "string"}]}
+    elif setting.type is dict:  # keyword arguments: scalars, or lists of them
+        scalar = {"type": ["number", "boolean", "string"]}
+        prop = {"type": "object", "additionalProperties": {"anyOf": [scalar, {"type": "array", "items": scalar}]}}
     else:
         prop = {"type": _TYPES[setting.type]}
         if setting.type is Path:
@@ -41,11 +47,11 @@ def property_schema(setting: Setting) -> dict[str, Any]:
             prop["type"] = kinds + (["null"] if setting.optional else [])
     for bound, exclusive, word in ((setting.minimum, setting.exclusive_minimum, "Minimum"),
                                    (setting.maximum, setting.exclusive_maximum, "Maximum")):
-        if bound is not None:
+        if bound is not None and setting.type is not list:  # a list's bounds are its items' (above)
             prop[f"exclusive{word}" if exclusive else word.lower()] = bound
     if setting.multiple_of:
         prop["multipleOf"] = setting.multiple_of
-    if setting.pattern:
+    if setting.pattern and setting.type is not list:  # a list of numbers' word: comma-separated text too
         prop["pattern"] = f"^(?:{setting.pattern})$"
     if setting.default is not None:
         prop["default"] = setting.default

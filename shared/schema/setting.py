@@ -28,7 +28,9 @@ LABEL_ONLY = frozenset({LABEL})
 TASK_NAMES = {SD: "SD", LLM: "LLM", LABEL: "auto-label"}
 
 TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text", Path: "a path",
-              list: "a list of names"}
+              list: "a list of names", dict: "a mapping of names to values"}
+# what a `dict` setting's values may be: YAML/JSON scalars, or a list of them (e.g. betas: [0.9, 0.99])
+_SCALARS = (bool, int, float, str)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ BASIC = "basic"
 @dataclass(frozen=True)
 class Setting:
     name: str
-    type: type  # int, float, bool, str, Path or list (of names)
+    type: type  # int, float, bool, str, Path, list (of names, or of `items`) or dict (names to values)
     default: Any
     help: str
     tasks: frozenset[str] = COMMON
@@ -68,6 +70,7 @@ class Setting:
     pattern: str | None = None  # a full-match regular expression for text ...
     pattern_help: str = ""  # ... and what it means, in words
     min_items: int | None = None  # lists
+    items: type = str  # a list's items: str (names), or float / int (numbers; `pattern` then admits a word instead)
     path: str | None = None  # "read" or "write": which of the daemon's roots confine it
     exists: str | None = None  # "any", "file" or "dir": checked (after the roots) before the job is queued
     form: Form = field(default_factory=Form)
@@ -168,6 +171,10 @@ def coerce(setting: Setting, raw: Any, *, where: str = "", base_dir: Path | None
         value = _number(raw, kind, fail)
         _check_bounds(setting, value, raw, fail)
         return value
+    if kind is list and setting.items is not str:
+        return _numbers(setting, raw, fail)
+    if kind is dict:
+        return _mapping(raw, fail)
     if kind is list:
         if isinstance(raw, str):
             raw = [part.strip() for part in raw.split(",") if part.strip()]
@@ -196,6 +203,46 @@ def coerce(setting: Setting, raw: Any, *, where: str = "", base_dir: Path | None
                  "paths are relative to)")
         return (Path(base_dir) if base_dir is not None else Path.cwd()) / path
     raise TypeError(f"setting {key} has an unsupported type {kind}")  # a bug in a declaration
+
+
+def _numbers(setting: Setting, raw: Any, fail) -> list | str:
+    """A list of numbers (a YAML list, or comma-separated text), or a word the setting's `pattern` admits
+    (kept as text, e.g. a shape name that the trainer expands)."""
+    words = f" or {setting.pattern_help}" if setting.pattern_help else ""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if setting.pattern and re.fullmatch(setting.pattern, text):
+            return text
+        raw = [part.strip() for part in text.split(",") if part.strip()]
+        if not all(re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", part) for part in raw):
+            fail(f"expected a list of numbers{words}, got {text!r:.80}")
+    if not isinstance(raw, (list, tuple)):
+        fail(f"expected a list of numbers{words}, got {raw!r:.80}")
+    values = []
+    for item in raw:
+        value = _number(item, setting.items, fail)
+        _check_bounds(setting, value, item, fail)
+        values.append(value)
+    if setting.min_items and len(values) < setting.min_items:
+        fail("is empty; leave it out for the default" if not values else f"needs at least {setting.min_items} items")
+    return values
+
+
+def _mapping(raw: Any, fail) -> dict:
+    """Names to scalars (or lists of scalars): keyword arguments, checked for their names elsewhere."""
+    if not isinstance(raw, dict):
+        fail(f"expected a mapping such as {{name: value, ...}}, got {raw!r:.80}")
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            fail(f"{key!r:.40} is not a name")
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, _SCALARS) for v in items):
+            fail(f"{key}: expected a number, true/false, text or a list of them, got {value!r:.60}")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            fail(f"{key}: expected a finite number, got {value!r}")
+        out[key] = list(value) if isinstance(value, list) else value
+    return out
 
 
 def _number(raw: Any, kind: type, fail) -> int | float:

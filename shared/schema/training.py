@@ -1,5 +1,7 @@
-"""The optimisation: batch, length, learning rate and schedule, precision and device."""
+"""The optimisation: batch, length, learning rate, gradients, the noise loss options, precision and device (the
+optimizer and its schedule: optimizer.py)."""
 
+from .optimizer import learning_rate_problem
 from .setting import SD_ONLY, Form, Rule, Setting
 
 SECTION = "Training"
@@ -15,16 +17,12 @@ SETTINGS = (
             maximum=1_000_000, form=Form("basic", "Epochs")),
     Setting("max_train_steps", int, None, "Stop after this many optimizer steps (empty: train for `epochs`).",
             optional=True, minimum=1, maximum=10_000_000, form=Form("basic", "Steps", id="steps")),
-    Setting("learning_rate", float, 2e-4, "AdamW learning rate.", minimum=0, exclusive_minimum=True, maximum=1,
-            exclusive_maximum=True, form=Form("basic", "Learning rate", id="lr", step=1e-5)),
-    Setting("optimizer", str, "adamw", "adamw8bit needs bitsandbytes and a CUDA GPU.", tasks=SD_ONLY,
-            choices=("adamw", "adamw8bit")),
-    Setting("weight_decay", float, 0.01, "AdamW weight decay.", minimum=0, maximum=1, form=Form(step=0.01)),
+    Setting("learning_rate", float, 2e-4, "Learning rate; its range follows the optimizer: below 1 for adamw, "
+            "adamw8bit, lion, adafactor and adamw_schedulefree (1e-4 to 5e-4 is usual for AdamW, about a third "
+            "of that for Lion); for prodigy a multiplier of its own estimate, 0.1 to 10 (1.0 is usual).", minimum=0,
+            exclusive_minimum=True, maximum=10, form=Form("basic", "Learning rate", id="lr", step=1e-5)),
     Setting("max_grad_norm", float, 1.0, "Clip gradients to this norm (0 disables).", minimum=0,
             form=Form(step=0.1)),
-    Setting("lr_scheduler", str, "cosine", "Learning-rate schedule after warm-up.",
-            choices=("cosine", "linear", "constant", "constant_with_warmup")),
-    Setting("lr_warmup_steps", int, 0, "Linear warm-up steps at the start.", minimum=0, maximum=10_000_000),
     Setting("noise_offset", float, 0.0, "Offset noise strength (0.05-0.1 helps very dark/bright images).",
             tasks=SD_ONLY, minimum=0, maximum=1, form=Form(step=0.01)),
     Setting("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (5 is common); empty disables.",
@@ -38,10 +36,8 @@ SETTINGS = (
 )
 
 
-def _eight_bit_on_cpu(v) -> str | None:
-    if v["optimizer"] == "adamw8bit" and v["device"] in ("cpu", "mps"):
-        return "optimizer: adamw8bit needs a CUDA GPU (bitsandbytes); use `adamw` on this device"
-    return None
+def _learning_rate_fits_the_optimizer(v) -> str | None:
+    return learning_rate_problem(v["optimizer"], v["learning_rate"], v["text_encoder_lr"], v["optimizer_args"])
 
 
-RULES = (Rule(("optimizer", "device"), _eight_bit_on_cpu, tasks=SD_ONLY),)
+RULES = (Rule(("learning_rate", "optimizer", "text_encoder_lr"), _learning_rate_fits_the_optimizer),)

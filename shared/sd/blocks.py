@@ -140,3 +140,42 @@ def block_param_groups(unet, lr: float, weights: Mapping[str, float]) -> list[di
             continue
         out.append({"params": params, "lr": lr * weight, "block": block})
     return out
+
+
+def configured_module_ranks(cfg, unet, targets: list[str], conv_targets: list[str]) -> dict[str, tuple[int, float]] | None:
+    """(rank, alpha) per UNet target from `block_dims` / `block_alphas` (the Linear and 1x1 layers) and
+    `conv_block_dims` / `conv_block_alphas` (LoCon's 3x3 convs); None when neither is set."""
+    import torch
+
+    if cfg.block_dims is None and cfg.conv_block_dims is None:
+        return None
+    modules = dict(unet.named_modules())
+    convs = [t for t in conv_targets if isinstance(modules[t], torch.nn.Conv2d)
+             and tuple(modules[t].kernel_size) != (1, 1)]
+    others = [t for t in dict.fromkeys([*targets, *conv_targets]) if t not in convs]
+    ranks: dict[str, tuple[int, float]] = {}
+    if cfg.block_dims is not None:
+        ranks.update(block_module_ranks(module_blocks(others, unet.config), unet.config, cfg.block_dims,
+                                        cfg.block_alphas))
+    if cfg.conv_block_dims is not None:
+        ranks.update(block_module_ranks(module_blocks(convs, unet.config), unet.config, cfg.conv_block_dims,
+                                        cfg.conv_block_alphas, key="conv_block_dims"))
+    return ranks
+
+
+def configured_lr_weights(cfg, unet_config: Mapping) -> dict[str, float] | None:
+    """{block: lr factor} from `down_lr_weight` / `mid_lr_weight` / `up_lr_weight`; None when none is set."""
+    if cfg.down_lr_weight is None and cfg.mid_lr_weight is None and cfg.up_lr_weight is None:
+        return None
+    return block_lr_weights(unet_config, down=cfg.down_lr_weight, mid=cfg.mid_lr_weight, up=cfg.up_lr_weight)
+
+
+def block_network_args(cfg) -> dict[str, str]:
+    """The block settings as kohya records them in `ss_network_args` (comma-separated values)."""
+    out = {}
+    for key in ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_dims", "block_alphas", "conv_block_dims",
+                "conv_block_alphas"):
+        value = getattr(cfg, key)
+        if value is not None:
+            out[key] = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 from shared.sd.dataset import dataset_dirs, tag_frequency
 from shared.sd.kohya_export import lora_metadata
 from shared.sd.validation import validation_metadata
+from shared.training.optim import optimizer_name, schedule_name, warmup_steps
 
 SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
@@ -43,8 +44,8 @@ def training_metadata(cfg, model, data, progress, tensors: dict, name: str, base
         "ss_unet_lr": str(cfg.learning_rate),
         "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else "0",
         "ss_network_train_unet_only": str(not cfg.train_text_encoder),
-        "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+        "ss_lr_scheduler": schedule_name(cfg),
+        "ss_lr_warmup_steps": str(warmup_steps(cfg, progress.total)),
         "ss_max_train_steps": str(progress.total),
         "ss_steps": str(progress.step),
         "ss_epoch": str(math.ceil(progress.step / max(1, progress.steps_per_epoch))),
@@ -59,7 +60,7 @@ def training_metadata(cfg, model, data, progress, tensors: dict, name: str, base
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
         "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
         "ss_clip_skip": "2" if model.arch in ("sd2", "sdxl") else "1",
-        "ss_optimizer": cfg.optimizer,
+        "ss_optimizer": optimizer_name(cfg),
         "ss_enable_bucket": str(cfg.enable_bucket),
         "ss_bucket_no_upscale": str(not cfg.bucket_upscale),
         "ss_shuffle_caption": str(cfg.shuffle_caption),

@@ -110,7 +110,9 @@ def lora_modules(model):
 
 
 def is_lora_param(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or name.endswith(".dora_scale")
+    """A trained adapter tensor: PEFT LoRA, our DoRA magnitude, or a LyCORIS module's (the network is the
+    model's `lycoris` submodule, shared/sd/lycoris.py)."""
+    return ".lora_A." in name or ".lora_B." in name or name.endswith(".dora_scale") or name.startswith("lycoris.")
 
 
 def lora_state(model) -> dict:

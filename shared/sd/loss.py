@@ -5,9 +5,12 @@ from __future__ import annotations
 
 
 def noise_losses(model, latents, encoder_hidden_states, generator=None, *, noise_offset: float = 0.0,
-                 min_snr_gamma: float | None = None, unet_extra: dict | None = None, unet=None,
-                 timesteps=None):
+                 min_snr_gamma: float | None = None, unet_extra: dict | None = None, unet=None, mask=None,
+                 unmasked_weight: float = 0.0, normalize_mask: bool = False, timesteps=None):
     """The loss of each sample (a vector of the batch's length).
+
+    `mask` ([batch, 1, h, w] on the latent grid, shared/sd/masks.py) weights each latent pixel's error
+    (`unmasked_weight`, `normalize_mask`: masks.masked_loss); None weights them all alike.
 
     `generator` is one generator for the batch, or a list with one per sample (the trainer's way: a
     sample's noise then depends on the sample alone, not on which process or batch slot it lands in).
@@ -15,6 +18,8 @@ def noise_losses(model, latents, encoder_hidden_states, generator=None, *, noise
     sample) replaces the random ones (the validation loss scores fixed timesteps)."""
     import torch
     import torch.nn.functional as F
+
+    from shared.sd.masks import masked_loss
 
     sched = model.noise_scheduler
     device = latents.device
@@ -37,7 +42,8 @@ def noise_losses(model, latents, encoder_hidden_states, generator=None, *, noise
     pred = (unet or model.unet)(noisy, timesteps, encoder_hidden_states, **(unet_extra or {})).sample
     v = model.prediction_type == "v_prediction"
     target = sched.get_velocity(latents, noise, timesteps) if v else noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    loss = masked_loss(F.mse_loss(pred.float(), target.float(), reduction="none"), mask,
+                       unmasked_weight=unmasked_weight, normalize=normalize_mask)
     if min_snr_gamma:
         from diffusers.training_utils import compute_snr
 

@@ -44,7 +44,10 @@ def _lora_layers(model):
 @contextlib.contextmanager
 def lora_weight(model, weight: float):
     """Render with the LoRA at `weight` (0: the base model), then restore the trained scale."""
+    from shared.sd.lycoris import set_lycoris_weight
+
     layers = list(_lora_layers(model))
+    set_lycoris_weight([model.unet, *model.text_encoders], weight)  # LoHa / LoKr: their multiplier
     for layer in layers:
         if hasattr(layer, "dora_strength"):  # DoRA blends the whole decomposed weight, as A1111 does
             layer.dora_strength = weight
@@ -53,6 +56,7 @@ def lora_weight(model, weight: float):
     try:
         yield
     finally:
+        set_lycoris_weight([model.unet, *model.text_encoders], 1.0)
         for layer in layers:
             if hasattr(layer, "dora_strength"):
                 layer.dora_strength = 1.0

@@ -1,9 +1,10 @@
 """The SD family as a task of the training loop (SD1.x, SD2.x epsilon/v, SDXL).
 
-Frozen base, LoRA (LoCon, DoRA) on the UNet and optionally the text encoders; images bucketed by
-aspect ratio; the noise (or v) loss with offset noise and min-SNR; latent and text-encoder caches.
-The adapter is a kohya-layout `.safetensors` with its metadata; the end adds the `.json` sidecar, a
-`.preview.png` (unless `preview: false`) and, with sample prompts, a before/after grid.
+Frozen base, LoRA (LoCon, DoRA) or LoHa / LoKr (lycoris-lora) on the UNet and optionally the text
+encoders, with per-block ranks and learning rates; images bucketed by aspect ratio; the noise (or v)
+loss with offset noise, min-SNR and per-pixel masks; latent and text-encoder caches. The adapter is a
+kohya-layout `.safetensors` (LyCORIS keys for LoHa / LoKr) with its metadata; the end adds the `.json`
+sidecar, a `.preview.png` (unless `preview: false`) and, with sample prompts, a before/after grid.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.sd.base_model import load_sd_model
+from shared.sd.blocks import (
+    block_network_args,
+    block_param_groups,
+    configured_lr_weights,
+    configured_module_ranks,
+)
 from shared.sd.caching import build_latent_cache, build_text_cache
 from shared.sd.conditioning import encode_text, sdxl_time_ids, unet_kwargs
 from shared.sd.dataset import load_pixels, tokenize
@@ -24,6 +31,8 @@ from shared.sd.lora import (
     kohya_unet_targets,
 )
 from shared.sd.loss import noise_losses
+from shared.sd.lycoris import LycorisSpec, inject_sd, lycoris_metadata, model_lycoris_tensors
+from shared.sd.masks import batch_masks, load_mask
 from shared.sd.sampling import before_after_grid, preview_image, render_samples
 from shared.sd.train_data import Sample, TrainData, plan_data
 from shared.sd.validation import validation_loss
@@ -67,21 +76,40 @@ class SDTask(Task):
         cfg, model = self.cfg, self.model
         targets = kohya_unet_targets(model.unet)
         conv = kohya_conv_targets(model.unet) if cfg.conv_rank else []
-        lora_args = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init=cfg.lora_init,
-                         init_std=cfg.lora_init_std, dora=cfg.use_dora)
-        self.unet_params = inject_lora(model.unet, targets, conv_targets=conv, conv_rank=cfg.conv_rank,
-                                       conv_alpha=cfg.conv_alpha, **lora_args)
+        ranks = configured_module_ranks(cfg, model.unet, targets, conv)  # block_dims; None: one rank everywhere
+        self.block_weights = configured_lr_weights(cfg, model.unet.config)  # checked now, used by param_groups
         what = f"{len(targets)} UNet modules" + (f" + {len(conv)} LoCon modules" if conv else "")
         self.te_params = []
         if cfg.train_text_encoder:
-            for encoder in model.text_encoders:
-                te_targets = kohya_text_encoder_targets(encoder)
-                self.te_params += inject_lora(encoder, te_targets, **lora_args)
-                what += f" + {len(te_targets)} text-encoder modules"
-                encoder.train()
-        for p in self.unet_params + self.te_params:  # LoRA weights train in fp32 under autocast
+            what += "".join(f" + {len(kohya_text_encoder_targets(e))} text-encoder modules" for e in model.text_encoders)
+        self.spec = None
+        if cfg.lora_type != "lora":
+            self.spec = LycorisSpec(cfg.lora_type, cfg.lora_rank, cfg.lora_alpha, conv_rank=cfg.conv_rank,
+                                    conv_alpha=cfg.conv_alpha, factor=cfg.lycoris_factor,
+                                    decompose_both=cfg.lycoris_decompose_both, use_tucker=cfg.lycoris_use_tucker,
+                                    rank_dropout=cfg.lycoris_rank_dropout, module_dropout=cfg.lycoris_module_dropout)
+            params = inject_sd(model.unet, model.text_encoders, model.arch, self.spec, conv=bool(conv),
+                               train_text_encoder=cfg.train_text_encoder, module_ranks=ranks)
+            unet_ids = {id(p) for p in model.unet.parameters()}
+            self.unet_params = [p for p in params if id(p) in unet_ids]
+            self.te_params = [p for p in params if id(p) not in unet_ids]
+            if cfg.lora_dropout:
+                self.reporter.log(f"lora_dropout does not apply to {cfg.lora_type} (lycoris_rank_dropout and "
+                                  "lycoris_module_dropout do)")
+        else:
+            lora_args = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, init=cfg.lora_init,
+                             init_std=cfg.lora_init_std, dora=cfg.use_dora)
+            self.unet_params = inject_lora(model.unet, targets, conv_targets=conv, conv_rank=cfg.conv_rank,
+                                           conv_alpha=cfg.conv_alpha, module_ranks=ranks, **lora_args)
+            for encoder in model.text_encoders if cfg.train_text_encoder else []:
+                self.te_params += inject_lora(encoder, kohya_text_encoder_targets(encoder), **lora_args)
+        for encoder in model.text_encoders if cfg.train_text_encoder else []:
+            encoder.train()
+        for p in self.unet_params + self.te_params:  # adapter weights train in fp32 under autocast
             p.data = p.data.float()
-        self.reporter.log(f"Injected LoRA adapters with rank={cfg.lora_rank} (alpha={cfg.lora_alpha}, {what})")
+        kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[cfg.lora_type]
+        self.reporter.log(f"Injected {kind} adapters with rank={cfg.lora_rank} (alpha={cfg.lora_alpha}, {what}"
+                          + (", ranks per block" if ranks else "") + ")")
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         model.unet.train()
@@ -91,7 +119,10 @@ class SDTask(Task):
         return self.data.histogram()
 
     def param_groups(self) -> list[dict]:
-        groups = [{"params": self.unet_params, "lr": self.cfg.learning_rate}]
+        if self.block_weights is not None:  # one group per UNet block at lr x its factor (0: frozen, left out)
+            groups = block_param_groups(self.model.unet, self.cfg.learning_rate, self.block_weights)
+        else:
+            groups = [{"params": self.unet_params, "lr": self.cfg.learning_rate}]
         if self.te_params:
             groups.append({"params": self.te_params, "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
         return groups
@@ -109,7 +140,7 @@ class SDTask(Task):
     def fingerprint(self) -> dict:
         cfg = self.cfg
         return {"conv_rank": cfg.conv_rank, "train_text_encoder": cfg.train_text_encoder,
-                "images": len(self.data.items)}
+                "images": len(self.data.items), "lora_type": cfg.lora_type, "optimizer": cfg.optimizer}
 
     def build_caches(self) -> dict[str, bool]:
         """Encode every image (and caption) once when asked; afterwards no step runs the VAE (or the
@@ -129,8 +160,8 @@ class SDTask(Task):
         return self.data.epoch_samples(epoch, size)
 
     def batch_inputs(self, samples: list[Sample], data: TrainData | None = None):
-        """(latents, text conditioning, SDXL's extra UNet inputs, one generator per sample) of samples
-        of `data` (default: the training data; the validation set passes its own)."""
+        """(latents, text conditioning, SDXL's extra UNet inputs, one generator per sample, the latent
+        mask or None) of samples of `data` (default: the training data; the validation set passes its own)."""
         import torch
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -172,15 +203,22 @@ class SDTask(Task):
             originals = [(data.sizes[s.index][1], data.sizes[s.index][0]) for s in samples]
             time_ids = sdxl_time_ids(originals, [s.crop for s in samples], target, self.device)
             extra = unet_kwargs(model, pooled.to(self.weight_dtype), time_ids.to(self.weight_dtype))
-        return latents.to(self.weight_dtype), ehs.to(self.weight_dtype), extra, generators
+        mask = None
+        if self.cfg.masked_loss:  # masks follow their image's resize, crop and flip; not the VAE: cached or not
+            masks = [load_mask(data.items[s.index].path, bucket, s.resized, s.crop, s.flip, mask_dir=self.cfg.mask_dir,
+                               from_alpha=self.cfg.mask_from_alpha) for s in samples]
+            mask = batch_masks(masks, tuple(latents.shape[2:]), self.device)
+        return latents.to(self.weight_dtype), ehs.to(self.weight_dtype), extra, generators, mask
 
     def loss(self, items: list[Sample], modules: list):
         import torch
 
-        latents, ehs, extra, generators = self.batch_inputs(items)
+        cfg = self.cfg
+        latents, ehs, extra, generators, mask = self.batch_inputs(items)
         with self.autocast():
-            losses = noise_losses(self.model, latents, ehs, generators, noise_offset=self.cfg.noise_offset,
-                                  min_snr_gamma=self.cfg.min_snr_gamma, unet_extra=extra, unet=modules[0])
+            losses = noise_losses(self.model, latents, ehs, generators, noise_offset=cfg.noise_offset,
+                                  min_snr_gamma=cfg.min_snr_gamma, unet_extra=extra, unet=modules[0], mask=mask,
+                                  unmasked_weight=cfg.unmasked_weight, normalize_mask=cfg.normalize_masked_area_loss)
         weights = self.data.loss_weights(items)  # regularisation images: prior_loss_weight
         if weights is not None:
             losses = losses * torch.tensor(weights, dtype=losses.dtype, device=losses.device)
@@ -202,11 +240,20 @@ class SDTask(Task):
 
     # --- output ----------------------------------------------------------------------------------
     def tensors(self) -> dict:
+        if self.spec is not None:
+            return model_lycoris_tensors(self.model.arch, self.model.unet, self.trained_encoders)
         return model_lora_tensors(self.model.arch, self.model.unet, self.trained_encoders)
 
     def write_adapter(self, path: Path, name: str, progress: Progress, final: bool) -> None:
+        import json
+
         tensors = self.tensors()
         metadata = training_metadata(self.cfg, self.model, self.data, progress, tensors, name, self.base_hash)
+        if self.spec is not None:  # ss_network_module / _args / _dim / _alpha as kohya writes a LyCORIS network
+            metadata.update(lycoris_metadata(self.spec))
+        blocks = block_network_args(self.cfg)
+        if blocks:
+            metadata["ss_network_args"] = json.dumps({**json.loads(metadata["ss_network_args"]), **blocks})
         save_lora_file(path, tensors, metadata)
 
     def finish(self, output_dir: Path, progress: Progress) -> Finish:

@@ -125,7 +125,7 @@ def validation_loss(task, data) -> float:
     total, count = 0.0, 0
     with _scoring([model.unet, *task.trained_encoders]):
         for batch in validation_batches(data, cfg.batch_size, seed):
-            latents, ehs, extra, _ = task.batch_inputs(batch, data)
+            latents, ehs, extra, _, _ = task.batch_inputs(batch, data)  # unmasked: the plain loss
             for t in timesteps:
                 generators = [torch.Generator().manual_seed(random.Random(f"{s.noise_seed}-{t}").getrandbits(63))
                               for s in batch]

@@ -9,7 +9,7 @@ stores and forwards them (docs/protocol.md lists them with the daemon's own kind
 | `buckets` | `histogram`: training items per size bucket (SD: `"WxH"` aspect-ratio buckets; LLM: token-length ranges `"33-64"`) |
 | `cached` | `latents`, `text`: which caches were built before the first step (false where the task has none) |
 | `started` | `total` steps, `step` (where a resumed run continues; 0 otherwise) |
-| `progress` | `step`, `total`, `loss`, `lr`, `it_s`, `eta_s` (after each optimizer step) |
+| `progress` | `step`, `total`, `loss`, `lr`, `it_s`, `eta_s` (after each optimizer step; `lr`: the first group's rate for the next step, Prodigy's adapted d x lr) |
 | `checkpoint` | `step`, `path` (the loadable adapter; "" for the state a stop writes), `state` (the training state folder); plus the evaluation's `METRICS` where the task computed them |
 | `sample` | `step`, `paths` (the files holding the samples), `texts` (generated text per prompt; empty for image tasks) |
 | `finished` | `outputs` (name -> path: `lora`, `deployed`, and the task's own such as `grid`, `merged`, or an LLM's `gguf_adapter`, `gguf_base`, `modelfile`, `merged_gguf`, `textgen`), `steps` |

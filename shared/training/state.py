@@ -6,6 +6,7 @@ A state is a folder `checkpoints/state-stepNNNNNN/` beside the loadable checkpoi
 - `lora.safetensors`: the trained tensors by name (the task's `trainable()`);
 - `optimizer.pt`, `scheduler.pt`: their state dicts;
 - `rng.pt`: every rank's torch (and CUDA) RNG state;
+- `extras.pt` (where the loop keeps more, e.g. the EMA's shadow weights): tensors and numbers by name;
 - `trainer.json`, written last: step, epoch, the next micro-batch of the epoch, the losses so far,
   the start time, and the fingerprint of the settings a resume must match.
 
@@ -78,7 +79,8 @@ def resolve_resume(resume: str | None, checkpoints: Path) -> Path | None:
     return path
 
 
-def save_state(folder: Path, step: int, *, lora: dict, optimizer, scheduler, rng, trainer: dict) -> Path:
+def save_state(folder: Path, step: int, *, lora: dict, optimizer, scheduler, rng, trainer: dict,
+               extras: dict | None = None) -> Path:
     """Write `state-step<step>` into `folder` (replacing one of the same step); returns its path."""
     import torch
     from safetensors.torch import save_file
@@ -93,6 +95,8 @@ def save_state(folder: Path, step: int, *, lora: dict, optimizer, scheduler, rng
         torch.save(optimizer.state_dict(), str(tmp / "optimizer.pt"))
         torch.save(scheduler.state_dict(), str(tmp / "scheduler.pt"))
         torch.save(rng, str(tmp / "rng.pt"))
+        if extras:
+            torch.save(extras, str(tmp / "extras.pt"))
         (tmp / "trainer.json").write_text(json.dumps({**trainer, "step": step}, indent=2), encoding="utf-8")
         for name in os.listdir(tmp):
             with open(tmp / name, "rb") as fh:
@@ -107,8 +111,8 @@ def save_state(folder: Path, step: int, *, lora: dict, optimizer, scheduler, rng
 
 
 def load_state(path: Path) -> dict:
-    """A state's parts: `lora`, `optimizer`, `scheduler`, `rng`, `trainer`. A damaged state is one
-    line naming it."""
+    """A state's parts: `lora`, `optimizer`, `scheduler`, `rng`, `trainer`, `extras` ({} when it has
+    none). A damaged state is one line naming it."""
     import torch
     from safetensors.torch import load_file
 
@@ -120,6 +124,8 @@ def load_state(path: Path) -> dict:
             "scheduler": torch.load(str(path / "scheduler.pt"), map_location="cpu", weights_only=True),
             "rng": torch.load(str(path / "rng.pt"), map_location="cpu", weights_only=True),
             "trainer": json.loads((path / "trainer.json").read_text(encoding="utf-8")),
+            "extras": (torch.load(str(path / "extras.pt"), map_location="cpu", weights_only=True)
+                       if (path / "extras.pt").is_file() else {}),
         }
     except Exception as exc:  # noqa: BLE001 - any damage means the same thing to the user
         raise ConfigError(f"resume: {path} cannot be read ({type(exc).__name__}: {str(exc)[:150]})") from None

@@ -20,7 +20,7 @@ from lora_daemon_webui import form, plot, watch  # noqa: E402
 
 def form_values(tmp_path, advanced="", **fields):
     settings = dict(lora_rank=8, lora_alpha=16, batch_size=1, epochs=10, max_train_steps=0, learning_rate=2e-4,
-                    seed=42, resolution=512)
+                    seed=42, resolution=512, preset="none")
     host_fields = {k: fields.pop(k) for k in ("base_model", "dataset", "caption_source", "output_name") if k in fields}
     settings.update(fields)
     values = dict(base_model="/models/sd15.safetensors", dataset=str(tmp_path), caption_source=form.CAPTION_AUTO,
@@ -63,7 +63,7 @@ def test_the_form_shows_what_the_declarations_say():
     (dict(lora_rank=2.5), "Rank: expected a whole number, got 2.5"),
     (dict(lora_rank=None), "Rank: enter a number"),
     (dict(lora_rank=5000), "Rank: must be at least 1 and at most 4096, got 5000"),
-    (dict(learning_rate=0), "Learning rate: must be greater than 0 and less than 1, got 0"),
+    (dict(learning_rate=0), "Learning rate: must be greater than 0 and at most 10, got 0"),
     (dict(resolution=32), "Resolution: must be at least 64 and at most 8192, got 32"),
     (dict(resolution=516), "Resolution: must be a multiple of 8, got 516"),
     (dict(noise_offset="lots"), "Noise offset: expected a number, got 'lots'"),
@@ -312,3 +312,13 @@ def test_a_finished_job_renders_the_lora_cards_for_pages_loaded_later(tmp_path):
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["api"] == ["fresh"] and "data-name='fresh'" not in seen["before"]
     assert "data-name='fresh'" in seen["after"]  # what pages_html hands the next page load
+
+
+def test_with_a_preset_the_fields_left_at_their_default_give_way(tmp_path):
+    """The basic fields are always sent, except under a chosen preset: then a field still at its declared
+    default is left out, so the preset's value applies; a changed field and the YAML box still win."""
+    config = form.build_config(**form_values(tmp_path, preset="sdxl-character-12gb", lora_rank=64,
+                                             advanced="batch_size: 2\n"))
+    assert config["preset"] == "sdxl-character-12gb" and config["lora_rank"] == 64 and config["batch_size"] == 2
+    assert not {"learning_rate", "resolution", "lora_alpha", "epochs"} & set(config)
+    assert "preset" not in form.build_config(**form_values(tmp_path))  # "none": no key at all
