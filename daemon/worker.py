@@ -116,7 +116,7 @@ def dry_run(cfg, task: str, channel: Channel) -> dict:
     channel.send(event="started", data={"total": 1, "dry_run": True})
     images = None
     if task == "sd":
-        from shared.sd.dataset import scan_dataset
+        from shared.images.dataset import scan_dataset
 
         images = len(scan_dataset(cfg.train_data_dir, cfg.metadata_path).items)
     channel.send(event="progress", data={"step": 1, "total": 1})

@@ -140,7 +140,7 @@ def scan_data(values: Mapping[str, Any], family: ModelFamily) -> int:
     """Read the data set as the trainer will, short of decoding images or tokenizing text: the number of
     images (SD) or rows (LLM)."""
     if family.task == "sd":
-        from shared.sd.dataset import scan_dataset  # captions and image headers only (PIL, no torch)
+        from shared.images.dataset import scan_dataset  # captions and image headers only (PIL, no torch)
 
         return len(scan_dataset(values["train_data_dir"], values["metadata_path"], values["caption_extension"]).items)
     from shared.llm.data import parse_record, read_records  # no tokenizer needed

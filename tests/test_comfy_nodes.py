@@ -314,7 +314,7 @@ def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
 
 def test_auto_label_node_captions_the_folder_and_passes_it_on(daemon, comfy, tmp_path):
     from shared.fixtures.tiny_clip import build_tiny_clip
-    from shared.sd.dataset import scan_dataset
+    from shared.images.dataset import scan_dataset
 
     clip_files = build_tiny_clip(tmp_path / "clip")
     images = make_image_folder(tmp_path / "to_label", count=3, captions="none")

@@ -86,7 +86,7 @@ def inject_flux_lora(transformer, targets: list[BflLinear], *, rank: int, alpha:
     A. Everything else is frozen. Returns the trainable parameters (each once)."""
     import torch
 
-    from shared.sd.lora import inject_lora, is_lora_param
+    from shared.images.lora import inject_lora, is_lora_param
 
     parts = [p for t in targets for p in t.parts]
     inject_lora(transformer, parts, rank=rank, alpha=alpha, dropout=dropout, init=init, init_std=init_std)
@@ -127,6 +127,6 @@ def trained_targets(transformer) -> list[BflLinear]:
 
 def clip_l_targets(text_encoder) -> list[str]:
     """CLIP-L's attention and MLP Linears, kohya's text-encoder targets (as for SD)."""
-    from shared.sd.lora import kohya_text_encoder_targets
+    from shared.images.lora import kohya_text_encoder_targets
 
     return kohya_text_encoder_targets(text_encoder)

@@ -16,13 +16,13 @@ from shared.flux.conditioning import FluxText, encode_text
 
 
 def default_cache_dir() -> Path:
-    from shared.sd.caching import default_cache_dir as latents_dir
+    from shared.images.latent_cache import default_cache_dir as latents_dir
 
     return latents_dir().parent / "flux-text"
 
 
 def encoders_fingerprint(model) -> str:
-    from shared.sd.caching import module_hash
+    from shared.images.latent_cache import module_hash
 
     return hashlib.sha256((module_hash(model.text_encoder) + module_hash(model.text_encoder_2)).encode()).hexdigest()
 

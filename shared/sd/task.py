@@ -10,22 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.sd.base_model import load_sd_model
-from shared.sd.caching import build_latent_cache, build_text_cache
-from shared.sd.conditioning import encode_text, sdxl_time_ids, unet_kwargs
-from shared.sd.dataset import load_pixels, tokenize
-from shared.sd.export import legacy_model_hash, sidecar_json, training_metadata
-from shared.sd.kohya_export import model_lora_tensors, save_lora_file
-from shared.sd.lora import (
+from shared.images.dataset import load_pixels, tokenize
+from shared.images.latent_cache import build_latent_cache
+from shared.images.lora import (
     inject_lora,
     is_lora_param,
     kohya_conv_targets,
     kohya_text_encoder_targets,
     kohya_unet_targets,
 )
+from shared.images.train_data import Sample, plan_data
+from shared.images.training_metadata import legacy_model_hash
+from shared.sd.base_model import load_sd_model
+from shared.sd.caching import build_text_cache
+from shared.sd.conditioning import encode_text, sdxl_time_ids, unet_kwargs
+from shared.sd.export import sidecar_json, training_metadata
+from shared.sd.kohya_export import model_lora_tensors, save_lora_file
 from shared.sd.loss import noise_losses
 from shared.sd.sampling import before_after_grid, preview_image, render_samples
-from shared.sd.train_data import Sample, plan_data
 from shared.training.task import Finish, Precision, Progress, Samples, Task
 
 
@@ -56,7 +58,7 @@ class SDTask(Task):
         for encoder in model.text_encoders:
             _place(encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
         _place(model.unet, self.device, self.weight_dtype)
-        self.data = plan_data(cfg, model, self.reporter)
+        self.data = plan_data(cfg, model.resolution_multiple, self.reporter)
         self._inject()
         base = Path(cfg.base_model)
         self.base_hash = legacy_model_hash(base) if base.is_file() else None
@@ -115,7 +117,7 @@ class SDTask(Task):
         text encoders)."""
         cfg = self.cfg
         if cfg.cache_latents != "no":
-            self.latent_cache = build_latent_cache(cfg, self.model, self.data, self.device, self.reporter)
+            self.latent_cache = build_latent_cache(cfg, self.model.vae, self.data, self.device, self.reporter)
         if cfg.cache_text_encoder_outputs:
             prompts = [*(cfg.sample_prompts or []), ""]  # "": the negative prompt of every render
             self.text_cache = build_text_cache(self.model, self.data, self.device, self.reporter, prompts)

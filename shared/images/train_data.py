@@ -1,6 +1,6 @@
-"""What each step of an SD job trains: the items and their buckets, the per-epoch batch order, and each
-sample's augmentation and noise seed, all drawn from the seed (so a resumed run and a run on any
-number of processes see the same samples)."""
+"""What each step of an image job (SD, Flux) trains: the items and their buckets, the per-epoch batch
+order, and each sample's augmentation and noise seed, all drawn from the seed (so a resumed run and a
+run on any number of processes see the same samples)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import random
 from dataclasses import dataclass
 
-from shared.sd.buckets import BucketPlan, assign_buckets, epoch_batches
-from shared.sd.dataset import image_size, plan_crop, process_caption, scan_dataset
+from shared.images.buckets import BucketPlan, assign_buckets, epoch_batches
+from shared.images.dataset import image_size, plan_crop, process_caption, scan_dataset
 from shared.training.ranks import shard
 
 
@@ -73,14 +73,13 @@ class TrainData:
         return {f"{w}x{h}": n for (w, h), n in sorted(self.plan.histogram(self.repeats).items())}
 
 
-def plan_data(cfg, model, reporter, processes: int = 1, rank: int = 0) -> TrainData:
-    """Scan the data set and put each image in a bucket that the model's down-sampling allows."""
+def plan_data(cfg, multiple: int, reporter, processes: int = 1, rank: int = 0) -> TrainData:
+    """Scan the data set and put each image in a bucket whose sides are multiples of `multiple`: what
+    the model's own downsampling allows (SD: VAE x UNet; Flux: VAE x the 2x2 packing). The resolution
+    itself was checked against the same multiple, read from the checkpoint's header, by the pre-flight."""
     scan = scan_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension)
     reporter.log(scan.summary())
-    # a bucket side must survive the VAE's and the UNet's downsampling (the resolution itself was checked
-    # against the same multiple, read from the checkpoint's header, by the pre-flight)
-    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    need = vae_factor * 2 ** (len(model.unet.config.down_block_types) - 1)
+    need = multiple
     step = math.ceil(cfg.bucket_reso_steps / need) * need
     min_size = max(step, min(cfg.min_bucket_reso, cfg.resolution // 2) // step * step)
     max_size = max(cfg.max_bucket_reso, cfg.resolution)
