@@ -115,7 +115,7 @@ def dry_run(cfg, task: str, channel: Channel) -> dict:
     The load tests queue these by the hundred; a user can use them to check a config on the daemon."""
     channel.send(event="started", data={"total": 1, "dry_run": True})
     images = None
-    if task == "sd":
+    if task in ("sd", "flux"):
         from shared.images.dataset import scan_dataset
 
         images = len(scan_dataset(cfg.train_data_dir, cfg.metadata_path).items)

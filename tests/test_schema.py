@@ -43,7 +43,7 @@ def test_the_job_config_json_schema_carries_the_declarations():
     lr = train["properties"]["learning_rate"]
     assert lr["exclusiveMinimum"] == 0 and lr["exclusiveMaximum"] == 1 and lr["x-form"]["level"] == "basic"
     res = train["properties"]["resolution"]
-    assert res["multipleOf"] == 8 and res["x-tasks"] == ["sd"]
+    assert res["multipleOf"] == 8 and res["x-tasks"] == ["flux", "sd"]
     assert train["properties"]["max_train_steps"]["type"] == ["integer", "null"]
     assert train["properties"]["output_name"]["pattern"].startswith("^(?:")
     assert train["required"] == ["base_model", "train_data_dir"] and train["additionalProperties"] is False

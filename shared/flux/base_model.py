@@ -50,6 +50,11 @@ class FluxModel:
     def guidance_embeds(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)
 
+    @property
+    def resolution_multiple(self) -> int:
+        """What an image side must be a multiple of: the autoencoder's downsampling times the 2x2 packing."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) * 2
+
 
 
 def shipped_config_dir(variant: str) -> Path:

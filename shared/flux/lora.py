@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from shared.flux.layout import BflLinear, block_linears
+from shared.schema import flux as schema_flux
 
 # kohya's layer groups (its img_attn_dim, ..., single_dim, single_mod_dim network args)
 LORA_PARTS = {
@@ -33,9 +34,10 @@ LORA_PARTS = {
     "single": ("linear1", "linear2"),
     "single_mod": ("modulation.lin",),
 }
-# Attention and MLP of both block kinds; the modulation Linears are left out, as musubi-tuner and
-# kohya's newer trainers do by default (community reports: better results, and they are the largest)
-DEFAULT_PARTS = ("img_attn", "img_mlp", "txt_attn", "txt_mlp", "single")
+# The default (declared with the flux_lora_parts setting): attention and MLP of both block kinds; the
+# modulation Linears are left out, as musubi-tuner and kohya's newer trainers do by default (community
+# reports: better results, and they are the largest)
+DEFAULT_PARTS = schema_flux.DEFAULT_PARTS
 ADAPTER = "default"
 
 

@@ -15,9 +15,12 @@ def build_pipeline(model):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
-    pipe = FluxPipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
-                        tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
-                        transformer=model.transformer)
+    # an encoder freed after caching (its weights on the meta device) is left out: the pipeline would
+    # take its device from it, and prompts then come as embeddings
+    encoders = [None if e is None or next(e.parameters()).device.type == "meta" else e
+                for e in (model.text_encoder, model.text_encoder_2)]
+    pipe = FluxPipeline(scheduler=scheduler, vae=model.vae, text_encoder=encoders[0], tokenizer=model.tokenizer,
+                        text_encoder_2=encoders[1], tokenizer_2=model.tokenizer_2, transformer=model.transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -23,14 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import data, images, label, launch, llm, lora, model, output, samples, training
+from . import data, flux, images, label, launch, llm, lora, model, output, samples, training
 from .setting import (
     BASIC,
     COMMON,
+    FLUX,
+    FLUX_ONLY,
+    IMAGES,
     LABEL_ONLY,
     LLM,
     LLM_ONLY,
     SD,
+    SD_LLM,
     SD_ONLY,
     TASK_NAMES,
     Form,
@@ -41,11 +45,12 @@ from .setting import (
     did_you_mean,
 )
 
-__all__ = ["BASIC", "COMMON", "FAMILY_RULES", "LABEL", "LABEL_ONLY", "LLM", "LLM_ONLY", "RULES", "SD", "SD_ONLY", "SECTIONS",
+__all__ = ["BASIC", "COMMON", "FAMILY_RULES", "FLUX", "FLUX_ONLY", "IMAGES", "LABEL", "LABEL_ONLY", "LLM", "LLM_ONLY",
+           "RULES", "SD", "SD_LLM", "SD_ONLY", "SECTIONS",
            "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical", "coerce", "coerce_config",
            "for_task", "form_settings", "unset_number"]
 
-_TRAIN_SECTIONS = (model, data, lora, training, images, samples, output, llm, launch)
+_TRAIN_SECTIONS = (model, data, lora, training, images, samples, output, llm, flux, launch)
 
 
 def _table(modules) -> dict[str, Setting]:
@@ -66,7 +71,7 @@ SECTIONS: list[str] = [module.SECTION for module in _TRAIN_SECTIONS]
 
 
 def for_task(task: str, table: Mapping[str, Setting] | None = None) -> list[Setting]:
-    """The settings a job of `task` (sd, llm, label) reads, in declaration order."""
+    """The settings a job of `task` (sd, flux, llm, label) reads, in declaration order."""
     table = LABEL if task == "label" else (table or TRAIN)
     return [s for s in table.values() if task in s.tasks]
 
@@ -109,7 +114,8 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
     for key, setting in table.items():
         if values.get(key) is None and setting.required:
             raise ConfigError(f"{where(key)}: missing required {what} {key!r} ({setting.help})")
-        values.setdefault(key, setting.default)
+        # a list's default is declared as a tuple (a dataclass default must not be mutable); a job gets a list
+        values.setdefault(key, list(setting.default) if isinstance(setting.default, tuple) else setting.default)
     if kind == "train":
         for rule in RULES:
             problem = rule.check(values)
@@ -121,4 +127,5 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
 
 def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
     """JSON-able values (paths as text): what a job stores and its worker and ranks rebuild from."""
-    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else v) for k, v in values.items()}
+    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in values.items()}

@@ -45,7 +45,7 @@ def property_schema(setting: Setting) -> dict[str, Any]:
     if setting.pattern:
         prop["pattern"] = f"^(?:{setting.pattern})$"
     if setting.default is not None:
-        prop["default"] = setting.default
+        prop["default"] = list(setting.default) if isinstance(setting.default, tuple) else setting.default
     prop["description"] = setting.help
     prop["x-tasks"] = sorted(setting.tasks)
     prop["x-section"] = setting.section

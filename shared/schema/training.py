@@ -1,6 +1,6 @@
 """The optimisation: batch, length, learning rate and schedule, precision and device."""
 
-from .setting import SD_ONLY, Form, Rule, Setting
+from .setting import IMAGES, SD_ONLY, Form, Rule, Setting
 
 SECTION = "Training"
 DEVICE_PATTERN = r"auto|cpu|mps|(cuda|xpu)(:[0-9]{1,3})?"
@@ -17,7 +17,7 @@ SETTINGS = (
             optional=True, minimum=1, maximum=10_000_000, form=Form("basic", "Steps", id="steps")),
     Setting("learning_rate", float, 2e-4, "AdamW learning rate.", minimum=0, exclusive_minimum=True, maximum=1,
             exclusive_maximum=True, form=Form("basic", "Learning rate", id="lr", step=1e-5)),
-    Setting("optimizer", str, "adamw", "adamw8bit needs bitsandbytes and a CUDA GPU.", tasks=SD_ONLY,
+    Setting("optimizer", str, "adamw", "adamw8bit needs bitsandbytes and a CUDA GPU.", tasks=IMAGES,
             choices=("adamw", "adamw8bit")),
     Setting("weight_decay", float, 0.01, "AdamW weight decay.", minimum=0, maximum=1, form=Form(step=0.01)),
     Setting("max_grad_norm", float, 1.0, "Clip gradients to this norm (0 disables).", minimum=0,
@@ -33,7 +33,8 @@ SETTINGS = (
     Setting("seed", int, 42, "Random seed for init, noise, timesteps and data order.", minimum=0,
             maximum=2**32 - 1, form=Form("basic", "Seed")),
     Setting("mixed_precision", str, "no", "Mixed precision (GPU only).", choices=("no", "fp16", "bf16")),
-    Setting("gradient_checkpointing", bool, False, "Trade compute for memory in the UNet / LM."),
+    Setting("gradient_checkpointing", bool, False, "Trade compute for memory in the UNet / LM / Flux transformer (a "
+            "Flux job on a GPU always checkpoints: its activations at 1024 px need it)."),
     Setting("device", str, "auto", f"{DEVICE_HELP}.", pattern=DEVICE_PATTERN, pattern_help=DEVICE_HELP),
 )
 
@@ -44,4 +45,4 @@ def _eight_bit_on_cpu(v) -> str | None:
     return None
 
 
-RULES = (Rule(("optimizer", "device"), _eight_bit_on_cpu, tasks=SD_ONLY),)
+RULES = (Rule(("optimizer", "device"), _eight_bit_on_cpu, tasks=IMAGES),)
