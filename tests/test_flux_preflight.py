@@ -109,6 +109,8 @@ def test_flux_rules_resolution_blocks_and_guidance(tmp_path, tiny_flux, tiny_flu
         check({**base, "flux_lora_parts": ["attn"]}, source="job.yaml")
     with pytest.raises(ConfigError, match="flux_text_cache: disk needs fixed captions; turn off shuffle_caption"):
         check({**base, "flux_text_cache": "disk", "shuffle_caption": True}, source="job.yaml")
+    with pytest.raises(ConfigError, match="blocks_to_swap: block swap runs in a single process .num_processes is 2."):
+        check({**base, "blocks_to_swap": 2, "num_processes": 2}, source="job.yaml")
     assert check({**base, "fp8_base": True}, source="job.yaml").config.fp8_base == "true"  # YAML's true
     schnell = {**base, "base_model": str(tiny_flux_schnell["comfy"]), "model_config": str(tiny_flux_schnell["model_config"])}
     with pytest.raises(ConfigError, match="guidance_scale: FLUX.1-schnell has no guidance embedding"):

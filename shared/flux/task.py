@@ -17,6 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from shared.errors import ConfigError
 from shared.flux.base_model import load_flux_model
 from shared.flux.block_swap import BlockSwap
 from shared.flux.conditioning import FluxText, clip_pooled, encode_text, latent_params, sample_latents
@@ -39,6 +40,12 @@ from shared.model_family import model_family
 from shared.training.task import Finish, Precision, Progress, Samples, Task
 
 TEXT_CACHE_VERSION = "flux-text-1"  # part of the text cache's fingerprint: bump when encoding changes
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def storage_dtype(precision: Precision):
@@ -80,6 +87,11 @@ class FluxTask(Task):
         self.device, self.autocast, self.dtype = precision.device, precision.autocast, storage_dtype(precision)
         blocks = model_family(Path(cfg.base_model), cfg.model_config, "flux").blocks  # the header, again: no weights
         self.plan = plan_for(cfg, self.device, max_blocks=sum(blocks))
+        if self.plan.blocks_to_swap and world_size() > 1:
+            # DDP's first broadcast and gradient hooks expect every weight on the rank's device
+            raise ConfigError(f"blocks_to_swap: {self.plan.blocks_to_swap} blocks to swap ({cfg.blocks_to_swap}), but "
+                              "block swap runs in a single process; set num_processes: 1, or fp8_base: true and "
+                              "blocks_to_swap: 0 on cards that hold the model")
         self.model = model = load_flux_model(
             cfg.base_model, ae=cfg.flux_ae, clip_l=cfg.flux_clip_l, t5xxl=cfg.flux_t5xxl, t5_tokenizer=cfg.t5_tokenizer,
             model_config=cfg.model_config, dtype=self.dtype, fp8_base=self.plan.fp8_base)

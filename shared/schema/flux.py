@@ -148,6 +148,13 @@ def _blocks_exist(v, family) -> str | None:
     return None
 
 
+def _swap_in_one_process(v) -> str | None:
+    if v["blocks_to_swap"] != "auto" and int(v["blocks_to_swap"]) > 0 and v["num_processes"] > 1:
+        return (f"blocks_to_swap: block swap runs in a single process (num_processes is {v['num_processes']}); set "
+                "blocks_to_swap: 0, or num_processes: 1")
+    return None
+
+
 def _guidance_is_for_dev(v, family) -> str | None:
     if family.arch == "flux1-schnell" and v["guidance_scale"] != 1.0:
         return ("guidance_scale: FLUX.1-schnell has no guidance embedding, so the value does nothing; remove "
@@ -159,6 +166,7 @@ RULES = (
     Rule(("flux_lora_parts",), _known_parts, tasks=FLUX_ONLY),
     Rule(("flux_text_cache", "shuffle_caption", "caption_dropout_rate"), _text_cache_needs_fixed_captions,
          tasks=FLUX_ONLY),
+    Rule(("blocks_to_swap", "num_processes"), _swap_in_one_process, tasks=FLUX_ONLY),
     Rule(("flux_ae", "flux_clip_l", "flux_t5xxl", "base_model"), _the_separate_files, tasks=FLUX_ONLY, family=True),
     Rule(("resolution",), _fits_the_packing, tasks=FLUX_ONLY, family=True),
     Rule(("flux_double_blocks", "flux_single_blocks", "blocks_to_swap"), _blocks_exist, tasks=FLUX_ONLY,
