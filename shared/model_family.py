@@ -43,6 +43,7 @@ class ModelFamily:
     how: str  # how it was told, for messages
     layout: str | None = None  # Flux: bfl (the transformer alone), comfy (all-in-one) or diffusers
     blocks: tuple[int, int] | None = None  # Flux: (double, single) transformer blocks
+    fp8: bool = False  # Flux: the file stores the blocks' weights in float8_e4m3fn
 
     @property
     def name(self) -> str:
@@ -56,8 +57,9 @@ class ModelFamily:
         return f"{'an' if what[0] in 'aeiouAEIOS' else 'a'} {what} ({self.how})"
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} from a .safetensors file's header; ModelError naming the file if it is not one."""
+def read_safetensors_header(path: Path, dtypes: dict[str, str] | None = None) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a .safetensors file's header; ModelError naming the file if it is not one.
+    `dtypes`, when given, is filled with {tensor name: dtype} (F16, BF16, F8_E4M3, ...)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -79,6 +81,8 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
         if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
             raise ModelError(f"base_model: {path}: not a readable checkpoint (tensor {name!r:.80} has no shape)")
         shapes[name] = tuple(shape)
+        if dtypes is not None:
+            dtypes[name] = str(info.get("dtype"))
     return shapes
 
 
@@ -108,7 +112,7 @@ def _count_blocks(shapes, prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _flux_single_file(shapes: dict[str, tuple[int, ...]]) -> ModelFamily | None:
+def _flux_single_file(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> ModelFamily | None:
     """A Flux family from a header's names (the BFL marker keys, bare or under ComfyUI's prefix), else None."""
     from shared.flux.layout import GUIDANCE_MARKER, MARKER_KEYS
 
@@ -116,7 +120,8 @@ def _flux_single_file(shapes: dict[str, tuple[int, ...]]) -> ModelFamily | None:
         if all(prefix + k in shapes for k in MARKER_KEYS):
             variant = "dev" if prefix + GUIDANCE_MARKER in shapes else "schnell"
             blocks = (_count_blocks(shapes, prefix + "double_blocks."), _count_blocks(shapes, prefix + "single_blocks."))
-            return ModelFamily("flux", f"flux1-{variant}", FLUX_MULTIPLE, "its safetensors header", layout, blocks)
+            fp8 = dtypes.get(prefix + MARKER_KEYS[0]) == "F8_E4M3"
+            return ModelFamily("flux", f"flux1-{variant}", FLUX_MULTIPLE, "its safetensors header", layout, blocks, fp8)
     return None
 
 
@@ -180,8 +185,9 @@ def model_family(base_model: Path, model_config: Path | None = None, task: str =
     if base.is_file():
         suffix = base.suffix.lower()
         if suffix == ".safetensors":
-            shapes = read_safetensors_header(base)
-            family = _flux_single_file(shapes) or _sd_single_file(base, shapes)
+            dtypes: dict[str, str] = {}
+            shapes = read_safetensors_header(base, dtypes)
+            family = _flux_single_file(shapes, dtypes) or _sd_single_file(base, shapes)
         elif suffix in SD_CHECKPOINT_SUFFIXES or task == "sd":
             multiple = _from_configs(Path(model_config)) if model_config else CONSERVATIVE_MULTIPLE
             how = "model_config" if model_config else "a pickle is not read before training: the rule every SD UNet meets"

@@ -41,6 +41,7 @@ def test_the_flux_family_comes_from_the_header_in_every_layout(tmp_path, tiny_fl
         family = model_family(tiny_flux[key])
         assert (family.task, family.arch, family.layout, family.blocks) == ("flux", "flux1-dev", layout, (2, 2)), key
     assert model_family(tiny_flux_schnell["diffusers"]).arch == "flux1-schnell"
+    assert model_family(tiny_flux["transformer_fp8"]).fp8 and not model_family(tiny_flux["transformer"]).fp8
     with pytest.raises(ConfigError, match="is a Flux model"):
         model_family(tiny_flux["transformer"], task="sd")
 
@@ -101,6 +102,8 @@ def test_flux_rules_resolution_blocks_and_guidance(tmp_path, tiny_flux, tiny_flu
         check({**base, "resolution": 72}, source="job.yaml")
     with pytest.raises(ConfigError, match="flux_single_blocks: block 5 does not exist: this model has 2 single blocks"):
         check({**base, "flux_single_blocks": "0,4-5"}, source="job.yaml")
+    with pytest.raises(ConfigError, match="flux_double_blocks: the range 1-0 runs backwards; write 0-1"):
+        check({**base, "flux_double_blocks": "1-0"}, source="job.yaml")
     with pytest.raises(ConfigError, match=r"blocks_to_swap: 9 is more than the model's 4 blocks \(2 double \+ 2 single\)"):
         check({**base, "blocks_to_swap": 9}, source="job.yaml")
     with pytest.raises(ConfigError, match="flux_double_blocks '1;2' must be all, none, or block numbers"):

@@ -28,7 +28,7 @@ LAYOUTS = {
     "bfl": lambda p: dict(base_model=p["transformer"], flux_ae=p["ae"], flux_clip_l=p["clip_l"], flux_t5xxl=p["t5xxl"],
                           model_config=p["model_config"]),
     "fp8": lambda p: dict(base_model=p["transformer_fp8"], flux_ae=p["ae"], flux_clip_l=p["clip_l"],
-                          flux_t5xxl=p["t5xxl_fp8"], model_config=p["model_config"], fp8_base="true"),
+                          flux_t5xxl=p["t5xxl_fp8"], model_config=p["model_config"]),  # fp8_base auto: on
     "comfy": lambda p: dict(base_model=p["comfy"], model_config=p["model_config"]),
     "diffusers": lambda p: dict(base_model=p["diffusers"]),
 }

@@ -85,8 +85,8 @@ class FluxTask(Task):
         card together)."""
         cfg = self.cfg
         self.device, self.autocast, self.dtype = precision.device, precision.autocast, storage_dtype(precision)
-        blocks = model_family(Path(cfg.base_model), cfg.model_config, "flux").blocks  # the header, again: no weights
-        self.plan = plan_for(cfg, self.device, max_blocks=sum(blocks))
+        family = model_family(Path(cfg.base_model), cfg.model_config, "flux")  # the header, again: no weights
+        self.plan = plan_for(cfg, self.device, max_blocks=sum(family.blocks), fp8_file=family.fp8)
         if self.plan.blocks_to_swap and world_size() > 1:
             # DDP's first broadcast and gradient hooks expect every weight on the rank's device
             raise ConfigError(f"blocks_to_swap: {self.plan.blocks_to_swap} blocks to swap ({cfg.blocks_to_swap}), but "

@@ -18,7 +18,7 @@ LORA_PARTS = ("img_attn", "img_mlp", "img_mod", "txt_attn", "txt_mlp", "txt_mod"
 # attention and MLP of both block kinds; the modulation Linears (the largest) only on request
 DEFAULT_PARTS = ("img_attn", "img_mlp", "txt_attn", "txt_mlp", "single")
 TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit_normal", "shift", "flux_shift")
-BLOCKS_PATTERN = r"all|none|\s*[0-9]{1,3}(\s*-\s*[0-9]{1,3})?(\s*,\s*[0-9]{1,3}(\s*-\s*[0-9]{1,3})?)*\s*"
+BLOCKS_PATTERN = r"all|none|\s*[0-9]{1,3}(-[0-9]{1,3})?(\s*,\s*[0-9]{1,3}(-[0-9]{1,3})?)*\s*"
 BLOCKS_HELP = "all, none, or block numbers and ranges such as 0,1,4-6"
 # The separate files a Black Forest Labs transformer file needs, and where people usually have them
 FILES = {
@@ -48,7 +48,8 @@ SETTINGS = (
             "(backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2) or a diffusers folder (tokenizer_2) "
             "keep it, or in the Hugging Face cache.", tasks=FLUX_ONLY, optional=True, path="read", exists="dir"),
     Setting("fp8_base", str, "auto", "Store the transformer blocks' weights in float8_e4m3fn (half of bf16), computed "
-            "in bf16. auto: when the bf16 model would not fit the card (never on the CPU).", tasks=FLUX_ONLY,
+            "in bf16. auto: for an fp8 file (kept bit for bit), or when the bf16 model would not fit the card.",
+            tasks=FLUX_ONLY,
             choices=("auto", "true", "false"), form=Form("basic", "fp8 base")),
     Setting("blocks_to_swap", str, "auto", "Keep this many transformer blocks (the last ones: single blocks first) in "
             "CPU RAM and bring each in for its forward and backward. auto: as many as it takes to fit the card "
@@ -131,17 +132,20 @@ def _fits_the_packing(v, family) -> str | None:
             f"autoencoder halves the image 3 times and the transformer takes 2x2 patches); use {options}")
 
 
-def _highest_block(spec: str) -> int | None:
-    numbers = [int(n) for n in re.findall(r"[0-9]+", spec)] if spec not in ("all", "none") else []
-    return max(numbers) if numbers else None
+def _block_ranges(spec: str) -> list[tuple[int, int]]:
+    """(first, last) of each number or range of a block choice (none for all and none)."""
+    return [(int(lo), int(hi or lo)) for lo, hi in re.findall(r"([0-9]+)(?:-([0-9]+))?", spec)] if spec not in (
+        "all", "none") else []
 
 
 def _blocks_exist(v, family) -> str | None:
     doubles, singles = family.blocks
     for key, count, kind in (("flux_double_blocks", doubles, "double"), ("flux_single_blocks", singles, "single")):
-        highest = _highest_block(v[key])
-        if highest is not None and highest >= count:
-            return f"{key}: block {highest} does not exist: this model has {count} {kind} blocks (0-{count - 1})"
+        for lo, hi in _block_ranges(v[key]):
+            if hi < lo:
+                return f"{key}: the range {lo}-{hi} runs backwards; write {hi}-{lo}"
+            if hi >= count:
+                return f"{key}: block {hi} does not exist: this model has {count} {kind} blocks (0-{count - 1})"
     if v["blocks_to_swap"] != "auto" and int(v["blocks_to_swap"]) > doubles + singles:
         return (f"blocks_to_swap: {v['blocks_to_swap']} is more than the model's {doubles + singles} blocks "
                 f"({doubles} double + {singles} single)")
