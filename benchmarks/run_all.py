@@ -1,6 +1,6 @@
 """Every benchmark in one run: SD and LLM training against the reference loops, their model FLOPs
-utilisation, and the daemon's costs. Writes `benchmarks/results/latest.json` and `latest.md` (or
-into --out).
+utilisation, Flux's step time and peak memory with and without fp8 storage, and the daemon's costs.
+Writes `benchmarks/results/latest.json` and `latest.md` (or into --out).
 
     python -m benchmarks.run_all            # full sizes: SD1.5 at 256 px, a 52 M LLaMA (about 20 min)
     python -m benchmarks.run_all --quick    # tiny models, few steps (a smoke test, under 3 min)
@@ -20,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks import daemon_bench, llm_compare, sd_compare
+from benchmarks import daemon_bench, flux_memory, llm_compare, sd_compare
 from benchmarks.common import REPO, machine
 
 TARGETS = {
@@ -33,9 +33,10 @@ TARGETS = {
 def _sections(quick: bool) -> dict:
     if quick:
         return {"sd": dict(size="tiny", steps=3, warmup=1, rounds=1), "llm": dict(size="tiny", warmup=1, rounds=1),
+                "flux": dict(sizes=["tiny"], steps=3, variants=["base", "fp8 base"]),
                 "daemon": dict(steps=4, subscribers=50, runs=1)}
     return {"sd": dict(size="full", steps=3, warmup=1, rounds=2), "llm": dict(size="full", warmup=1, rounds=2),
-            "daemon": dict(steps=20, subscribers=50, runs=2)}
+            "flux": dict(sizes=["tiny", "small"], steps=5), "daemon": dict(steps=20, subscribers=50, runs=2)}
 
 
 def run_all(out: Path, workdir: Path, quick: bool = False, threads: int = 1, only: list[str] | None = None) -> dict:
@@ -47,13 +48,16 @@ def run_all(out: Path, workdir: Path, quick: bool = False, threads: int = 1, onl
     if kept.get("quick") != quick:
         kept = {}
     load = [os.getloadavg()]
-    result = {**{k: kept[k] for k in ("sd", "llm", "daemon") if k in kept}, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
+    result = {**{k: kept[k] for k in ("sd", "llm", "flux", "daemon") if k in kept}, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
               "threads": threads, "machine": machine(), "targets": TARGETS}
     if not only or "sd" in only:
         result["sd"] = sd_compare.run(workdir / "sd", threads=threads, model_cache=workdir, **plan["sd"])
         load.append(os.getloadavg())
     if not only or "llm" in only:
         result["llm"] = llm_compare.run(workdir / "llm", threads=threads, model_cache=workdir, **plan["llm"])
+        load.append(os.getloadavg())
+    if not only or "flux" in only:
+        result["flux"] = flux_memory.run(workdir / "flux", threads=threads, **plan["flux"])
         load.append(os.getloadavg())
     if not only or "daemon" in only:
         result["daemon"] = daemon_bench.run(workdir / "daemon", **plan["daemon"])
@@ -104,6 +108,9 @@ def markdown(r: dict) -> str:
                   f"Matmul peak measured: {sd['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", ""]
     if "llm" in r:
         lines += llm_markdown(r["llm"], t)
+    if "flux" in r:
+        lines += ["### Flux LoRA on the CPU (through the Flux task: one image, rank 16, bf16 autocast, cached latents "
+                  "and text; the base stored in fp32 on this CPU vs fp8)", "", flux_memory.markdown(r["flux"])]
     if "daemon" in r:
         d = r["daemon"]
         fan = d["fanout"]
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/lora-daemon-bench",
                         help="scratch space; the random-weight models are written here once and reused")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every variant's process")
-    parser.add_argument("--only", nargs="*", choices=("sd", "llm", "daemon"), help="run only these sections")
+    parser.add_argument("--only", nargs="*", choices=("sd", "llm", "flux", "daemon"), help="run only these sections")
     args = parser.parse_args(argv)
     result = run_all(Path(args.out), Path(args.workdir), args.quick, args.threads, args.only)
     print(markdown(result))

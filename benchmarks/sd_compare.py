@@ -42,8 +42,8 @@ def build_model(folder: Path, which: str, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from shared.images.clip_tokenizer import clip_tokenizer
     from shared.sd.base_model import shipped_config_dir
-    from shared.sd.tokenizer import clip_tokenizer
 
     marker = folder / ".complete"
     if marker.is_file():
@@ -86,8 +86,8 @@ def worker_ours(spec: dict, cached: bool) -> dict:
     import torch
 
     from shared.config import config_from_dict
+    from shared.images.lora import lora_state
     from shared.reporting import Reporter
-    from shared.sd.lora import lora_state
     from shared.sd.task import SDTask
     from shared.train import run_training
 

@@ -33,9 +33,9 @@ RUNS = {  # name -> config keys
 def fixed_loss(paths, image_dir, lora_path=None) -> float:
     """The training images' noise loss at fixed noise and timesteps, on the base or on the base with the
     LoRA merged in the way the hosts apply it (any type: shared/sd/lora_tools/merge.py)."""
+    from shared.images.dataset import load_pixels, scan_dataset, tokenize
     from shared.sd.base_model import load_sd_model
     from shared.sd.conditioning import encode_text
-    from shared.sd.dataset import load_pixels, scan_dataset, tokenize
     from shared.sd.lora_tools.merge import merge_into_checkpoint
 
     checkpoint = paths["safetensors"]

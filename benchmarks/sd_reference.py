@@ -65,15 +65,14 @@ class ImageCaptionSet:
 def trainer_noise_seeds(spec: dict, vae, unet):
     """(epoch, batch index) -> the noise seed our trainer gives that step's sample. Only for the benchmark's
     data set of one image at batch 1, where both loops see the same image every step."""
-    from types import SimpleNamespace
-
     from shared.config import config_from_dict
+    from shared.images.train_data import plan_data
     from shared.reporting import Reporter
-    from shared.sd.train_data import plan_data
+    from shared.sd.base_model import downsampling_multiple
 
     cfg = config_from_dict(dict(base_model=spec["model"], train_data_dir=spec["data"], output_dir="unused",
                                 resolution=spec["resolution"], batch_size=spec["batch_size"], seed=spec["seed"]))
-    data = plan_data(cfg, SimpleNamespace(vae=vae, unet=unet), Reporter())
+    data = plan_data(cfg, downsampling_multiple(vae, unet), Reporter())
     if len(data.items) != 1 or spec["batch_size"] != 1:
         raise ValueError("the loss-curve comparison is defined for one image at batch 1")
 

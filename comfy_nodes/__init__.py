@@ -1,5 +1,5 @@
-"""lora-daemon's ComfyUI node pack: "Train LoRA" (backed by the trainer daemon), "LoRA job status" and
-"Auto-label dataset".
+"""lora-daemon's ComfyUI node pack: "Train LoRA" and "Train Flux LoRA" (backed by the trainer daemon),
+"LoRA job status" and "Auto-label dataset".
 
 Install with `python install.py --comfyui PATH` (it links this folder into ComfyUI's `custom_nodes/`,
 or copies it where links cannot be made; see docs/comfyui.md). ComfyUI loads it by file location under
@@ -16,15 +16,17 @@ from __future__ import annotations
 from . import thin  # noqa: F401 - first: every node module uses it
 from .label_node import AutoLabelDataset
 from .status_node import LoraJobStatus
-from .train_node import TrainLora
+from .train_node import TrainFluxLora, TrainLora
 
 NODE_CLASS_MAPPINGS = {
     "LoraDaemonTrainLoRA": TrainLora,
+    "LoraDaemonTrainFluxLoRA": TrainFluxLora,
     "LoraDaemonJobStatus": LoraJobStatus,
     "LoraDaemonAutoLabel": AutoLabelDataset,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraDaemonTrainLoRA": "Train LoRA (lora-daemon)",
+    "LoraDaemonTrainFluxLoRA": "Train Flux LoRA (lora-daemon)",
     "LoraDaemonJobStatus": "LoRA job status (lora-daemon)",
     "LoraDaemonAutoLabel": "Auto-label dataset (lora-daemon)",
 }

@@ -30,6 +30,37 @@ def checkpoint_path(name: str) -> Path:
     return Path(full).resolve()
 
 
+# ComfyUI's folder names for each kind of model file, newest first: ComfyUI since mid 2024 names them
+# diffusion_models and text_encoders (and maps the old unet and clip onto them); older ones only know
+# the old names. The kinds are the setting declarations' host widgets (shared/schema).
+MODEL_FOLDERS = {"diffusion_model": ("diffusion_models", "unet"), "vae": ("vae",),
+                 "text_encoder": ("text_encoders", "clip"), "checkpoint": ("checkpoints",)}
+
+
+def model_folder(kind: str) -> str:
+    """The folder_paths name this ComfyUI has for a kind of model file."""
+    known = folder_paths().folder_names_and_paths
+    for name in MODEL_FOLDERS[kind]:
+        if name in known:
+            return name
+    return MODEL_FOLDERS[kind][-1]
+
+
+def model_names(kind: str) -> list[str]:
+    return folder_paths().get_filename_list(model_folder(kind))
+
+
+def model_path(kind: str, name: str, field: str) -> Path:
+    """The file `name` of ComfyUI's folder for `kind`; the error names the node's input `field`."""
+    folder = model_folder(kind)
+    full = folder_paths().get_full_path(folder, name) if name else None
+    if not full:
+        raise FileNotFoundError(f"{field}: {name!r} is not in ComfyUI's {folder} folders "
+                                f"({', '.join(folder_paths().get_folder_paths(folder))}); pick one from the list "
+                                "(refresh with R)")
+    return Path(full).resolve()
+
+
 def first_lora_folder() -> Path:
     folders = folder_paths().get_folder_paths("loras")
     if not folders:

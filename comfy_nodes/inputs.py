@@ -1,6 +1,7 @@
-"""The Train LoRA node's setting inputs, generated from the declarations (shared/schema): the basic
-settings become widgets with the declared default, limits and help; everything else goes in the
-advanced YAML box. Nothing here names a setting.
+"""The training nodes' setting inputs, generated from the declarations (shared/schema): the basic
+settings of the node's task become widgets with the declared default, limits and help; the model files
+a task reads from ComfyUI's own folders (Flux's ae, CLIP-L, T5) become combos of those folders;
+everything else goes in the advanced YAML box. Nothing here names a setting.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import host
 from .thin import schema
 
 # ComfyUI's frontend gives every INT input named `seed` or `noise_seed` a "control after generate" widget
@@ -20,8 +22,24 @@ SAMPLER_SEED_NAMES = ("seed", "noise_seed")
 INT_MAX = 2**53  # the largest integer the frontend's numbers hold exactly; without a max it would cap at 2048
 
 
-def basic_settings() -> list:
-    return schema.form_settings(schema.SD, schema.BASIC)
+def basic_settings(task: str = schema.SD) -> list:
+    return schema.form_settings(task, schema.BASIC)
+
+
+def model_file_settings(task: str) -> list:
+    """The path settings a host fills from one of its model folders (Form level host, widget the kind)."""
+    return [s for s in schema.for_task(task) if s.form.level == "host" and s.form.widget in host.MODEL_FOLDERS]
+
+
+def model_file_inputs(task: str) -> dict[str, tuple]:
+    """A combo of ComfyUI's folder for each model-file setting of `task`."""
+    return {s.name: (host.model_names(s.form.widget), {"tooltip": s.help}) for s in model_file_settings(task)}
+
+
+def model_files(values: dict[str, Any], task: str) -> dict[str, Path]:
+    """{setting: file} for the chosen model-file inputs (ComfyUI's own lookup of each name)."""
+    return {s.name: host.model_path(s.form.widget, values[s.name], s.name) for s in model_file_settings(task)
+            if values.get(s.name)}
 
 
 def input_name(setting) -> str:
@@ -55,15 +73,15 @@ def widget(setting) -> tuple[Any, dict]:
     return "STRING", {**options, "default": str(default), "multiline": setting.form.widget == "lines"}
 
 
-def inputs() -> dict[str, tuple]:
-    return {input_name(s): widget(s) for s in basic_settings()}
+def inputs(task: str = schema.SD) -> dict[str, tuple]:
+    return {input_name(s): widget(s) for s in basic_settings(task)}
 
 
-def config_values(values: dict[str, Any]) -> dict[str, Any]:
+def config_values(values: dict[str, Any], task: str = schema.SD) -> dict[str, Any]:
     """{config key: value} from the node's input values (by input name); "not set" leaves the key out, and so
     does a widget at its default when a preset is chosen (the preset's value applies)."""
     out = {}
-    for setting in basic_settings():
+    for setting in basic_settings(task):
         name = input_name(setting)
         if name not in values:
             continue

@@ -40,13 +40,16 @@ def dataset_listing(folder: Path) -> list[list]:
     return listing
 
 
-def cache_key(settings: dict, checkpoint: Path, dataset: Path) -> str:
-    """sha256 over the settings (JSON, sorted keys), the checkpoint identity and the data set listing."""
+def cache_key(settings: dict, checkpoint: Path, dataset: Path, model_files: dict[str, Path] | None = None) -> str:
+    """sha256 over the settings (JSON, sorted keys), the checkpoint identity, the other model files'
+    (Flux's ae, CLIP-L, T5) and the data set listing."""
     payload = {
         "settings": settings,
         "checkpoint": file_identity(checkpoint),
         "dataset": [str(dataset), dataset_listing(dataset)],
     }
+    if model_files:
+        payload["model_files"] = {key: file_identity(path) for key, path in model_files.items()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -48,8 +48,17 @@ def parse_advanced(text: str) -> dict:
 class TrainPlan:
     """What one set of node inputs means: the daemon config, where the file goes, and its cache key."""
 
+    task = thin.schema.SD
+    INPUTS = ("checkpoint", "dataset_folder", "caption_source", "output_name", "advanced")
+
     def __init__(self, checkpoint, dataset_folder, caption_source, output_name, advanced="", **settings):
-        self.checkpoint = host.checkpoint_path(checkpoint)
+        self._plan(host.checkpoint_path(checkpoint), {}, dataset_folder, caption_source, output_name, advanced,
+                   settings)
+
+    def _plan(self, base_model: Path, model_files: dict[str, Path], dataset_folder, caption_source, output_name,
+              advanced, settings) -> None:
+        self.checkpoint = base_model
+        self.model_files = model_files
         self.base_dir = host.base_path()
         if not str(dataset_folder).strip():
             raise TrainingFailed("dataset_folder: empty; give the folder of training images")
@@ -64,9 +73,10 @@ class TrainPlan:
 
         config = {
             "base_model": str(self.checkpoint),
+            **{key: str(path) for key, path in model_files.items()},
             "train_data_dir": str(self.dataset),
             "output_name": str(output_name).strip(),
-            **inputs.config_values(settings),
+            **inputs.config_values(settings, self.task),
         }
         csv = self.dataset / "metadata.csv"
         if caption_source == "metadata.csv":
@@ -84,7 +94,8 @@ class TrainPlan:
         deploy_dir = overrides.get("deploy_dir")
         same = deploy_dir and (self.base_dir / Path(str(deploy_dir)).expanduser()).resolve() == self.lora_folder
         self.deploy_dirs = [] if same else [self.lora_folder]
-        self.key = cache_key({"config": config, "lora_folder": str(self.lora_folder)}, self.checkpoint, self.dataset)
+        self.key = cache_key({"config": config, "lora_folder": str(self.lora_folder)}, self.checkpoint, self.dataset,
+                             model_files)
 
     def lora_file(self, result: dict) -> Path:
         """The deployed copy that landed in the loras folder (its name may have a _2, _3 suffix)."""
@@ -94,9 +105,25 @@ class TrainPlan:
         raise TrainingFailed(f"job {result.get('job')} finished but placed no file in {self.lora_folder}")
 
 
+class FluxTrainPlan(TrainPlan):
+    """A Flux job from ComfyUI's own folders: the transformer from diffusion_models (older: unet), the
+    autoencoder from vae, CLIP-L and T5 from text_encoders (older: clip)."""
+
+    task = thin.schema.FLUX
+    INPUTS = ("transformer", *(s.name for s in inputs.model_file_settings(thin.schema.FLUX)), *TrainPlan.INPUTS[1:])
+
+    def __init__(self, transformer, dataset_folder, caption_source, output_name, advanced="", **values):
+        files = inputs.model_files(values, self.task)
+        settings = {k: v for k, v in values.items() if k not in files}
+        self._plan(host.model_path("diffusion_model", transformer, "transformer"), files, dataset_folder,
+                   caption_source, output_name, advanced, settings)
+
+
 class TrainLora:
     DESCRIPTION = ("Train a LoRA on the lora-daemon (started if not running) and place it in ComfyUI's "
-                   "first loras folder. Unchanged inputs and data reuse the LoRA trained before.")
+                   "first loras folder. Unchanged inputs and data reuse the LoRA trained before. A Flux "
+                   "all-in-one checkpoint trains here too; for the separate Flux files use Train Flux LoRA.")
+    PLAN = TrainPlan
     CATEGORY = "loaders/lora-daemon"
     FUNCTION = "train"
     OUTPUT_NODE = True
@@ -110,17 +137,21 @@ class TrainLora:
     )
 
     @classmethod
+    def model_inputs(cls) -> dict:
+        return {"checkpoint": (host.checkpoint_names(), {"tooltip": "The base model to train on."})}
+
+    @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "checkpoint": (host.checkpoint_names(), {"tooltip": "The base model to train on."}),
+                **cls.model_inputs(),
                 "dataset_folder": ("STRING", {"default": "", "tooltip": "Folder of training images with "
                                    "captions; relative paths are read from ComfyUI's folder."}),
                 "caption_source": (CAPTION_SOURCES, {"default": "metadata.csv", "tooltip":
                                    "metadata.csv (file,caption rows) or one .txt caption beside each image."}),
                 "output_name": ("STRING", {"default": "my_lora", "tooltip": "File name of the LoRA; "
                                 "an existing file is never overwritten (name_2, name_3, ... instead)."}),
-                **inputs.inputs(),  # the basic settings, generated from their declarations
+                **inputs.inputs(cls.PLAN.task),  # the basic settings, generated from their declarations
             },
             "optional": {
                 "model": ("MODEL", {"tooltip": "Comes out with the new LoRA applied."}),
@@ -139,11 +170,11 @@ class TrainLora:
         value into the node's cache signature, so it must not change when the first training stores
         its result (that made the second queue of an unchanged workflow run everything after this
         node again); a deleted file moves the generation, so the next queue trains it again."""
-        plan = TrainPlan(**_plan_inputs(values))
+        plan = cls.PLAN(**_plan_inputs(values, cls.PLAN))
         return f"{plan.key}:{TrainCache().generation(plan.key)}"
 
     def train(self, model=None, clip=None, strength_model=1.0, strength_clip=1.0, unique_id=None, **values):
-        plan = TrainPlan(**_plan_inputs(values))
+        plan = self.PLAN(**_plan_inputs(values, self.PLAN))
         cache = TrainCache()
         cached = cache.lookup(plan.key)
         if cached:
@@ -193,6 +224,25 @@ class TrainLora:
         return path, job_id
 
 
+class TrainFluxLora(TrainLora):
+    """Flux.1 from the files a ComfyUI Flux workflow loads (UNETLoader, DualCLIPLoader, VAELoader): one combo
+    per file, from ComfyUI's own folders, so none can be left out."""
+
+    DESCRIPTION = ("Train a Flux.1 (dev or schnell) LoRA on the lora-daemon from the transformer in "
+                   "diffusion_models (or unet), ae in vae, and CLIP-L and T5 in text_encoders (or clip); the LoRA "
+                   "lands in ComfyUI's first loras folder (load it with LoraLoaderModelOnly, or LoraLoader when "
+                   "CLIP-L was trained). Unchanged inputs and data reuse the LoRA trained before.")
+    PLAN = FluxTrainPlan
+
+    @classmethod
+    def model_inputs(cls) -> dict:
+        return {
+            "transformer": (host.model_names("diffusion_model"), {"tooltip": "The Flux transformer "
+                            "(flux1-dev or flux1-schnell, bf16 or fp8), as UNETLoader loads it."}),
+            **inputs.model_file_inputs(cls.PLAN.task),  # flux_ae, flux_clip_l, flux_t5xxl from their declarations
+        }
+
+
 def progress_text(kind: str, data: dict) -> str | None:
     """What the node shows as text for a daemon event: `step 3/500 · loss 0.1234 · ETA 1:23`."""
     if kind == "queued":
@@ -210,8 +260,7 @@ def progress_text(kind: str, data: dict) -> str | None:
     return None
 
 
-def _plan_inputs(values: dict) -> dict:
+def _plan_inputs(values: dict, plan: type[TrainPlan] = TrainPlan) -> dict:
     """The node inputs that shape the LoRA (ComfyUI may also pass hidden and passthrough inputs)."""
-    names = ("checkpoint", "dataset_folder", "caption_source", "output_name", "advanced",
-             *(inputs.input_name(s) for s in inputs.basic_settings()))
+    names = (*plan.INPUTS, *(inputs.input_name(s) for s in inputs.basic_settings(plan.task)))
     return {k: values[k] for k in names if k in values}

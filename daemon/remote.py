@@ -81,7 +81,7 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
                 bar.message(data.get("summary") or "")
                 return 0
             bar.message(f"finished after {data.get('steps')} steps: {where}")
-            if data.get("task", "sd") == "sd":
+            if data.get("task", "sd") in ("sd", "flux"):
                 bar.message(f"use it as <lora:{data.get('lora_name')}:0.8>")
             return 0
         elif kind == "failed":

@@ -101,7 +101,9 @@ def explain_failure(exc: BaseException, task: str | None, step: int | None) -> t
     if type(exc).__name__ == "OutOfMemoryError" or (
             isinstance(exc, RuntimeError) and "out of memory" in text.lower()):
         smaller = "max_seq_len" if task == "llm" else "resolution"
-        return (f"out of GPU memory{where}: lower batch_size or {smaller}, set gradient_checkpointing: true, "
+        levers = ("set fp8_base: true or a larger blocks_to_swap" if task == "flux"
+                  else "set gradient_checkpointing: true")
+        return (f"out of GPU memory{where}: lower batch_size or {smaller}, {levers}, "
                 f"or close other programs using the GPU ({text})", "out_of_memory")
     if isinstance(exc, MemoryError):
         return (f"out of memory (RAM){where}: lower batch_size, or close other programs", "out_of_memory")
@@ -117,8 +119,8 @@ def dry_run(cfg, task: str, channel: Channel) -> dict:
     The load tests queue these by the hundred; a user can use them to check a config on the daemon."""
     channel.send(event="started", data={"total": 1, "dry_run": True})
     images = None
-    if task == "sd":
-        from shared.sd.dataset import scan_dataset
+    if task in ("sd", "flux"):
+        from shared.images.dataset import scan_dataset
 
         images = len(scan_dataset(cfg.train_data_dir, cfg.metadata_path).items)
     channel.send(event="progress", data={"step": 1, "total": 1})

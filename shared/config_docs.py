@@ -24,7 +24,7 @@ HEADER = """# Config reference
 Every key of a training config (`python -m daemon train --config my.yaml`, `submit`, the WebUI tab's
 advanced settings, the ComfyUI node's advanced YAML), by section: its type, default, rule, the jobs it
 applies to, and its meaning. Relative paths are read relative to the config file. A key that does not
-apply to the job's model family (an SD key on an LLM job) is refused. Generated from the declarations in
+apply to the job's model family (an SD key on an LLM or Flux job) is refused. Generated from the declarations in
 `shared/schema/` by `python -m shared.config_docs`; `python -m daemon schema` prints the same as JSON
 Schema.
 """
@@ -33,7 +33,8 @@ _TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "text", Path: "pat
                dict: "mapping"}
 _JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", Path: "string (path)",
                list: "array of strings", dict: "object"}
-_APPLIES = {schema.COMMON: "all", schema.SD_ONLY: "SD", schema.LLM_ONLY: "LLM", schema.LABEL_ONLY: "label"}
+_APPLIES = {schema.COMMON: "all", schema.IMAGES: "SD, Flux", schema.SD_LLM: "SD, LLM", schema.SD_ONLY: "SD",
+            schema.FLUX_ONLY: "Flux", schema.LLM_ONLY: "LLM", schema.LABEL_ONLY: "label"}
 
 
 def _escape(text: str) -> str:
@@ -58,6 +59,8 @@ def default_text(setting: Setting) -> str:
         return "(none)"
     if isinstance(setting.default, float):
         return f"`{number_text(setting.default)}`"
+    if isinstance(setting.default, (list, tuple)):
+        return ", ".join(f"`{item}`" for item in setting.default)
     return f"`{setting.default}`"
 
 

@@ -8,11 +8,13 @@ before anything heavy loads:
 2. the roots (the daemon): every path against its read or write roots, before it is opened or stat-ed;
 3. existence: the files and folders the job reads, and no file where a folder is to be written;
 4. the model family, from the checkpoint's header (shared/model_family.py; never a pickle);
-5. the family's rules: which keys apply to it (an SD setting on an LLM job is refused), and the rules
-   declared with `family=True` beside the settings they concern (resolution: the multiple the model's
-   own VAE and UNet need; a preset made for the model's family);
-6. the data set: SD images and captions (image headers only; the regularisation and validation images
-   too), LLM rows (parsed, not tokenized; with a preference `objective`, as chosen/rejected pairs);
+5. the family's rules: which keys apply to it (an SD setting on an LLM or Flux job is refused), and the
+   rules declared with `family=True` beside the settings they concern (resolution: the multiple the
+   model's own VAE and UNet, or Flux's packing, need; the separate files a Flux transformer file needs; a
+   preset made for the model's family); for Flux also the separate files' headers and the T5 tokenizer's
+   folder (kept in the job's config);
+6. the data set: SD and Flux images and captions (image headers only; the regularisation and validation
+   images too), LLM rows (parsed, not tokenized; with a preference `objective`, as chosen/rejected pairs);
 7. the LLM deploy targets: the base's architecture exports to GGUF (config.json), `textgen_dir` is a
    text-generation-webui folder and its loras folder lies inside the write roots too.
 
@@ -33,7 +35,7 @@ from typing import Any
 
 from shared import schema
 from shared.config import TrainConfig, override_origins, read_config_file
-from shared.errors import ConfigError
+from shared.errors import ConfigError, UserError
 from shared.model_family import ModelFamily, model_family
 from shared.roots import Roots, confine
 
@@ -82,6 +84,8 @@ def check(data: Mapping[str, Any], *, source: str, base_dir: Path | None = None,
     check_exist(values, schema.TRAIN, where, folders_to_write=True)
     family = model_family(values["base_model"], values["model_config"], values["task"])
     check_family(values, given, family, where)
+    if family.task == "flux":
+        values["t5_tokenizer"] = check_flux_files(values, where, roots)
     items = scan_data(values, family)
     if family.task == "llm":
         check_llm_targets(values, where, roots)
@@ -137,7 +141,7 @@ def check_family(values: Mapping[str, Any], given: set[str], family: ModelFamily
     (the resolution multiple its VAE and UNet need, declared beside `resolution`)."""
     for name, setting in schema.TRAIN.items():
         if name in given and family.task not in setting.tasks:
-            kinds = " and ".join(schema.TASK_NAMES[t] for t in sorted(setting.tasks))
+            kinds = " and ".join(name for t, name in schema.TASK_NAMES.items() if t in setting.tasks)
             raise ConfigError(f"{where(name)}: {name} is {_a(kinds)} setting and does not apply here: base_model "
                               f"{values['base_model']} is {family.describe()}; remove {name}")
     for rule in schema.FAMILY_RULES:
@@ -146,13 +150,34 @@ def check_family(values: Mapping[str, Any], given: set[str], family: ModelFamily
             raise ConfigError(f"{where(rule.keys[0])}: {problem}")
 
 
+def check_flux_files(values: Mapping[str, Any], where: Callable[[str], str], roots: Roots | None) -> Path:
+    """The separate Flux files are the parts they are named for (from their headers), and the T5 tokenizer
+    is found (the `t5_tokenizer` key, or beside the model files) inside the roots: returns its folder,
+    which the job then keeps (what the trainer loads is what was checked)."""
+    from shared.flux.tokenizers import find_t5_tokenizer  # paths only: no transformers here
+    from shared.model_family import FLUX_FILES, flux_file_problem
+
+    for key in FLUX_FILES:
+        problem = values[key] is not None and flux_file_problem(key, values[key])
+        if problem:
+            raise ConfigError(f"{where(key)}: {problem}")
+    near = [values["base_model"], *(values[k] for k in FLUX_FILES if values[k] is not None)]
+    try:
+        folder = find_t5_tokenizer(near, values["t5_tokenizer"])
+    except UserError as exc:
+        raise ConfigError(f"{where('t5_tokenizer')}: {exc}") from None
+    if roots is not None:
+        confine_paths({}, {}, roots, extra=[("t5_tokenizer", folder, "read")])
+    return folder
+
+
 def scan_data(values: Mapping[str, Any], family: ModelFamily) -> int:
     """Read the data set as the trainer will, short of decoding images or tokenizing text: the number of
-    images (SD) or rows (LLM)."""
-    if family.task == "sd":
-        from shared.sd.dataset import scan_dataset  # captions and image headers only (PIL, no torch)
-        from shared.sd.regularisation import scan_reg
-        from shared.sd.validation import check_validation
+    images (SD, Flux) or rows (LLM)."""
+    if family.task in ("sd", "flux"):
+        from shared.images.dataset import scan_dataset  # captions and image headers only (PIL, no torch)
+        from shared.images.regularisation import scan_reg
+        from shared.images.validation_split import check_validation
 
         images = len(scan_dataset(values["train_data_dir"], values["metadata_path"], values["caption_extension"]).items)
         scan_reg(values)  # the regularisation and validation folders are read as the trainer will

@@ -1,6 +1,7 @@
 """A stand-in ComfyUI host for the node pack: the stand-in modules on sys.path, a ComfyUI folder with
-models/checkpoints and models/loras, the progress hook ComfyUI's main.py installs, and the pack loaded
-from a link in custom_nodes/ the way ComfyUI's nodes.load_custom_node loads it."""
+its model folders (checkpoints, loras, vae, diffusion_models/unet, text_encoders/clip), the progress
+hook ComfyUI's main.py installs, and the pack loaded from a link in custom_nodes/ the way ComfyUI's
+nodes.load_custom_node loads it."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class ComfyHost:
         self.folder_paths.configure(str(self.base))
         self.checkpoints = Path(self.folder_paths.get_folder_paths("checkpoints")[0])
         self.loras = Path(self.folder_paths.get_folder_paths("loras")[0])
+        self.models = Path(self.base) / "models"  # diffusion_models, unet, vae, text_encoders, clip inside
 
         def hook(value, total, preview, prompt_id=None, node_id=None):
             # main.py's hook checks the cancel flag on every progress update, then reports the update

@@ -32,3 +32,20 @@ def flux_model(tiny_flux):
     return load_flux_model(tiny_flux["transformer"], ae=tiny_flux["ae"], clip_l=tiny_flux["clip_l"],
                            t5xxl=tiny_flux["t5xxl"], t5_tokenizer=tiny_flux["t5_tokenizer"],
                            model_config=tiny_flux["model_config"], dtype=torch.float32)
+
+
+@pytest.fixture
+def flux_config(tmp_path, tiny_flux, image_dir):
+    """A function returning a written YAML config for the tiny FLUX.1-dev (ComfyUI's all-in-one file; its T5
+    tokenizer is found beside it), with overrides: short T5 prompts, no preview, caches under tmp_path."""
+    from tests.conftest import write_config
+
+    def make(**overrides) -> Path:
+        values = dict(base_model=tiny_flux["comfy"], model_config=tiny_flux["model_config"], train_data_dir=image_dir,
+                      output_dir=tmp_path / "out" / "my_flux", resolution=64, batch_size=2, max_train_steps=4,
+                      save_steps=0, learning_rate=1e-3, seed=0, t5_max_length=16, preview=False,
+                      cache_dir=tmp_path / "cache")
+        values.update(overrides)
+        return write_config(tmp_path / "flux.yaml", **values)
+
+    return make

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.images.dataset import tokenize
 from shared.sd.conditioning import encode_text, sdxl_time_ids, unet_kwargs
-from shared.sd.dataset import tokenize
 
 CAPTIONS = ["a red circle", "a blue square"]
 

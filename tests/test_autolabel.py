@@ -15,8 +15,8 @@ from daemon.cli import main
 from shared.autolabel import label_folder
 from shared.errors import ModelError, UserError
 from shared.fixtures.images import make_image_folder
+from shared.images.dataset import scan_dataset
 from shared.reporting import Reporter
-from shared.sd.dataset import scan_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 TRIGGER = 'my "sks", style'

@@ -13,7 +13,7 @@ from daemon.cli import main
 from shared.autolabel.ranking import choose_phrases, compose_caption, rank_phrases
 from shared.autolabel.vocab import Category, Vocabulary
 from shared.fixtures.images import draw_shape
-from shared.sd.dataset import scan_dataset
+from shared.images.dataset import scan_dataset
 
 SHAPES = [("circle", "red", "white"), ("square", "green", "black"), ("triangle", "blue", "grey"),
           ("circle", "yellow", "black")]

@@ -56,6 +56,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     for key in ("submit_to_first_progress_s", "overhead_s", "first_progress_delay_s"):
         assert isinstance(daemon[key], float)
 
+    flux = result["flux"]["tiny"]
+    assert set(flux) == {"base", "fp8 base"}
+    assert all(row["median_step_s"] > 0 and row["peak_rss_mb"] > 0 for row in flux.values())
+    assert flux["fp8 base"]["block_weight_mb"] < flux["base"]["block_weight_mb"]  # what fp8 storage holds
+
     table = (out / "latest.md").read_text()
-    for heading in ("### SD1.5 LoRA", "### LLM LoRA", "### Daemon"):
+    for heading in ("### SD1.5 LoRA", "### LLM LoRA", "### Flux LoRA", "### Daemon"):
         assert heading in table

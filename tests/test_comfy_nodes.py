@@ -314,7 +314,7 @@ def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
 
 def test_auto_label_node_captions_the_folder_and_passes_it_on(daemon, comfy, tmp_path):
     from shared.fixtures.tiny_clip import build_tiny_clip
-    from shared.sd.dataset import scan_dataset
+    from shared.images.dataset import scan_dataset
 
     clip_files = build_tiny_clip(tmp_path / "clip")
     images = make_image_folder(tmp_path / "to_label", count=3, captions="none")
@@ -388,3 +388,88 @@ def test_the_node_offers_the_presets_and_its_defaults_give_way_to_one(comfy):
     assert "learning_rate" in inputs.config_values(widgets) and "preset" not in inputs.config_values(widgets)
     chosen = inputs.config_values({**widgets, "preset": "sd15-style-8gb", "lora_rank": 4})
     assert chosen == {"preset": "sd15-style-8gb", "lora_rank": 4}  # the rest at their defaults: the preset's apply
+
+
+FLUX_TRAIN = "LoraDaemonTrainFluxLoRA"
+
+
+def place_flux_files(comfy, tiny_flux, legacy: bool = False) -> None:
+    """The tiny Flux where a ComfyUI Flux workflow's loaders find it: the transformer in diffusion_models
+    (older: unet), ae in vae, CLIP-L and T5 in text_encoders (older: clip), ComfyUI's T5 tokenizer in
+    comfy/text_encoders."""
+    import shutil
+
+    models = comfy.models
+    transformer = models / ("unet" if legacy else "diffusion_models") / "flux" / "tiny-flux1-dev.safetensors"
+    transformer.parent.mkdir(parents=True)
+    shutil.copy(tiny_flux["transformer"], transformer)  # a copy: the tokenizer is found from where it lies
+    (models / "vae" / "ae.safetensors").symlink_to(tiny_flux["ae"])
+    encoders = models / ("clip" if legacy else "text_encoders")
+    (encoders / "clip_l.safetensors").symlink_to(tiny_flux["clip_l"])
+    (encoders / "t5xxl_fp16.safetensors").symlink_to(tiny_flux["t5xxl"])
+    tokenizer = comfy.base / "comfy" / "text_encoders" / "t5_tokenizer"
+    if not tokenizer.exists():
+        shutil.copytree(tiny_flux["t5_tokenizer"], tokenizer)
+
+
+def flux_node_inputs(tiny_flux, dataset: Path, **overrides) -> dict:
+    cache = dataset.parent / "flux-cache"  # not the user's ~/.cache
+    values = dict(transformer="flux/tiny-flux1-dev.safetensors", flux_ae="ae.safetensors",
+                  flux_clip_l="clip_l.safetensors", flux_t5xxl="t5xxl_fp16.safetensors", dataset_folder=str(dataset),
+                  caption_source="metadata.csv", output_name="comfy_flux", max_train_steps=2, epochs=1, lora_rank=4,
+                  lora_alpha=4.0, learning_rate=1e-3, batch_size=2, resolution=64, training_seed=0,
+                  fp8_base="auto", blocks_to_swap="auto",
+                  advanced=f"model_config: {tiny_flux['model_config']}\nsave_steps: 0\nt5_max_length: 16\n"
+                           f"preview: false\ncache_dir: {cache}\n")
+    values.update(overrides)
+    return values
+
+
+def test_train_flux_lora_from_comfyuis_own_folders(daemon, comfy, tiny_flux, image_dir):
+    place_flux_files(comfy, tiny_flux)
+    train = comfy.pack.NODE_CLASS_MAPPINGS[FLUX_TRAIN]
+    assert comfy.pack.NODE_DISPLAY_NAME_MAPPINGS[FLUX_TRAIN] == "Train Flux LoRA (lora-daemon)"
+    required = train.INPUT_TYPES()["required"]
+    assert required["transformer"][0] == ["flux/tiny-flux1-dev.safetensors"]
+    assert required["flux_ae"][0] == ["ae.safetensors"]
+    assert required["flux_clip_l"][0] == required["flux_t5xxl"][0] == ["clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    assert required["fp8_base"][0] == ["auto", "true", "false"] and "blocks_to_swap" in required  # Flux's basic ones
+    assert "checkpoint" not in required and "noise_offset" not in required
+    args = flux_node_inputs(tiny_flux, image_dir)
+    before = train.IS_CHANGED(**args, unique_id="9")
+
+    model, clip, name, job_id = train().train(**args, unique_id="9")
+
+    assert name == "comfy_flux.safetensors" and lora_files(comfy.loras) == [name]
+    from safetensors import safe_open
+
+    with safe_open(str(comfy.loras / name), "pt") as fh:
+        meta, keys = fh.metadata(), set(fh.keys())
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_output_name"] == "comfy_flux"
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    with daemon.client() as client:
+        job = client.get(job_id)
+    stored = job["spec"]["config"]
+    assert job["state"] == "finished" and job["task"] == "flux" and stored["task"] == "flux"
+    assert stored["flux_t5xxl"] == str((comfy.models / "text_encoders" / "t5xxl_fp16.safetensors").resolve())
+    assert stored["t5_tokenizer"] == str(comfy.base / "comfy" / "text_encoders" / "t5_tokenizer")
+    assert train.IS_CHANGED(**args, unique_id="9") == before  # ComfyUI runs nothing again
+    assert train.IS_CHANGED(**dict(args, flux_t5xxl="clip_l.safetensors")) != before  # another file, another LoRA
+    comfy.progress.clear()
+    _, _, again, again_job = train().train(**args, unique_id="9")
+    assert (again, again_job) == (name, job_id) and comfy.progress == []
+
+
+def test_an_older_comfyui_with_unet_and_clip_folders_lists_the_flux_files(comfy, tiny_flux, image_dir):
+    comfy.folder_paths.configure(str(comfy.base), legacy=True)
+    assert "diffusion_models" not in comfy.folder_paths.folder_names_and_paths
+    place_flux_files(comfy, tiny_flux, legacy=True)
+    train = comfy.pack.NODE_CLASS_MAPPINGS[FLUX_TRAIN]
+    required = train.INPUT_TYPES()["required"]
+    assert required["transformer"][0] == ["flux/tiny-flux1-dev.safetensors"]
+    assert required["flux_t5xxl"][0] == ["clip_l.safetensors", "t5xxl_fp16.safetensors"]
+    plan = comfy.pack.train_node.FluxTrainPlan(**flux_node_inputs(tiny_flux, image_dir))
+    assert plan.config["base_model"] == str((comfy.models / "unet" / "flux" / "tiny-flux1-dev.safetensors").resolve())
+    assert plan.config["flux_clip_l"] == str(tiny_flux["clip_l"].resolve())
+    with pytest.raises(FileNotFoundError, match=r"flux_ae: 'missing.safetensors' is not in ComfyUI's vae folders"):
+        comfy.pack.train_node.FluxTrainPlan(**dict(flux_node_inputs(tiny_flux, image_dir), flux_ae="missing.safetensors"))

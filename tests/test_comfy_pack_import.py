@@ -42,6 +42,7 @@ LOADER = textwrap.dedent("""
     ours = modules["lora_daemon"]
     nodes = ours.NODE_CLASS_MAPPINGS
     inputs = nodes["LoraDaemonTrainLoRA"].INPUT_TYPES()["required"]
+    flux_inputs = nodes["LoraDaemonTrainFluxLoRA"].INPUT_TYPES()["required"]  # its combos read ComfyUI's folders
     try:
         ours.daemon_job.connect()
         connect_error = None
@@ -53,6 +54,7 @@ LOADER = textwrap.dedent("""
         "nodes": {k: [c.FUNCTION, c.CATEGORY, list(map(str, c.RETURN_TYPES)), c.OUTPUT_NODE] for k, c in nodes.items()},
         "display": ours.NODE_DISPLAY_NAME_MAPPINGS,
         "inputs": sorted(inputs),
+        "flux_inputs": sorted(flux_inputs),
         "heavy": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
         "path_changes": [p for p in sys.path if p not in path_before],
         "shared": {m: getattr(sys.modules[m], "__file__", None) for m in sys.modules if m.split(".")[0] in ("shared", "daemon")},
@@ -105,10 +107,12 @@ def test_the_pack_loads_without_torch_and_leaves_sys_path_and_modules_alone(tmp_
     out = load_packs(tmp_path)
     assert out["nodes"] == {
         "LoraDaemonTrainLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING"], True],
+        "LoraDaemonTrainFluxLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING"], True],
         "LoraDaemonJobStatus": ["status", "loaders/lora-daemon", ["STRING"], True],
         "LoraDaemonAutoLabel": ["label", "loaders/lora-daemon", ["STRING", "STRING"], True],
     }
     assert set(out["display"]) == set(out["nodes"])
+    assert {"transformer", "flux_ae", "flux_clip_l", "flux_t5xxl", "fp8_base"} <= set(out["flux_inputs"])
     assert out["heavy"] == []
     assert out["path_changes"] == []  # the repo's `daemon`, `tests`, `docs` never shadow the host's modules
     assert out["shared"] == {}  # no `shared` or `daemon` of ours in ComfyUI's sys.modules

@@ -9,7 +9,7 @@ from daemon_harness import DaemonProcess, collect
 
 from shared.client import DaemonError
 from shared.fixtures.images import make_image_folder
-from shared.sd.dataset import scan_dataset
+from shared.images.dataset import scan_dataset
 
 
 @pytest.fixture(scope="module")

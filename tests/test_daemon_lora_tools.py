@@ -21,9 +21,9 @@ from shared.sd.lora_file import read_lora
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory, tiny_sd):
     """A rank-4 LoRA with random up-weights on kohya's targets of the tiny SD1.5 (the UNet only)."""
+    from shared.images.lora import inject_lora, kohya_unet_targets
     from shared.sd.base_model import load_sd_model
     from shared.sd.kohya_export import lora_metadata, model_lora_tensors, save_lora_file
-    from shared.sd.lora import inject_lora, kohya_unet_targets
 
     model = load_sd_model(tiny_sd["safetensors"], tiny_sd["config"])
     torch.manual_seed(0)

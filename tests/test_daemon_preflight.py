@@ -63,7 +63,7 @@ def test_what_the_model_family_forbids_is_refused_at_submit(daemon, sd_config, t
     assert str(err) == "rank.yaml: lora_rank must be at least 1 and at most 4096, got 5000"
     llm = {**llm_job(tmp_path), "output_dir": str(daemon.home / "allowed" / "tone")}
     err = refused(daemon, {**llm, "train_text_encoder": True}, source="llm.yaml")
-    assert str(err).startswith("llm.yaml: train_text_encoder is an SD setting and does not apply here: base_model ")
+    assert str(err).startswith("llm.yaml: train_text_encoder is an SD and Flux setting and does not apply here: base_model ")
     # the same LLM job without the SD key is accepted, its task written into the stored config
     with daemon.client() as client:
         job = client.submit(llm, source="llm.yaml", dry_run=True)

@@ -137,7 +137,7 @@ def test_launch_command_for_each_machine(sd_config, tmp_path):
 def test_sd_shard_weights_give_the_whole_batch_mean_even_for_a_short_last_batch():
     import types
 
-    from shared.sd.train_data import TrainData
+    from shared.images.train_data import TrainData
 
     cfg = types.SimpleNamespace(batch_size=2)
 

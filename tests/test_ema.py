@@ -6,8 +6,8 @@ import torch
 
 from shared.ema import AdapterEMA
 from shared.fixtures.tiny_sd import build_tiny_sd15_components
+from shared.images.lora import inject_lora, kohya_unet_targets, lora_modules
 from shared.sd.kohya_export import model_lora_tensors
-from shared.sd.lora import inject_lora, kohya_unet_targets, lora_modules
 
 
 def test_ema_weights_differ_and_are_the_exported_ones():

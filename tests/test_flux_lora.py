@@ -22,7 +22,7 @@ from shared.flux.export import (
     save_flux_lora,
 )
 from shared.flux.lora import DEFAULT_PARTS, LORA_PARTS, clip_l_targets, inject_flux_lora, select_targets
-from shared.sd.lora import inject_lora
+from shared.images.lora import inject_lora
 
 RANK, ALPHA = 4, 8.0
 
@@ -164,7 +164,7 @@ def test_comfyui_maps_every_key_and_the_merged_weights_reproduce_the_lora(lora_m
 
 
 def test_metadata_names_the_flux_base(tmp_path):
-    from shared.sd.kohya_export import FLUX_IMPLEMENTATION
+    from shared.flux.export import FLUX_IMPLEMENTATION
 
     for variant in ("dev", "schnell"):
         meta = flux_lora_metadata(variant=variant, output_name="my_flux", rank=16, alpha=16, resolution=1024,
@@ -182,7 +182,7 @@ def _diffusers_pipeline(transformer, clip, t5):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from shared.fixtures.tiny_flux import build_t5_tokenizer
-    from shared.sd.tokenizer import clip_tokenizer
+    from shared.images.clip_tokenizer import clip_tokenizer
 
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=clip,
                         tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=build_t5_tokenizer(),

@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 
 from shared.errors import DatasetError
 from shared.fixtures.images import make_image_folder
-from shared.sd.dataset import image_size, load_pixels, scan_dataset
+from shared.images.dataset import image_size, load_pixels, scan_dataset
 
 ORIENTATION = 0x0112
 

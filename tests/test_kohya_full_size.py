@@ -3,7 +3,7 @@
 import json
 from importlib import resources
 
-from shared.sd.lora import inject_lora, kohya_unet_targets
+from shared.images.lora import inject_lora, kohya_unet_targets
 
 
 def test_full_size_sd15_has_kohyas_192_unet_modules():

@@ -5,8 +5,8 @@ from importlib import resources
 
 import torch
 
+from shared.images.lora import inject_lora, kohya_text_encoder_targets, kohya_unet_targets
 from shared.sd.kohya_export import model_lora_tensors
-from shared.sd.lora import inject_lora, kohya_text_encoder_targets, kohya_unet_targets
 
 
 def _config(*parts):

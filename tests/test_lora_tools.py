@@ -56,8 +56,8 @@ def trained(tmp_path_factory, tiny_sd):
 @pytest.fixture(scope="module")
 def sdxl_lora(tmp_path_factory, tiny_sdxl):
     """A random-weight LoRA (rank 4, alpha 2) on kohya's targets of the tiny SDXL, both text encoders too."""
+    from shared.images.lora import inject_lora, kohya_text_encoder_targets, kohya_unet_targets
     from shared.sd.kohya_export import lora_metadata, model_lora_tensors, save_lora_file
-    from shared.sd.lora import inject_lora, kohya_text_encoder_targets, kohya_unet_targets
 
     model = load_sd_model(tiny_sdxl["safetensors"], tiny_sdxl["config"])
     torch.manual_seed(0)

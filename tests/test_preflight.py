@@ -73,7 +73,7 @@ def test_a_key_that_does_not_apply_to_the_family_is_refused(tmp_path, sd_config)
     assert check(job, source="llm.yaml").items == 2
     with pytest.raises(ConfigError) as err:
         check({**job, "resolution": 512}, source="llm.yaml")
-    assert str(err.value).startswith(f"llm.yaml: resolution is an SD setting and does not apply here: base_model "
+    assert str(err.value).startswith(f"llm.yaml: resolution is an SD and Flux setting and does not apply here: base_model "
                                      f"{tmp_path / 'llm'} is a llama language model (its config.json); remove resolution")
     sd = yaml.safe_load(sd_config().read_text())
     with pytest.raises(ConfigError, match=r"max_seq_len is an LLM setting and does not apply here: .* SD1.x model"):

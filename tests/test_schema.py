@@ -48,7 +48,7 @@ def test_the_job_config_json_schema_carries_the_declarations():
     assert weights[0] == {"type": "array", "items": {"type": "number", "minimum": 0}} and weights[1:] == [
         {"type": "string"}, {"type": "null"}]
     res = train["properties"]["resolution"]
-    assert res["multipleOf"] == 8 and res["x-tasks"] == ["sd"]
+    assert res["multipleOf"] == 8 and res["x-tasks"] == ["flux", "sd"]
     assert train["properties"]["max_train_steps"]["type"] == ["integer", "null"]
     assert train["properties"]["output_name"]["pattern"].startswith("^(?:")
     assert train["required"] == ["base_model", "train_data_dir"] and train["additionalProperties"] is False

@@ -9,6 +9,7 @@ import torch
 
 from shared.errors import ConfigError
 from shared.fixtures.tiny_sd import build_tiny_sd15_components
+from shared.images.lora import inject_lora, kohya_conv_targets, kohya_unet_targets
 from shared.sd.blocks import (
     block_lr_weights,
     block_module_ranks,
@@ -17,7 +18,6 @@ from shared.sd.blocks import (
     module_blocks,
     parse_weights,
 )
-from shared.sd.lora import inject_lora, kohya_conv_targets, kohya_unet_targets
 from shared.sd.lycoris import LycorisSpec, inject_lycoris
 
 

@@ -5,10 +5,10 @@ import random
 import pytest
 from PIL import Image
 
+from shared.images.buckets import assign_buckets, epoch_batches
+from shared.images.dataset import process_caption, scan_dataset
 from shared.preflight import load_config
 from shared.reporting import Reporter
-from shared.sd.buckets import assign_buckets, epoch_batches
-from shared.sd.dataset import process_caption, scan_dataset
 from shared.train import run_training
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from shared.errors import DatasetError
 from shared.fixtures.images import make_image_folder
-from shared.sd.dataset import scan_dataset
+from shared.images.dataset import scan_dataset
 
 
 def test_metadata_csv_with_quotes_and_commas(tmp_path):

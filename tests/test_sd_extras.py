@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from shared.fixtures.tiny_sd import build_tiny_sd15_components
+from shared.images.lora import inject_lora, kohya_unet_targets
 from shared.sd.base_model import load_sd_model
-from shared.sd.lora import inject_lora, kohya_unet_targets
 
 
 def test_diffusers_folder_loads(tmp_path):

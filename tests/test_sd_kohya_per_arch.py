@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from shared.images.lora import kohya_text_encoder_targets, kohya_unet_targets
 from shared.preflight import load_config
 from shared.sd.base_model import load_sd_model
-from shared.sd.lora import kohya_text_encoder_targets, kohya_unet_targets
 from shared.train import run_training
 
 EXPECTED = {

@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from shared.images.lora import kohya_conv_targets, kohya_text_encoder_targets, kohya_unet_targets
 from shared.sd.base_model import load_sd_model, read_checkpoint
 from shared.sd.kohya_export import lora_metadata, save_lora_file
-from shared.sd.lora import kohya_conv_targets, kohya_text_encoder_targets, kohya_unet_targets
 from shared.sd.lycoris import (
     LycorisSpec,
     inject_sd,
@@ -150,8 +150,8 @@ def test_full_size_sdxl_lycoris_names_are_the_lora_names(algo):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from shared.images.lora import inject_lora
     from shared.sd.kohya_export import model_lora_tensors
-    from shared.sd.lora import inject_lora
 
     def config(*parts):
         return json.loads((resources.files("shared.sd") / "model_configs" / "sdxl").joinpath(*parts).read_text())

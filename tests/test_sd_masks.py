@@ -8,8 +8,8 @@ from PIL import Image
 
 from shared.errors import DatasetError
 from shared.fixtures.tiny_sd import build_tiny_sd15_components
-from shared.sd.dataset import load_pixels, plan_crop, scan_dataset
-from shared.sd.lora import inject_lora, kohya_unet_targets
+from shared.images.dataset import load_pixels, plan_crop, scan_dataset
+from shared.images.lora import inject_lora, kohya_unet_targets
 from shared.sd.masks import batch_masks, find_mask, load_mask, masked_loss
 
 

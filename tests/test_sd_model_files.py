@@ -14,7 +14,7 @@ from shared.sd.base_model import load_sd_model, read_checkpoint
 def test_tokenizer_matches_open_clip():
     import open_clip
 
-    from shared.sd.tokenizer import clip_tokenizer
+    from shared.images.clip_tokenizer import clip_tokenizer
 
     ours = clip_tokenizer()
     reference = open_clip.get_tokenizer("ViT-L-14")

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from shared.errors import ConfigError
+from shared.images.dataset import load_pixels, scan_dataset, tokenize
 from shared.preflight import load_config
 from shared.schema.optimizer import OPTIMIZER_ARGS
 from shared.sd.base_model import load_sd_model
 from shared.sd.conditioning import encode_text
-from shared.sd.dataset import load_pixels, scan_dataset, tokenize
 from shared.train import run_training
 from shared.training import optim
 from shared.training import state as states

@@ -10,9 +10,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from shared.errors import ConfigError
+from shared.images.lora import inject_lora, kohya_conv_targets, kohya_unet_targets, lora_modules
 from shared.preflight import load_config
 from shared.sd.base_model import load_sd_model
-from shared.sd.lora import inject_lora, kohya_conv_targets, kohya_unet_targets, lora_modules
 from shared.sd.loss import noise_loss
 from shared.train import run_training
 
@@ -171,7 +171,7 @@ def _a1111_weight_decompose(updown, orig_weight, dora_scale):
 
 
 def test_dora_export_is_what_a1111_applies(sd_config, tiny_sd):
-    from shared.sd.dora import column_norm, decomposed_weight
+    from shared.images.dora import column_norm, decomposed_weight
 
     result = run_training(load_config(sd_config(max_train_steps=3, use_dora=True, learning_rate=1e-2)))
     base = load_sd_model(tiny_sd["safetensors"], tiny_sd["config"])

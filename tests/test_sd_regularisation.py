@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from shared.errors import UserError
 from shared.fixtures.images import make_image_folder
+from shared.images.regularisation import balance_repeats, scan_reg
 from shared.preflight import check, load_config
-from shared.sd.regularisation import balance_repeats, scan_reg
 from shared.train import run_training
 from tests.test_llm_training import Recorder
 

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from shared.errors import UserError
 from shared.fixtures.images import make_image_folder
+from shared.images.dataset import scan_dataset
+from shared.images.validation_split import split_validation
 from shared.preflight import check, load_config
-from shared.sd.dataset import scan_dataset
-from shared.sd.validation import fixed_timesteps, split_validation
+from shared.sd.validation import fixed_timesteps
 from shared.train import run_training
 from tests.test_llm_training import Recorder
 from tests.test_sd_regularisation import loaded_task

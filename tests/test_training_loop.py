@@ -29,16 +29,20 @@ SHARED = REPO / "shared"
 # an epoch and the RNG behind the dropout masks, not only the weights.
 COMMON = dict(max_train_steps=6, batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, save_steps=0)
 LLM_ONLY = dict(learning_rate=5e-3, sample_prompts=[PAIRS[0][0]], sample_max_tokens=4)
+# Flux: a step large enough that the dropout masks (through the LoRA) show in the next losses
+FLUX_ONLY = dict(learning_rate=2e-2)
 
 
-@pytest.fixture(params=["sd", "llm"])
+@pytest.fixture(params=["sd", "flux", "llm"])
 def job(request, tmp_path):
     """job(name, **overrides) -> a TrainConfig of the tiny model of the task, writing to tmp/name/job."""
-    if request.param == "sd":
-        sd_config = request.getfixturevalue("sd_config")
+    if request.param in ("sd", "flux"):
+        image_config = request.getfixturevalue(f"{request.param}_config")
+
+        extra = FLUX_ONLY if request.param == "flux" else {}
 
         def make(name, **overrides):
-            return load_config(sd_config(output_dir=tmp_path / name / "job", **{**COMMON, **overrides}))
+            return load_config(image_config(output_dir=tmp_path / name / "job", **{**COMMON, **extra, **overrides}))
     else:
         tiny_llama, chat_data = request.getfixturevalue("tiny_llama"), request.getfixturevalue("chat_data")
 
@@ -83,7 +87,7 @@ def test_save_last_n_keeps_two_states_and_two_checkpoints(job, tmp_path):
     result = run_training(job("keep", save_steps=1, save_last_n=2, gradient_accumulation_steps=1))
     checkpoints = tmp_path / "keep" / "job" / "checkpoints"
     assert [s for s, _ in states.list_states(checkpoints)] == [4, 5]  # saved at 1..5; step 6 is the end
-    suffix = ".safetensors" if job.task == "sd" else ""
+    suffix = "" if job.task == "llm" else ".safetensors"
     assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("state-")) == [
         f"job-step000004{suffix}", f"job-step000005{suffix}"]
     assert [p.name for p in result.checkpoints] == [f"job-step00000{n}{suffix}" for n in range(1, 6)]
@@ -188,24 +192,38 @@ def test_no_import_cycle_in_shared():
     assert not cycles, cycles
 
 
+FAMILIES = ("shared.sd", "shared.llm", "shared.flux")
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def test_no_family_imports_another_and_the_loop_imports_none():
+    """SD, LLM and Flux never import one another; the loop and what the image families share
+    (shared/images) import none of them."""
     graph = _graph()
+    assert graph["shared.flux.task"] & {m for m in _MODULES if _in(m, "shared.images")}  # the walk sees them
     for name, imported in graph.items():
-        if name.startswith("shared.llm"):
-            assert not {m for m in imported if m.startswith("shared.sd")}, name
-        if name.startswith("shared.sd"):
-            assert not {m for m in imported if m.startswith("shared.llm")}, name
-        if name == "shared.train" or name.startswith("shared.training"):
-            assert not {m for m in imported if m.startswith(("shared.sd", "shared.llm"))}, name
+        for family in FAMILIES:
+            if _in(name, family):
+                others = {m for m in imported for f in FAMILIES if f != family and _in(m, f)}
+                assert not others, (name, others)
+        if name == "shared.train" or _in(name, "shared.training") or _in(name, "shared.images"):
+            assert not {m for m in imported for f in FAMILIES if _in(m, f)}, name
 
 
-def test_a_job_imports_only_its_own_family(sd_config, tiny_llama, chat_data, tmp_path):
-    """In a fresh process: an LLM job loads nothing of shared.sd (nor diffusers), an SD job nothing of shared.llm."""
+def test_a_job_imports_only_its_own_family(sd_config, flux_config, tiny_llama, chat_data, tmp_path):
+    """In a fresh process: an LLM job loads nothing of shared.sd or shared.flux (nor diffusers), an SD job
+    nothing of shared.llm or shared.flux, a Flux job nothing of shared.sd or shared.llm."""
     llm = tmp_path / "llm.json"
     llm.write_text(json.dumps(llm_config(tiny_llama, chat_data, tmp_path / "llm" / "job", max_train_steps=1,
                                          sample_prompts=None, sample_max_tokens=1).to_dict()))
     sd = tmp_path / "sd.json"
     sd.write_text(json.dumps(load_config(sd_config(max_train_steps=1, preview=False)).to_dict()))
+    flux = tmp_path / "flux.json"
+    flux.write_text(json.dumps(load_config(flux_config(max_train_steps=1, output_dir=tmp_path / "flux" / "job"))
+                               .to_dict()))
     script = ("import json, sys\nfrom shared.config import config_from_dict\nfrom shared.reporting import Reporter\n"
               "from shared.train import run_training\n"
               "run_training(config_from_dict(json.load(open(sys.argv[1]))), Reporter())\n"
@@ -213,12 +231,13 @@ def test_a_job_imports_only_its_own_family(sd_config, tiny_llama, chat_data, tmp
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     procs = {task: subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-             for task, path in (("llm", llm), ("sd", sd))}  # side by side: most of the time is imports
+             for task, path in (("llm", llm), ("sd", sd), ("flux", flux))}  # side by side: mostly imports
     loaded = {}
     for task, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         loaded[task] = set(json.loads(out.strip().splitlines()[-1]))
-    assert "shared.llm.task" in loaded["llm"] and "shared.sd.task" in loaded["sd"]
-    assert not {m for m in loaded["llm"] if m.startswith(("shared.sd", "diffusers"))}
-    assert not {m for m in loaded["sd"] if m.startswith("shared.llm")}
+    assert "shared.llm.task" in loaded["llm"] and "shared.sd.task" in loaded["sd"] and "shared.flux.task" in loaded["flux"]
+    assert not {m for m in loaded["llm"] if m.startswith(("shared.sd", "shared.flux", "diffusers"))}
+    assert not {m for m in loaded["sd"] if m.startswith(("shared.llm", "shared.flux"))}
+    assert not {m for m in loaded["flux"] if m.startswith(("shared.llm", "shared.sd"))}

@@ -58,8 +58,8 @@ def build_sdxl(folder: Path, size: str) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from shared.fixtures.tiny_sd import TINY_SDXL
+    from shared.images.clip_tokenizer import clip_tokenizer
     from shared.sd.base_model import shipped_config_dir
-    from shared.sd.tokenizer import clip_tokenizer
 
     if (folder / ".complete").is_file():
         return

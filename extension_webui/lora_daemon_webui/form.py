@@ -2,7 +2,8 @@
 its values become the daemon's `submit` config (the keys of a `train --config` YAML file).
 
 The basic settings sit in the main form, every other SD setting in the advanced section, grouped as
-docs/config.md groups them; each field's default, limits and help come from its declaration, and a
+docs/config.md groups them, and the Flux files (from the WebUI's models/VAE and models/text_encoder)
+and Flux settings in a Flux section; each field's default, limits and help come from its declaration, and a
 wrong value is named with the field's label and the declared rule. The daemon checks the rest (unknown
 keys in the YAML box, missing files, folders outside its allowed roots, the model's own rules) and its
 one-line message is shown as it comes.
@@ -39,9 +40,23 @@ def advanced_settings() -> list:
     return schema.form_settings(schema.SD, "advanced")
 
 
+def flux_settings() -> list:
+    """The Flux-only settings (the Flux section of the form): sent, like the advanced ones, only where
+    they differ from the default, so an SD job never gets one."""
+    return [s for s in schema.for_task(schema.FLUX) if s.tasks == schema.FLUX_ONLY and s.form.level in
+            (schema.BASIC, "advanced")]
+
+
+def model_file_settings() -> list:
+    """The model files the tab offers from the WebUI's own folders (Flux's ae, CLIP-L, T5): a host-filled
+    path whose widget names the kind of folder."""
+    return [s for s in schema.for_task(schema.FLUX) if s.form.level == "host" and s.form.widget in
+            ("vae", "text_encoder")]
+
+
 def widget_settings() -> list:
     """The settings the tab has a field for, in the order the Train handler receives their values."""
-    return [*basic_settings(), *advanced_settings()]
+    return [*basic_settings(), *advanced_settings(), *flux_settings()]
 
 
 def field_info(setting) -> str:
@@ -91,11 +106,11 @@ def parse_advanced(text: str | None) -> dict:
 
 def build_config(*, base_model: str | None, dataset: str | None, caption_source: str, output_name: str | None,
                  settings: dict[str, Any], advanced: str | None, deploy_dir: str | Path | None,
-                 base_dir: Path) -> dict:
+                 base_dir: Path, model_files: dict[str, str | None] | None = None) -> dict:
     """The config dict to submit. `settings` holds the fields' values by setting name: the basic ones are
     always sent (with a preset chosen, only where they differ from the default, so the preset's values
-    apply), the advanced ones only where they differ from the default. The YAML box is applied last, so
-    a pasted full config wins."""
+    apply), the advanced and Flux ones only where they differ from the default; `model_files` the chosen
+    Flux files (sent when chosen). The YAML box is applied last, so a pasted full config wins."""
     if not base_model or not str(base_model).strip():
         raise FormError("Base model: choose a checkpoint or enter the path of a model file")
     if not dataset or not str(dataset).strip():
@@ -114,10 +129,12 @@ def build_config(*, base_model: str | None, dataset: str | None, caption_source:
         if value is not None:
             basic[setting.name] = value
     config.update(schema.presets.form_values(basic, schema.TRAIN))  # with a preset: defaults give way to it
-    for setting in advanced_settings():
+    for setting in [*advanced_settings(), *flux_settings()]:
         value = field_value(setting, settings.get(setting.name))
-        if value is not None and value != setting.default:
+        default = list(setting.default) if setting.type is list and setting.default is not None else setting.default
+        if value is not None and value != default:
             config[setting.name] = value
+    config.update({key: path for key, path in (model_files or {}).items() if path})
     folder = Path(dataset).expanduser()
     folder = folder if folder.is_absolute() else Path(base_dir) / folder
     if caption_source == CAPTION_CSV:

@@ -181,6 +181,53 @@ def checkpoint_path(value: str | None) -> str | None:
                              "Reload list and pick one, or enter the full path of a model file")
 
 
+# --- VAE and text-encoder files (Flux's ae, CLIP-L, T5) -------------------------------------------
+
+# The WebUI's folder for each kind of module file (the setting declarations' host widgets), and the
+# command-line option that adds one more: Forge lists models/VAE and models/text_encoder (with --vae-dir
+# and --text-encoder-dir) in its "VAE / Text Encoder" menu, A1111 models/VAE for its VAE menu.
+MODULE_FOLDERS = {"vae": ("VAE", "vae_dir"), "text_encoder": ("text_encoder", "text_encoder_dir")}
+MODULE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class ModuleNotFound(ValueError):
+    pass
+
+
+def module_files(kind: str) -> dict[str, str]:
+    """{name: file} of the WebUI's folder(s) for `kind` (vae, text_encoder): names relative to the folder,
+    as Forge lists them."""
+    from modules import paths, shared
+
+    folder, option = MODULE_FOLDERS[kind]
+    roots = [os.path.join(paths.models_path, folder)]
+    extra = getattr(shared.cmd_opts, option, None)
+    roots += [extra] if isinstance(extra, str) and extra else []
+    found: dict[str, str] = {}
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root, followlinks=True):
+            for name in sorted(files):
+                if name.lower().endswith(MODULE_SUFFIXES):
+                    full = os.path.join(dirpath, name)
+                    found.setdefault(Path(os.path.relpath(full, root)).as_posix(), full)
+    return dict(sorted(found.items()))
+
+
+def module_path(kind: str, value: str | None, label: str) -> str | None:
+    """The file a module name from the list means; a typed absolute path is taken as is; empty: None.
+    `label` names the tab's field in the error."""
+    if not value or not value.strip():
+        return None
+    files = module_files(kind)
+    if value.strip() in files:
+        return files[value.strip()]
+    path = Path(value.strip()).expanduser()
+    if path.is_absolute():
+        return str(path)
+    raise ModuleNotFound(f"{label}: {value.strip()!r} is not in the WebUI's models/{MODULE_FOLDERS[kind][0]} folder; "
+                         "press Reload list and pick one, or enter the full path of the file")
+
+
 # --- VRAM ----------------------------------------------------------------------------------------
 
 

@@ -215,9 +215,10 @@ def _message(status, text: str):
 
 
 def train(base_model, dataset, caption_source, output_name, *values):
-    """The Train button. `values`: every setting field's value (in form.widget_settings() order), then
-    the advanced YAML box."""
+    """The Train button. `values`: every setting field's value (in form.widget_settings() order), the
+    model-file fields (in form.model_file_settings() order), then the advanced YAML box."""
     *fields, advanced = values
+    files = fields[len(form.widget_settings()):]
     fields = {s.name: value for s, value in zip(form.widget_settings(), fields)}
     settings, error = _settings_or_error()
     if settings is None:
@@ -228,11 +229,13 @@ def train(base_model, dataset, caption_source, output_name, *values):
         yield _message(status, NOT_ALLOWED)
         return
     try:
+        model_files = {s.name: host.module_path(s.form.widget, value, s.label)
+                       for s, value in zip(form.model_file_settings(), files)}
         config = form.build_config(
             base_model=host.checkpoint_path(base_model), dataset=dataset, caption_source=caption_source,
             output_name=output_name, settings=fields, advanced=advanced, deploy_dir=settings.deploy_dir,
-            base_dir=host.base_dir())
-    except (form.FormError, host.CheckpointNotFound) as exc:
+            base_dir=host.base_dir(), model_files=model_files)
+    except (form.FormError, host.CheckpointNotFound, host.ModuleNotFound) as exc:
         yield _message(status, f"**Check the form:** {exc}")
         return
     if settings.autostart:
@@ -358,6 +361,17 @@ def load_checkpoints():
     return refresh_checkpoints(None)
 
 
+def module_choices(setting) -> list[str]:
+    """A model-file field's choices: nothing chosen, then the files of the WebUI's folder for its kind."""
+    return ["", *host.module_files(setting.form.widget)]
+
+
+def refresh_modules(*current):
+    """The model-file fields' lists as the WebUI's folders hold them now, keeping what each field shows."""
+    return [gr.update(choices=module_choices(s), value=value or "") for s, value in
+            zip(form.model_file_settings(), current)]
+
+
 # --- layout --------------------------------------------------------------------------------------
 
 
@@ -374,9 +388,11 @@ def setting_field(setting):
         return gr.Number(value=setting.default if setting.default is not None else unset, minimum=low,
                          maximum=setting.maximum, step=setting.multiple_of or setting.form.step or 1,
                          precision=0 if setting.type is int else None, **common)
-    # empty means "not set": text, paths, lists (one item a line) and optional numbers
+    # empty means "not set": text, paths, lists (one item a line, or comma-separated) and optional numbers
     lines = 3 if setting.form.widget == "lines" else 1
     default = "" if setting.default is None else str(setting.default)
+    if isinstance(setting.default, (list, tuple)):
+        default = ("\n" if setting.form.widget == "lines" else ", ").join(setting.default)
     return gr.Textbox(value=default, lines=lines, placeholder="(not set)" if setting.optional else "", **common)
 
 
@@ -426,6 +442,17 @@ def build_tab():
                     for section in dict.fromkeys(s.section for s in grouped):
                         with gr.Accordion(section, open=False):
                             setting_fields.update(_field_rows([s for s in grouped if s.section == section], 2))
+                with gr.Accordion("Flux: the separate files and the Flux settings", open=False):
+                    gr.Markdown("For a Flux.1 transformer file (`flux1-dev.safetensors`, fp8 too) choose its "
+                                "autoencoder from models/VAE and its CLIP-L and T5-XXL from models/text_encoder. "
+                                "A checkpoint with all four parts needs none. Settings here are sent only when "
+                                "changed.")
+                    with gr.Row():
+                        file_fields = [gr.Dropdown(label=s.label, choices=module_choices(s), value="",
+                                                   allow_custom_value=True, info=s.help,
+                                                   elem_id=f"lora_daemon_{s.form_id}")
+                                       for s in form.model_file_settings()]
+                    setting_fields.update(_field_rows(form.flux_settings(), 2))
                 with gr.Row():
                     train_btn = gr.Button("Train", variant="primary", elem_id="lora_daemon_train")
                     stop_btn = gr.Button("Stop (save)", elem_id="lora_daemon_stop")
@@ -442,7 +469,7 @@ def build_tab():
         status_outputs = [status_md, start_btn]
         live_outputs = [*status_outputs, progress_md, loss_img, samples, result_box, job_box, queue_html]
         fields = [setting_fields[s.name] for s in form.widget_settings()]  # the order train() reads them in
-        form_inputs = [base_model, dataset, caption_source, output_name, *fields, advanced]
+        form_inputs = [base_model, dataset, caption_source, output_name, *fields, *file_fields, advanced]
 
         train_btn.click(train, inputs=form_inputs, outputs=live_outputs, show_progress="hidden")
         refresh_btn.click(refresh, inputs=[job_box], outputs=live_outputs, show_progress="hidden")
@@ -452,6 +479,8 @@ def build_tab():
         stop_btn.click(stop, inputs=[job_box], outputs=[progress_md], queue=False)
         cancel_btn.click(cancel, inputs=[job_box], outputs=[progress_md], queue=False)
         ckpt_refresh.click(refresh_checkpoints, inputs=[base_model], outputs=[base_model], queue=False)
+        ckpt_refresh.click(refresh_modules, inputs=file_fields, outputs=file_fields, queue=False)
         tab.load(check_daemon, outputs=status_outputs)
         tab.load(load_checkpoints, outputs=[base_model], queue=False)
+        tab.load(refresh_modules, inputs=file_fields, outputs=file_fields, queue=False)
     return tab

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shared.errors import UserError
 from shared.files import atomic_write
-from shared.sd.dataset import CAPTION_COLUMNS, FILE_COLUMNS
+from shared.images.dataset import CAPTION_COLUMNS, FILE_COLUMNS
 
 CSV_HEADER = ["file", "caption"]
 
@@ -71,7 +71,7 @@ class CsvCaptions:
             return  # an empty file: written fresh, with the header
         self.header = None
         if rows and rows[0]:
-            # the same header rule as the trainer's reader (shared/sd/dataset.py)
+            # the same header rule as the trainer's reader (shared/images/dataset.py)
             names = [cell.strip().lower() for cell in rows[0]]
             if names[0] in FILE_COLUMNS or any(n in CAPTION_COLUMNS for n in names):
                 self.header = rows[0]

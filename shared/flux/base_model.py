@@ -20,7 +20,7 @@ from typing import Any
 
 from shared.errors import ModelError
 from shared.flux import layout
-from shared.sd.base_model import load_strict, read_checkpoint
+from shared.images.checkpoints import load_strict, read_checkpoint
 
 MODEL_CONFIGS = resources.files("shared.flux") / "model_configs"
 COMFY_TRANSFORMER = "model.diffusion_model."
@@ -51,9 +51,10 @@ class FluxModel:
         return bool(self.transformer.config.guidance_embeds)
 
     @property
-    def metadata_arch(self) -> str:
-        """The key of shared.sd.kohya_export's metadata table for this base."""
-        return f"flux_{self.variant}"
+    def resolution_multiple(self) -> int:
+        """What an image side must be a multiple of: the autoencoder's downsampling times the 2x2 packing."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) * 2
+
 
 
 def shipped_config_dir(variant: str) -> Path:

@@ -16,6 +16,8 @@ runs the very same hooks and proves that every use of a block's weights found th
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 
@@ -73,6 +75,19 @@ class _autocast:
             c.__exit__(*exc)
 
 
+def _apply_to_trained(block, fn, recurse=True):
+    """Module._apply of a swapped block: a `.to(...)` of the whole transformer (a task's, or accelerate's
+    prepare) reaches only the block's trained (LoRA) weights; its frozen ones stay where the swap keeps
+    them, so the model can be installed before it is placed on the card and never holds every block
+    there at once."""
+    for p in block.parameters():
+        if p.requires_grad:
+            p.data = fn(p.data)
+            if p.grad is not None:
+                p.grad.data = fn(p.grad.data)
+    return block
+
+
 def _checkpoint(module, *args):
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
 
@@ -81,7 +96,8 @@ class BlockSwap:
     """Swap the last `count` blocks of a FluxTransformer2DModel.
 
     `device`: where blocks compute; `offload_device` / `offload_dtype`: where (and as what) their
-    frozen weights wait. Install after LoRA injection, fp8 storage and gradient checkpointing."""
+    frozen weights wait. Install after LoRA injection, fp8 storage and gradient checkpointing; the
+    model may be moved to `device` afterwards (the swapped blocks' frozen weights do not follow)."""
 
     def __init__(self, transformer, count: int, *, device, offload_device="cpu", offload_dtype=None):
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
@@ -134,6 +150,7 @@ class BlockSwap:
             self.resident[index] = True
             self.send_out(index)
             block.forward = self._forward(index, block.forward)
+            block._apply = types.MethodType(_apply_to_trained, block)
         self.moves = {"in": 0, "out": 0}
         if getattr(self.transformer, "gradient_checkpointing", False):
             self.transformer.enable_gradient_checkpointing(self.checkpointing_func)

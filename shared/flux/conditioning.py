@@ -50,6 +50,16 @@ def encode_text(model, captions: list[str], *, max_sequence_length: int | None =
     return FluxText(prompt_embeds, pooled, text_ids)
 
 
+def clip_pooled(model, captions: list[str], device=None) -> torch.Tensor:
+    """CLIP-L's pooled output for `captions`, tokenized as FluxPipeline.encode_prompt does (77 tokens):
+    the part of the conditioning a trained CLIP-L LoRA changes, computed each step with gradients while
+    the T5 states come from the cache."""
+    device = device or next(model.text_encoder.parameters()).device
+    ids = model.tokenizer(captions, padding="max_length", max_length=model.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids
+    return model.text_encoder(ids.to(device), output_hidden_states=False).pooler_output
+
+
 def latent_params(vae, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE's latent distribution (mean and log-variance, [B, 2x16, h, w]) of pixels in [-1, 1]:
     what a latent cache stores, so a cached step samples exactly what an uncached one does."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from shared.flux.layout import BflLinear, lora_name
 from shared.flux.lora import ADAPTER, trained_targets
-from shared.sd.kohya_export import (
+from shared.images.kohya_files import (
     export_tensor,
     kohya_state_dict,
     lora_metadata,
@@ -27,6 +27,16 @@ from shared.sd.kohya_export import (
 
 TE_PREFIX = "lora_te1"
 SIDECAR_SD_VERSION = "Flux"  # the sidecar .json "sd version" Forge's Lora tab filters by
+FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"
+# Flux.1 as kohya names it (ss_base_model_version "flux1" for both variants). Forge lists a LoRA under
+# Flux when modelspec.implementation is BFL's repository or the architecture is "flux-1-dev/lora"
+# (its check misses "flux-1-schnell/lora", so the implementation key is what shows schnell LoRAs).
+FLUX_ARCHITECTURES = {
+    "dev": {"ss_base_model_version": "flux1", "ss_v2": "False", "modelspec": "flux-1-dev/lora",
+            "implementation": FLUX_IMPLEMENTATION, "network_module": "networks.lora_flux"},
+    "schnell": {"ss_base_model_version": "flux1", "ss_v2": "False", "modelspec": "flux-1-schnell/lora",
+                "implementation": FLUX_IMPLEMENTATION, "network_module": "networks.lora_flux"},
+}
 
 
 def flux_lora_tensors(transformer, text_encoder=None) -> dict:
@@ -60,7 +70,7 @@ def file_modules(tensors: Mapping[str, Any]) -> set[str]:
 def flux_lora_metadata(*, variant: str, output_name: str, rank: int, alpha: float, base_model: Path,
                        resolution: int, training: dict) -> dict[str, str]:
     """The header A1111/Forge/kohya tools read, for FLUX.1-dev or -schnell."""
-    return lora_metadata(arch=f"flux_{variant}", output_name=output_name, rank=rank, alpha=alpha,
+    return lora_metadata(family=FLUX_ARCHITECTURES[variant], output_name=output_name, rank=rank, alpha=alpha,
                          base_model=base_model, resolution=resolution, training=training)
 
 

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from shared.flux.conditioning import FluxText, image_ids, image_seq_len, pack, unpack
+from shared.schema import flux as schema_flux
 
-TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit_normal", "shift", "flux_shift")
+TIMESTEP_SAMPLING = schema_flux.TIMESTEP_SAMPLING  # the timestep_sampling setting's choices
 DEV_TRAINING_GUIDANCE = 1.0  # kohya's recommended --guidance_scale for training dev (3.5 is for sampling)
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from shared.flux.layout import BflLinear, block_linears
+from shared.schema import flux as schema_flux
 
 # kohya's layer groups (its img_attn_dim, ..., single_dim, single_mod_dim network args)
 LORA_PARTS = {
@@ -33,9 +34,10 @@ LORA_PARTS = {
     "single": ("linear1", "linear2"),
     "single_mod": ("modulation.lin",),
 }
-# Attention and MLP of both block kinds; the modulation Linears are left out, as musubi-tuner and
-# kohya's newer trainers do by default (community reports: better results, and they are the largest)
-DEFAULT_PARTS = ("img_attn", "img_mlp", "txt_attn", "txt_mlp", "single")
+# The default (declared with the flux_lora_parts setting): attention and MLP of both block kinds; the
+# modulation Linears are left out, as musubi-tuner and kohya's newer trainers do by default (community
+# reports: better results, and they are the largest)
+DEFAULT_PARTS = schema_flux.DEFAULT_PARTS
 ADAPTER = "default"
 
 
@@ -86,7 +88,7 @@ def inject_flux_lora(transformer, targets: list[BflLinear], *, rank: int, alpha:
     A. Everything else is frozen. Returns the trainable parameters (each once)."""
     import torch
 
-    from shared.sd.lora import inject_lora, is_lora_param
+    from shared.images.lora import inject_lora, is_lora_param
 
     parts = [p for t in targets for p in t.parts]
     inject_lora(transformer, parts, rank=rank, alpha=alpha, dropout=dropout, init=init, init_std=init_std)
@@ -127,6 +129,6 @@ def trained_targets(transformer) -> list[BflLinear]:
 
 def clip_l_targets(text_encoder) -> list[str]:
     """CLIP-L's attention and MLP Linears, kohya's text-encoder targets (as for SD)."""
-    from shared.sd.lora import kohya_text_encoder_targets
+    from shared.images.lora import kohya_text_encoder_targets
 
     return kohya_text_encoder_targets(text_encoder)

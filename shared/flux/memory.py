@@ -60,3 +60,26 @@ def plan_memory(vram_gb: float | None, *, fp8_base="auto", gradient_checkpointin
         swap = int(blocks_to_swap)
     cache = "disk" if cache_text_encoder_outputs == "auto" else cache_text_encoder_outputs
     return MemoryPlan(fp8, ckpt, swap, cache, estimate_gb(fp8, swap, ckpt))
+
+
+def card_memory_gb(device) -> float | None:
+    """The CUDA card's memory in GB, or None (the CPU, and devices whose memory torch does not report)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def plan_for(cfg, device, max_blocks: int, fp8_file: bool = False) -> MemoryPlan:
+    """The plan of a job: its fp8_base / blocks_to_swap / gradient_checkpointing settings, each `auto`
+    resolved for `device` (the estimates assume FLUX.1's size). fp8_base auto is on for a file that
+    already stores its blocks in fp8 (kept as they are, bit for bit). gradient_checkpointing false
+    means auto here: on a card a Flux step needs it."""
+    fp8 = {"auto": "auto", "true": True, "false": False}[cfg.fp8_base]
+    if fp8 == "auto" and fp8_file:
+        fp8 = True
+    swap = "auto" if cfg.blocks_to_swap == "auto" else int(cfg.blocks_to_swap)
+    checkpointing = True if cfg.gradient_checkpointing else "auto"
+    return plan_memory(card_memory_gb(device), fp8_base=fp8, gradient_checkpointing=checkpointing,
+                       blocks_to_swap=swap, max_blocks=max_blocks)

@@ -8,8 +8,6 @@ encoders freed after caching, prompts are taken from the text cache instead.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 PREVIEW_DEFAULTS = {"schnell": {"steps": 4, "guidance": 0.0}, "dev": {"steps": 20, "guidance": 3.5}}
 
 
@@ -17,9 +15,12 @@ def build_pipeline(model):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config)
-    pipe = FluxPipeline(scheduler=scheduler, vae=model.vae, text_encoder=model.text_encoder,
-                        tokenizer=model.tokenizer, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
-                        transformer=model.transformer)
+    # an encoder freed after caching (its weights on the meta device) is left out: the pipeline would
+    # take its device from it, and prompts then come as embeddings
+    encoders = [None if e is None or next(e.parameters()).device.type == "meta" else e
+                for e in (model.text_encoder, model.text_encoder_2)]
+    pipe = FluxPipeline(scheduler=scheduler, vae=model.vae, text_encoder=encoders[0], tokenizer=model.tokenizer,
+                        text_encoder_2=encoders[1], tokenizer_2=model.tokenizer_2, transformer=model.transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -29,7 +30,7 @@ def render(model, prompts: list[str], *, seed: int, size: int, steps: int | None
     """One PIL image per prompt (prompt i uses seed + i), the LoRA at `weight` (0: the base)."""
     import torch
 
-    from shared.sd.sampling import lora_weight
+    from shared.images.previews import lora_weight
 
     defaults = PREVIEW_DEFAULTS[model.variant]
     steps = steps or defaults["steps"]
@@ -37,8 +38,7 @@ def render(model, prompts: list[str], *, seed: int, size: int, steps: int | None
     pipe = build_pipeline(model)
     device = next(p.device for p in model.transformer.parameters() if p.device.type != "meta")
     dtype = model.vae.dtype
-    # the SD helper scales every PEFT LoRA layer of the modules it is given
-    modules = SimpleNamespace(unet=model.transformer, text_encoders=[model.text_encoder])
+    modules = [model.transformer, model.text_encoder]
     images = []
     was_training = model.transformer.training
     model.transformer.eval()

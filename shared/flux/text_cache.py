@@ -16,13 +16,13 @@ from shared.flux.conditioning import FluxText, encode_text
 
 
 def default_cache_dir() -> Path:
-    from shared.sd.caching import default_cache_dir as latents_dir
+    from shared.images.latent_cache import default_cache_dir as latents_dir
 
     return latents_dir().parent / "flux-text"
 
 
 def encoders_fingerprint(model) -> str:
-    from shared.sd.caching import module_hash
+    from shared.images.latent_cache import module_hash
 
     return hashlib.sha256((module_hash(model.text_encoder) + module_hash(model.text_encoder_2)).encode()).hexdigest()
 
@@ -81,13 +81,18 @@ class TextCache:
                     self.put(caption, encode_text(model, [caption], max_sequence_length=self.max_length))
 
     def batch(self, captions: list[str], device=None, dtype=None) -> FluxText:
-        return FluxText.stack([self.memory[c] if c in self.memory else self.get(c) for c in captions]).to(device, dtype)
+        texts = [self.memory[c] if c in self.memory else self.get(c) for c in captions]
+        missing = [c for c, t in zip(captions, texts) if t is None]
+        if missing:  # a caller's bug (the task caches every caption and prompt it will need), never user input
+            raise KeyError(f"text cache: {missing[0]!r} was not cached")
+        return FluxText.stack(texts).to(device, dtype)
 
 
-def free_text_encoders(model) -> None:
+def free_text_encoders(model, names: tuple[str, ...] = ("text_encoder", "text_encoder_2")) -> None:
     """Drop the encoders' weights once every caption is cached (they are not needed again unless the
-    captions change); sampling previews then need the cache to hold the sample prompts too."""
-    for name in ("text_encoder", "text_encoder_2"):
+    captions change); sampling previews then need the cache to hold the sample prompts too. `names`:
+    which (a task that trains CLIP-L frees T5 alone)."""
+    for name in names:
         encoder = getattr(model, name)
         if encoder is not None:
             encoder.to("meta")

@@ -32,7 +32,7 @@ UP_LEVELS = 5  # models/diffusion_models/<subfolder>/file.safetensors is 3-4 lev
 
 
 def clip_tokenizer():
-    from shared.sd.tokenizer import clip_tokenizer as build
+    from shared.images.clip_tokenizer import clip_tokenizer as build
 
     return build()
 

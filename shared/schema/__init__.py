@@ -27,6 +27,7 @@ from . import (
     blocks,
     data,
     ema,
+    flux,
     images,
     label,
     launch,
@@ -49,10 +50,14 @@ from . import (
 from .setting import (
     BASIC,
     COMMON,
+    FLUX,
+    FLUX_ONLY,
+    IMAGES,
     LABEL_ONLY,
     LLM,
     LLM_ONLY,
     SD,
+    SD_LLM,
     SD_ONLY,
     TASK_NAMES,
     Form,
@@ -63,14 +68,15 @@ from .setting import (
     did_you_mean,
 )
 
-__all__ = ["BASIC", "COMMON", "FAMILY_RULES", "JOB_KINDS", "LABEL", "LABEL_ONLY", "LLM", "LLM_ONLY", "LORA_TOOLS", "RULES",
-           "SD", "SD_ONLY", "SECTIONS", "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical",
-           "coerce", "coerce_config", "for_task", "form_settings", "job_table", "unset_number"]
+__all__ = ["BASIC", "COMMON", "FAMILY_RULES", "FLUX", "FLUX_ONLY", "IMAGES", "JOB_KINDS", "LABEL", "LABEL_ONLY", "LLM",
+           "LLM_ONLY", "LORA_TOOLS", "RULES", "SD", "SD_LLM", "SD_ONLY", "SECTIONS", "TASK_NAMES", "TRAIN", "Form", "Rule",
+           "Setting", "SettingError", "canonical", "coerce", "coerce_config", "for_task", "form_settings", "job_table",
+           "unset_number"]
 
 # `presets` last: its field is the last of the hosts' basic inputs, so a saved ComfyUI workflow's widget values
 # (stored by position) keep their places
 _TRAIN_SECTIONS = (model, data, regularisation, validation, lora, network, blocks, training, optimizer, ema, images,
-                   masks, samples, output, llm, llm_deploy, preference, launch, presets)
+                   masks, samples, output, llm, llm_deploy, preference, flux, launch, presets)
 
 
 def _table(modules) -> dict[str, Setting]:
@@ -104,7 +110,7 @@ def job_table(kind: str) -> dict[str, Setting]:
 
 
 def for_task(task: str, table: Mapping[str, Setting] | None = None) -> list[Setting]:
-    """The settings a job of `task` (sd, llm, label) reads, in declaration order."""
+    """The settings a job of `task` (sd, flux, llm, label) reads, in declaration order."""
     table = LABEL if task == "label" else (table or TRAIN)
     return [s for s in table.values() if task in s.tasks]
 
@@ -148,7 +154,8 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
     for key, setting in table.items():
         if values.get(key) is None and setting.required:
             raise ConfigError(f"{where(key)}: missing required {what} {key!r} ({setting.help})")
-        values.setdefault(key, setting.default)
+        # a list's default is declared as a tuple (a dataclass default must not be mutable); a job gets a list
+        values.setdefault(key, list(setting.default) if isinstance(setting.default, tuple) else setting.default)
     for rule in rules:
         problem = rule.check(values)
         if problem:
@@ -159,5 +166,5 @@ def coerce_config(data: Mapping[str, Any], *, source: str, base_dir: Path | None
 
 def canonical(values: Mapping[str, Any]) -> dict[str, Any]:
     """JSON-able values (paths as text): what a job stores and its worker and ranks rebuild from."""
-    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+    return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, (list, tuple)) else dict(v) if isinstance(v, dict) else v)
             for k, v in values.items()}

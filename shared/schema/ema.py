@@ -1,15 +1,15 @@
 """An exponential moving average of the trained adapter weights, exported in their place."""
 
-from .setting import SD_ONLY, Rule, Setting
+from .setting import IMAGES, Rule, Setting
 
 SECTION = "EMA"
 SETTINGS = (
     Setting("use_ema", bool, False, "Keep an exponential moving average of the LoRA weights and write it, not the "
-            "last weights, as the LoRA (checkpoints, samples and the final file).", tasks=SD_ONLY),
+            "last weights, as the LoRA (checkpoints, samples and the final file).", tasks=IMAGES),
     Setting("ema_decay", float, 0.999, "The average's decay per update; the first updates use min(decay, (1 + n) "
-            "/ (10 + n)) so it leaves the initial weights quickly.", tasks=SD_ONLY, minimum=0, exclusive_minimum=True,
+            "/ (10 + n)) so it leaves the initial weights quickly.", tasks=IMAGES, minimum=0, exclusive_minimum=True,
             maximum=1, exclusive_maximum=True),
-    Setting("ema_update_every", int, 1, "Update the average every N optimizer steps.", tasks=SD_ONLY, minimum=1,
+    Setting("ema_update_every", int, 1, "Update the average every N optimizer steps.", tasks=IMAGES, minimum=1,
             maximum=1_000_000),
 )
 
@@ -28,5 +28,5 @@ def _options_need_ema(v) -> str | None:
     return None
 
 
-RULES = (Rule(("use_ema", "optimizer"), _one_average, tasks=SD_ONLY),
-         Rule(("ema_decay", "ema_update_every", "use_ema"), _options_need_ema, tasks=SD_ONLY))
+RULES = (Rule(("use_ema", "optimizer"), _one_average, tasks=IMAGES),
+         Rule(("ema_decay", "ema_update_every", "use_ema"), _options_need_ema, tasks=IMAGES))

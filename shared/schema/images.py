@@ -1,32 +1,34 @@
-"""How SD images become training samples: resolution, buckets, augmentation and caches."""
+"""How images become training samples (SD, Flux): resolution, buckets, augmentation and caches."""
 
 from pathlib import Path
 
-from .setting import SD_ONLY, Form, Rule, Setting
+from .setting import IMAGES, SD_ONLY, Form, Rule, Setting
 
-SECTION = "Images (SD)"
+SECTION = "Images"
 SETTINGS = (
     Setting("resolution", int, 512, "Training resolution in pixels (images are resized and cropped to it). The "
-            "model adds its own multiple, read from its VAE and UNet: 64 for SD1.x/SD2.x, 32 for SDXL.",
-            tasks=SD_ONLY, minimum=64, maximum=8192, multiple_of=8, form=Form("basic", "Resolution")),
+            "model adds its own multiple, read from its file: 64 for SD1.x/SD2.x and 32 for SDXL (VAE and UNet), "
+            "16 for Flux (VAE and its 2x2 packing).",
+            tasks=IMAGES, minimum=64, maximum=8192, multiple_of=8, form=Form("basic", "Resolution")),
     Setting("enable_bucket", bool, True, "Aspect-ratio bucketing: train each image near its own shape.",
-            tasks=SD_ONLY),
+            tasks=IMAGES),
     Setting("bucket_reso_steps", int, 64, "Bucket sizes are multiples of this (raised to what the UNet needs).",
-            tasks=SD_ONLY, minimum=1, maximum=8192),
+            tasks=IMAGES, minimum=1, maximum=8192),
     Setting("min_bucket_reso", int, 256, "Smallest bucket side in pixels (lowered to resolution/2 for small "
-            "resolutions).", tasks=SD_ONLY, minimum=1, maximum=16384),
-    Setting("max_bucket_reso", int, 2048, "Largest bucket side in pixels.", tasks=SD_ONLY, minimum=1,
+            "resolutions).", tasks=IMAGES, minimum=1, maximum=16384),
+    Setting("max_bucket_reso", int, 2048, "Largest bucket side in pixels.", tasks=IMAGES, minimum=1,
             maximum=16384),
     Setting("bucket_upscale", bool, False, "Enlarge images smaller than the resolution to fill a bucket.",
-            tasks=SD_ONLY),
-    Setting("random_flip", bool, False, "Mirror images left-right at random.", tasks=SD_ONLY),
-    Setting("random_crop", bool, False, "Crop at a random place instead of the centre.", tasks=SD_ONLY),
+            tasks=IMAGES),
+    Setting("random_flip", bool, False, "Mirror images left-right at random.", tasks=IMAGES),
+    Setting("random_crop", bool, False, "Crop at a random place instead of the centre.", tasks=IMAGES),
     Setting("cache_latents", str, "no", "Encode each image with the VAE once: keep the latents in memory or on disk "
-            "(reused across runs).", tasks=SD_ONLY, choices=("no", "memory", "disk")),
-    Setting("cache_dir", Path, None, "Disk latent cache folder. Default: ~/.cache/lora-daemon/latents.",
-            tasks=SD_ONLY, optional=True, path="write"),
+            "(reused across runs).", tasks=IMAGES, choices=("no", "memory", "disk")),
+    Setting("cache_dir", Path, None, "Disk cache folder (latents; Flux: also the T5/CLIP-L outputs). Default: "
+            "~/.cache/lora-daemon/latents (Flux text: ~/.cache/lora-daemon/flux-text).",
+            tasks=IMAGES, optional=True, path="write"),
     Setting("cache_text_encoder_outputs", bool, False, "Encode each caption once (needs a frozen text encoder and "
-            "fixed captions).", tasks=SD_ONLY),
+            "fixed captions). Flux: see flux_text_cache.", tasks=SD_ONLY),
 )
 
 
@@ -63,5 +65,5 @@ RULES = (
     Rule(("resolution",), _fits_the_models_downsampling, tasks=SD_ONLY, family=True),
     Rule(("cache_text_encoder_outputs", "train_text_encoder", "shuffle_caption", "caption_dropout_rate"),
          _text_cache_needs_fixed_captions, tasks=SD_ONLY),
-    Rule(("cache_latents", "random_crop"), _latent_cache_keeps_one_crop, tasks=SD_ONLY),
+    Rule(("cache_latents", "random_crop"), _latent_cache_keeps_one_crop, tasks=IMAGES),
 )

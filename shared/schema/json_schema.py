@@ -54,7 +54,7 @@ def property_schema(setting: Setting) -> dict[str, Any]:
     if setting.pattern and setting.type is not list:  # a list of numbers' word: comma-separated text too
         prop["pattern"] = f"^(?:{setting.pattern})$"
     if setting.default is not None:
-        prop["default"] = setting.default
+        prop["default"] = list(setting.default) if isinstance(setting.default, tuple) else setting.default
     prop["description"] = setting.help
     prop["x-tasks"] = sorted(setting.tasks)
     prop["x-section"] = setting.section

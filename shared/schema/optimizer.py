@@ -4,7 +4,7 @@ checked by `learning_rate_problem` below.)"""
 
 import difflib
 
-from .setting import SD_ONLY, Form, Rule, Setting
+from .setting import IMAGES, Form, Rule, Setting
 
 SECTION = "Optimizer"
 
@@ -31,10 +31,10 @@ SETTINGS = (
             "(1.0). adafactor: transformers' Adafactor at learning_rate, or with optimizer_args {relative_step: true} "
             "its own time-dependent rate. lion: Lion (lion-pytorch; about a third of AdamW's rate). "
             "adamw_schedulefree: schedule-free AdamW (schedulefree): no decay schedule, lr_scheduler does not "
-            "apply; the warm-up runs inside it.", tasks=SD_ONLY, choices=tuple(OPTIMIZER_ARGS)),
+            "apply; the warm-up runs inside it.", tasks=IMAGES, choices=tuple(OPTIMIZER_ARGS)),
     Setting("optimizer_args", dict, None, "Extra keyword arguments of the optimizer, e.g. {d_coef: 2, "
             "safeguard_warmup: true} for prodigy or {betas: [0.9, 0.99]}; each optimizer's names are in "
-            "docs/sd-training.md. (A mapping: in the tab and the node, the YAML box.)", tasks=SD_ONLY, optional=True,
+            "docs/sd-training.md. (A mapping: in the tab and the node, the YAML box.)", tasks=IMAGES, optional=True,
             form=Form("hidden")),
     Setting("weight_decay", float, 0.01, "Decoupled weight decay of the optimizer.", minimum=0, maximum=1,
             form=Form(step=0.01)),
@@ -109,8 +109,8 @@ def _eight_bit_on_cpu(v) -> str | None:
 
 
 RULES = (
-    Rule(("optimizer_args", "optimizer"), _args_are_the_optimizers, tasks=SD_ONLY),
+    Rule(("optimizer_args", "optimizer"), _args_are_the_optimizers, tasks=IMAGES),
     Rule(("lr_warmup_ratio", "lr_warmup_steps"), _one_warm_up),
     Rule(("lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler"), _schedule_options_fit),
-    Rule(("optimizer", "device"), _eight_bit_on_cpu, tasks=SD_ONLY),
+    Rule(("optimizer", "device"), _eight_bit_on_cpu, tasks=IMAGES),
 )

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path, PurePath
 
-from .setting import SD_ONLY, Form, Rule, Setting
+from .setting import IMAGES, Form, Rule, Setting
 
 SECTION = "Output"
 # A LoRA's name becomes a file name and a `<lora:NAME:w>` alias: a safe alphabet, never hidden.
@@ -26,9 +26,9 @@ SETTINGS = (
             optional=True),
     Setting("deploy_dir", Path, None, "A host's Lora folder: the finished file is copied there under a name that "
             "never overwrites.", optional=True, path="write", form=Form("host")),
-    Setting("preferred_weight", float, 0.8, "The LoRA weight suggested in the sidecar .json.", tasks=SD_ONLY,
+    Setting("preferred_weight", float, 0.8, "The LoRA weight suggested in the sidecar .json.", tasks=IMAGES,
             minimum=-10, maximum=10, form=Form(step=0.05)),
-    Setting("description", str, None, "Description for the sidecar .json.", tasks=SD_ONLY, optional=True),
+    Setting("description", str, None, "Description for the sidecar .json.", tasks=IMAGES, optional=True),
 )
 
 

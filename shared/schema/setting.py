@@ -18,14 +18,18 @@ from typing import Any
 
 from ..errors import ConfigError
 
-# The jobs a setting applies to. A training setting is common (both trainers read it) or belongs to one
-# model family; the auto-label job has its own options.
-SD, LLM, LABEL = "sd", "llm", "label"
-COMMON = frozenset({SD, LLM})
+# The jobs a setting applies to. A training setting is common (every trainer reads it), belongs to the
+# image families (SD and Flux: images, buckets, captions, previews), to SD and LLM, or to one family;
+# the auto-label job has its own options.
+SD, LLM, FLUX, LABEL = "sd", "llm", "flux", "label"
+COMMON = frozenset({SD, LLM, FLUX})
+IMAGES = frozenset({SD, FLUX})
+SD_LLM = frozenset({SD, LLM})
 SD_ONLY = frozenset({SD})
 LLM_ONLY = frozenset({LLM})
+FLUX_ONLY = frozenset({FLUX})
 LABEL_ONLY = frozenset({LABEL})
-TASK_NAMES = {SD: "SD", LLM: "LLM", LABEL: "auto-label"}
+TASK_NAMES = {SD: "SD", LLM: "LLM", FLUX: "Flux", LABEL: "auto-label"}
 
 TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text", Path: "a path",
               list: "a list of names", dict: "a mapping of names to values"}
@@ -39,8 +43,9 @@ class Form:
 
     `level`: `basic` (in the hosts' main form), `advanced` (folded away, grouped by section), `host`
     (each host fills it from its own widgets: a checkpoint list, a folder box) or `hidden` (the YAML box
-    only). `widget` overrides the one the type implies (`lines`: one list item per line). `id` is a short
-    name for host elements (the WebUI tab's `elem_id` is `lora_daemon_<id>`)."""
+    only). `widget` overrides the one the type implies (`lines`: one list item per line; for a `host` path,
+    `vae` or `text_encoder`: a file from the host's own folder of that kind, which each host lists). `id`
+    is a short name for host elements (the WebUI tab's `elem_id` is `lora_daemon_<id>`)."""
 
     level: str = "advanced"
     label: str | None = None
@@ -160,6 +165,8 @@ def coerce(setting: Setting, raw: Any, *, where: str = "", base_dir: Path | None
         fail("contains a NUL character")
     kind = setting.type
     if setting.choices is not None:
+        if isinstance(raw, bool) and str(raw).lower() in setting.choices:  # YAML's true for a "true" choice
+            raw = str(raw).lower()
         if raw not in setting.choices:
             fail(f"{raw!r} is not one of {', '.join(map(str, setting.choices))}")
         return raw

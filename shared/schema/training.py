@@ -31,7 +31,8 @@ SETTINGS = (
     Setting("seed", int, 42, "Random seed for init, noise, timesteps and data order.", minimum=0,
             maximum=2**32 - 1, form=Form("basic", "Seed")),
     Setting("mixed_precision", str, "no", "Mixed precision (GPU only).", choices=("no", "fp16", "bf16")),
-    Setting("gradient_checkpointing", bool, False, "Trade compute for memory in the UNet / LM."),
+    Setting("gradient_checkpointing", bool, False, "Trade compute for memory in the UNet / LM / Flux transformer (a "
+            "Flux job on a GPU always checkpoints: its activations at 1024 px need it)."),
     Setting("device", str, "auto", f"{DEVICE_HELP}.", pattern=DEVICE_PATTERN, pattern_help=DEVICE_HELP),
 )
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ModelError
+from shared.images.checkpoints import load_strict, read_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -72,31 +73,15 @@ class SDModel:
     def is_sdxl(self) -> bool:
         return self.arch == "sdxl"
 
+    @property
+    def resolution_multiple(self) -> int:
+        return downsampling_multiple(self.vae, self.unet)
 
-def read_checkpoint(path: Path) -> dict:
-    """The tensors of a single-file checkpoint. `.ckpt` files are pickles: never unpickle code."""
-    import torch
 
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every reader error means "not a usable checkpoint"
-        if "Weights only load failed" in str(exc):  # torch's own text suggests weights_only=False: never
-            raise ModelError(
-                f"{path}: not a readable checkpoint (it holds Python objects besides tensors, which could run "
-                "code when loaded; it was not loaded). Use a .safetensors copy of the model"
-            ) from None
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
-        raise ModelError(f"{path}: not a checkpoint (no mapping of weight names to tensors inside)")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+def downsampling_multiple(vae, unet) -> int:
+    """What an image side must be a multiple of to survive the VAE's and the UNet's downsampling
+    (diffusers halves after every block but the last)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
 
 
 def detect_architecture(state_dict: dict, path: Path) -> str:
@@ -183,40 +168,6 @@ def shipped_config_dir(name: str) -> Path:
     return Path(str(MODEL_CONFIGS / SHIPPED_CONFIG[name]))
 
 
-def load_strict(module, state_dict: dict, path: Path, component: str, dtype: Any = "float32") -> None:
-    """Load `state_dict` into `module` (built on the meta device) only if names and shapes match
-    exactly: one clear error naming the file otherwise. Floating tensors become `dtype` (None: keep
-    each tensor's own dtype, e.g. a float8 file's weights)."""
-    import torch
-
-    expected = module.state_dict()
-    # Buffers some files carry and some models do not (CLIP position_ids)
-    state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.endswith("position_ids")}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} of another shape (e.g. {k}: {tuple(state_dict[k].shape)} "
-                f"vs {tuple(expected[k].shape)})"
-            )
-        raise ModelError(
-            f"{path}: the {component} does not match its config: {'; '.join(parts)}. "
-            "For a model of non-standard size set model_config to its diffusers config folder."
-        )
-    if dtype is not None:
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    module.load_state_dict(state_dict, strict=True, assign=True)
-
-
 def _text_encoder(config: dict, with_projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -241,7 +192,7 @@ def _scheduler(configs: dict, prediction_type: str):
 
 
 def _tokenizers(arch: str) -> list:
-    from shared.sd.tokenizer import clip_tokenizer
+    from shared.images.clip_tokenizer import clip_tokenizer
 
     if arch == "sd1":
         return [clip_tokenizer()]

@@ -1,100 +1,34 @@
-"""What an SD job leaves for the hosts: the LoRA file with kohya's training metadata and hashes, and the
-`.json` sidecar AUTOMATIC1111/Forge show on the LoRA's card (the `.preview.png` comes from sampling)."""
+"""What an SD job leaves for the hosts: the LoRA's header metadata (kohya's training record plus the SD
+keys) and the `.json` sidecar AUTOMATIC1111/Forge show on the LoRA's card (the keys both image
+families write are in shared/images/training_metadata.py)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import math
-import time
-from pathlib import Path
-
-from shared.sd.dataset import dataset_dirs, tag_frequency
+from shared.images.training_metadata import common_training_metadata, sidecar_notes
+from shared.images.validation_split import validation_metadata
 from shared.sd.kohya_export import lora_metadata
-from shared.sd.validation import validation_metadata
-from shared.training.optim import optimizer_name, schedule_name, warmup_steps
 
 SD_VERSIONS = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 
 
-def legacy_model_hash(path: Path) -> str:
-    """kohya's `ss_sd_model_hash` (A1111's old short hash): sha256 of 64 KiB at offset 1 MiB."""
-    with open(path, "rb") as fh:
-        fh.seek(0x100000)
-        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-
-
-def addnet_hash(tensors: dict) -> str:
-    """kohya's `sshs_model_hash`: sha256 of a safetensors file's bytes after its header. Metadata
-    only changes the header, so hashing a metadata-free serialisation gives the file's value."""
-    from safetensors.torch import save
-
-    blob = save(tensors)
-    n = int.from_bytes(blob[:8], "little")
-    return hashlib.sha256(io.BytesIO(blob[8 + n :]).read()).hexdigest()
-
-
 def training_metadata(cfg, model, data, progress, tensors: dict, name: str, base_hash: str | None) -> dict[str, str]:
     """The LoRA's header metadata: what the hosts read, plus kohya's record of how it was trained."""
-    training = {
-        "ss_training_started_at": str(progress.started_at),
-        "ss_training_finished_at": str(time.time()),
-        "ss_learning_rate": str(cfg.learning_rate),
-        "ss_unet_lr": str(cfg.learning_rate),
-        "ss_text_encoder_lr": str(cfg.text_encoder_lr or cfg.learning_rate) if cfg.train_text_encoder else "0",
-        "ss_network_train_unet_only": str(not cfg.train_text_encoder),
-        "ss_lr_scheduler": schedule_name(cfg),
-        "ss_lr_warmup_steps": str(warmup_steps(cfg, progress.total)),
-        "ss_max_train_steps": str(progress.total),
-        "ss_steps": str(progress.step),
-        "ss_epoch": str(math.ceil(progress.step / max(1, progress.steps_per_epoch))),
-        "ss_num_train_images": str(sum(item.repeats for item in data.training_items)),
-        "ss_batch_size_per_device": str(cfg.batch_size),
-        "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
-        "ss_seed": str(cfg.seed),
-        "ss_network_dropout": str(cfg.lora_dropout),
-        "ss_mixed_precision": cfg.mixed_precision,
-        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+    network_args = {
+        "init": cfg.lora_init, **({"dora_wd": True} if cfg.use_dora else {}),
+        **({"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha or cfg.conv_rank} if cfg.conv_rank else {}),
+    }
+    training = common_training_metadata(cfg, data, progress, tensors, base_hash, network_args)
+    training.update({
         "ss_noise_offset": str(cfg.noise_offset),
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
         "ss_v_parameterization": str(model.prediction_type == "v_prediction"),
         "ss_clip_skip": "2" if model.arch in ("sd2", "sdxl") else "1",
-        "ss_optimizer": optimizer_name(cfg),
-        "ss_enable_bucket": str(cfg.enable_bucket),
-        "ss_bucket_no_upscale": str(not cfg.bucket_upscale),
-        "ss_shuffle_caption": str(cfg.shuffle_caption),
-        "ss_keep_tokens": str(cfg.keep_tokens),
-        "ss_caption_dropout_rate": str(cfg.caption_dropout_rate),
-        "ss_flip_aug": str(cfg.random_flip),
-        "ss_random_crop": str(cfg.random_crop),
-        "ss_cache_latents": str(cfg.cache_latents != "no"),
-        "ss_bucket_info": data.plan.ss_bucket_info(data.repeats),
-        "ss_dataset_dirs": json.dumps(dataset_dirs(data.training_items)),
-        "ss_tag_frequency": json.dumps(tag_frequency(data.training_items)),
-        "ss_network_args": json.dumps({
-            "init": cfg.lora_init, **({"dora_wd": True} if cfg.use_dora else {}),
-            **({"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha or cfg.conv_rank} if cfg.conv_rank else {}),
-        }),
-        "sshs_model_hash": addnet_hash(tensors),
         **data.reg_metadata, **validation_metadata(cfg, data.validation),
-    }
-    if base_hash:
-        training["ss_sd_model_hash"] = base_hash
-    if cfg.trigger_word:
-        training["modelspec.trigger_phrase"] = cfg.trigger_word
-    if cfg.description:
-        training["modelspec.description"] = cfg.description
+    })
     return lora_metadata(arch=model.metadata_arch, output_name=name, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                          base_model=cfg.base_model, resolution=cfg.resolution, training=training)
 
 
 def sidecar_json(cfg, arch: str, images: int) -> dict:
     """`<name>.json`: what the A1111/Forge Lora card shows and fills in."""
-    return {
-        "description": cfg.description or f"LoRA trained by lora-daemon on {images} images",
-        "sd version": SD_VERSIONS[arch],
-        "activation text": cfg.trigger_word or "",
-        "preferred weight": cfg.preferred_weight,
-        "notes": f"base model {Path(cfg.base_model).name}; rank {cfg.lora_rank}, alpha {cfg.lora_alpha}",
-    }
+    return sidecar_notes(cfg, SD_VERSIONS[arch], images)

@@ -243,7 +243,7 @@ def module_delta(module: LoraModule, shape: tuple[int, ...]):
 
 def apply_module(weight, module: LoraModule, strength: float = 1.0):
     """`weight` (any dtype) with the module applied at `strength`, as fp32."""
-    from shared.sd.dora import column_norm
+    from shared.images.dora import column_norm
 
     w = weight.float()
     delta = module_delta(module, tuple(w.shape))

@@ -120,9 +120,9 @@ def module_table(arch: str, configs: dict | None = None, components=None) -> Mod
 
 def kohya_target_modules(arch: str, configs: dict | None = None, *, conv: bool = False,
                          text_encoders: bool = True) -> list[Target]:
-    """kohya's default training targets (shared.sd.lora) as table entries."""
+    """kohya's default training targets (shared.images.lora) as table entries."""
+    from shared.images.lora import kohya_conv_targets, kohya_text_encoder_targets, kohya_unet_targets
     from shared.sd.kohya_export import text_encoder_module_name
-    from shared.sd.lora import kohya_conv_targets, kohya_text_encoder_targets, kohya_unet_targets
 
     configs = configs or configs_for(arch)
     unet, encoders = meta_components(arch, configs)

@@ -170,8 +170,8 @@ def inject_sd(model_unet, text_encoders, arch: str, spec: LycorisSpec, *, conv: 
               train_text_encoder: bool = False, module_ranks: dict[str, tuple[int, float]] | None = None) -> list:
     """LoHa/LoKr on kohya's default SD targets (the set LoRA uses), named as kohya_export names LoRA.
     Returns the trainable parameters (UNet first)."""
+    from shared.images.lora import kohya_conv_targets, kohya_text_encoder_targets, kohya_unet_targets
     from shared.sd.kohya_export import text_encoder_module_name, text_encoder_prefixes, unet_module_name_map
-    from shared.sd.lora import kohya_conv_targets, kohya_text_encoder_targets, kohya_unet_targets
 
     params = inject_lycoris(model_unet, kohya_unet_targets(model_unet), spec, prefix="lora_unet",
                             name_map=unet_module_name_map(arch, model_unet.config),

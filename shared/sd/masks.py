@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.errors import DatasetError
-from shared.sd.dataset import IMAGE_SUFFIXES, MASK_SUFFIXES, fit_to_bucket
+from shared.images.dataset import IMAGE_SUFFIXES, MASK_SUFFIXES, fit_to_bucket
 
 
 def find_mask(image: Path, mask_dir: Path | None = None) -> Path | None:

@@ -10,10 +10,16 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from shared.files import atomic_write
+from shared.images.previews import before_after_grid as grid_of
+from shared.images.previews import lora_weight as layers_at
+from shared.images.previews import save_png
 from shared.training.task import Samples
 
-GRID_WEIGHTS = (0.0, 0.5, 0.8, 1.0)
+SAMPLE_STEPS = 20  # sample_steps when not set: Euler's usual count for SD
+
+
+def sample_steps(cfg) -> int:
+    return cfg.sample_steps or SAMPLE_STEPS
 
 
 def build_pipeline(model):
@@ -34,34 +40,19 @@ def build_pipeline(model):
     return pipe
 
 
-def _lora_layers(model):
-    for module in [model.unet, *model.text_encoders]:
-        for sub in module.modules():
-            if hasattr(sub, "lora_A") and hasattr(sub, "scale_layer") and "default" in sub.lora_A:
-                yield sub
-
-
 @contextlib.contextmanager
 def lora_weight(model, weight: float):
-    """Render with the LoRA at `weight` (0: the base model), then restore the trained scale."""
+    """Render with the LoRA at `weight` (0: the base model): its LoRA / DoRA layers
+    (shared/images/previews.py) and LoHa / LoKr multipliers, then the trained scale back."""
     from shared.sd.lycoris import set_lycoris_weight
 
-    layers = list(_lora_layers(model))
-    set_lycoris_weight([model.unet, *model.text_encoders], weight)  # LoHa / LoKr: their multiplier
-    for layer in layers:
-        if hasattr(layer, "dora_strength"):  # DoRA blends the whole decomposed weight, as A1111 does
-            layer.dora_strength = weight
-        else:
-            layer.scale_layer(weight)
+    modules = [model.unet, *model.text_encoders]
+    set_lycoris_weight(modules, weight)
     try:
-        yield
+        with layers_at(modules, weight):
+            yield
     finally:
-        set_lycoris_weight([model.unet, *model.text_encoders], 1.0)
-        for layer in layers:
-            if hasattr(layer, "dora_strength"):
-                layer.dora_strength = 1.0
-            else:
-                layer.unscale_layer()
+        set_lycoris_weight(modules, 1.0)
 
 
 @contextlib.contextmanager
@@ -106,22 +97,6 @@ def render(model, prompts: list[str], *, seed: int, steps: int, size: int, weigh
     return images
 
 
-def grid(rows: list[list], column_labels: list[str]):
-    """A PIL grid: one row per prompt, one column per LoRA weight, labels on top."""
-    from PIL import Image, ImageDraw
-
-    w, h = rows[0][0].size
-    label_h = 14
-    out = Image.new("RGB", (w * len(column_labels), label_h + h * len(rows)), "white")
-    draw = ImageDraw.Draw(out)
-    for c, label in enumerate(column_labels):
-        draw.text((c * w + 2, 1), label, fill="black")
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            out.paste(img, (c * w, label_h + r * h))
-    return out
-
-
 def _on_device(model, device) -> None:
     """The text encoders back on the device if the text cache sent them away (the pipeline takes
     its device from its modules, even when no encoder runs)."""
@@ -129,16 +104,12 @@ def _on_device(model, device) -> None:
         encoder.to(device)
 
 
-def _save_png(path: Path, image) -> Path:
-    return atomic_write(path, lambda p: image.save(p, format="PNG"))
-
-
 def render_samples(model, cfg, device, step: int, folder: Path, conditioning: dict | None = None) -> Samples:
     """`sample_prompts` at the trained weights into `folder/stepNNNNNN-II.png`."""
     _on_device(model, device)
-    images = render(model, cfg.sample_prompts, seed=cfg.seed, steps=cfg.sample_steps, size=cfg.resolution,
+    images = render(model, cfg.sample_prompts, seed=cfg.seed, steps=sample_steps(cfg), size=cfg.resolution,
                     conditioning=conditioning)
-    paths = [_save_png(folder / f"step{step:06d}-{i:02d}.png", image) for i, image in enumerate(images)]
+    paths = [save_png(folder / f"step{step:06d}-{i:02d}.png", image) for i, image in enumerate(images)]
     return Samples(paths=paths, prompts=list(cfg.sample_prompts), images=images)
 
 
@@ -146,17 +117,17 @@ def before_after_grid(model, cfg, device, path: Path, conditioning: dict | None 
     """Write the grid of every sample prompt at LoRA weight 0 (the base), 0.5, 0.8 and 1.0 to `path`;
     returns the first prompt's image at the weight nearest `preferred_weight` (the preview)."""
     _on_device(model, device)
-    columns = [render(model, cfg.sample_prompts, seed=cfg.seed, steps=cfg.sample_steps, size=cfg.resolution,
-                      weight=w, conditioning=conditioning) for w in GRID_WEIGHTS]
-    rows = [[col[i] for col in columns] for i in range(len(cfg.sample_prompts))]
-    _save_png(path, grid(rows, ["base" if w == 0 else f"LoRA {w}" for w in GRID_WEIGHTS]))
-    preferred = min(range(len(GRID_WEIGHTS)), key=lambda i: abs(GRID_WEIGHTS[i] - cfg.preferred_weight))
-    return rows[0][preferred]
+
+    def at(prompts: list[str], weight: float) -> list:
+        return render(model, prompts, seed=cfg.seed, steps=sample_steps(cfg), size=cfg.resolution, weight=weight,
+                      conditioning=conditioning)
+
+    return grid_of(at, cfg.sample_prompts, path, cfg.preferred_weight)
 
 
 def preview_image(model, cfg, device, prompt: str, conditioning: dict | None = None):
     """One image of `prompt` at `preferred_weight`: the card picture of a LoRA trained without
     sample prompts (the prompt is then a training caption)."""
     _on_device(model, device)
-    return render(model, [prompt], seed=cfg.seed, steps=cfg.sample_steps, size=cfg.resolution,
+    return render(model, [prompt], seed=cfg.seed, steps=sample_steps(cfg), size=cfg.resolution,
                   weight=cfg.preferred_weight, conditioning=conditioning)[0]

@@ -11,6 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shared.images.dataset import load_pixels, tokenize
+from shared.images.latent_cache import build_latent_cache
+from shared.images.lora import (
+    inject_lora,
+    is_lora_param,
+    kohya_conv_targets,
+    kohya_text_encoder_targets,
+    kohya_unet_targets,
+)
+from shared.images.train_data import Sample, TrainData, plan_data
+from shared.images.training_metadata import legacy_model_hash
 from shared.sd.base_model import load_sd_model
 from shared.sd.blocks import (
     block_network_args,
@@ -18,23 +29,14 @@ from shared.sd.blocks import (
     configured_lr_weights,
     configured_module_ranks,
 )
-from shared.sd.caching import build_latent_cache, build_text_cache
+from shared.sd.caching import build_text_cache
 from shared.sd.conditioning import encode_text, sdxl_time_ids, unet_kwargs
-from shared.sd.dataset import load_pixels, tokenize
-from shared.sd.export import legacy_model_hash, sidecar_json, training_metadata
+from shared.sd.export import sidecar_json, training_metadata
 from shared.sd.kohya_export import model_lora_tensors, save_lora_file
-from shared.sd.lora import (
-    inject_lora,
-    is_lora_param,
-    kohya_conv_targets,
-    kohya_text_encoder_targets,
-    kohya_unet_targets,
-)
 from shared.sd.loss import noise_losses
 from shared.sd.lycoris import LycorisSpec, inject_sd, lycoris_metadata, model_lycoris_tensors
 from shared.sd.masks import batch_masks, load_mask
 from shared.sd.sampling import before_after_grid, preview_image, render_samples
-from shared.sd.train_data import Sample, TrainData, plan_data
 from shared.sd.validation import validation_loss
 from shared.training.task import Evaluation, Finish, Precision, Progress, Samples, Task
 
@@ -66,7 +68,7 @@ class SDTask(Task):
         for encoder in model.text_encoders:
             _place(encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
         _place(model.unet, self.device, self.weight_dtype)
-        self.data = plan_data(cfg, model, self.reporter)
+        self.data = plan_data(cfg, model.resolution_multiple, self.reporter)
         self._inject()
         base = Path(cfg.base_model)
         self.base_hash = legacy_model_hash(base) if base.is_file() else None
@@ -148,7 +150,8 @@ class SDTask(Task):
         cfg = self.cfg
         held_out = self.data.validation
         if cfg.cache_latents != "no":
-            self.latent_cache = build_latent_cache(cfg, self.model, self.data, self.device, self.reporter, held_out)
+            self.latent_cache = build_latent_cache(cfg, self.model.vae, self.data, self.device, self.reporter,
+                                                   held_out)
         if cfg.cache_text_encoder_outputs:
             prompts = [*(cfg.sample_prompts or []), ""]  # "": the negative prompt of every render
             prompts += [held_out.fixed_caption(i) for i in range(len(held_out.items))] if held_out else []

@@ -34,6 +34,7 @@ from shared.errors import ConfigError
 
 TASKS = {
     "sd": "shared.sd.task:SDTask",
+    "flux": "shared.flux.task:FluxTask",
     "llm": "shared.llm.task:LLMTask",
 }
 

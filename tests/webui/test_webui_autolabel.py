@@ -11,7 +11,7 @@ from daemon_harness import DaemonProcess
 from webui_env import FAKE_WEBUI, REPO, gradio3_python, make_webui_root, webui_env
 
 from shared.fixtures.images import make_image_folder
-from shared.sd.dataset import scan_dataset
+from shared.images.dataset import scan_dataset
 
 
 @pytest.fixture(scope="module")

@@ -46,14 +46,66 @@ def test_the_form_shows_what_the_declarations_say():
     from lora_daemon_webui.bridge import schema
 
     basic = {s.name: s for s in form.basic_settings()}
-    assert list(basic) == [s.name for s in schema.TRAIN.values() if s.form.level == "basic"]
+    assert list(basic) == [s.name for s in schema.TRAIN.values() if s.form.level == "basic" and "sd" in s.tasks]
     assert {"lora_rank", "learning_rate", "resolution"} <= set(basic)
     advanced = {s.name for s in form.advanced_settings()}
     # every SD setting has a field, the LLM-only ones none, and the keys the tab fills itself are not fields
     assert "noise_offset" in advanced and "max_seq_len" not in advanced and "base_model" not in advanced
-    assert [s.name for s in form.widget_settings()] == [*basic, *[s.name for s in form.advanced_settings()]]
+    flux = [s.name for s in form.flux_settings()]
+    assert [s.name for s in form.widget_settings()] == [*basic, *[s.name for s in form.advanced_settings()], *flux]
+    # the Flux section: every Flux-only setting the tab can show, and the three files from the WebUI's folders
+    assert {"fp8_base", "blocks_to_swap", "guidance_scale", "flux_lora_parts"} <= set(flux)
+    assert not {"flux_ae", "noise_offset", "resolution"} & set(flux)
+    assert [(s.name, s.form.widget) for s in form.model_file_settings()] == [
+        ("flux_ae", "vae"), ("flux_clip_l", "text_encoder"), ("flux_t5xxl", "text_encoder")]
     assert form.field_info(basic["resolution"]).endswith("(at least 64 and at most 8192; a multiple of 8)")
     assert form.field_info(basic["max_train_steps"]).endswith("(0: not set; else at least 1 and at most 10,000,000)")
+
+
+def test_flux_files_and_settings_are_sent_only_when_chosen(tmp_path):
+    sd = form.build_config(**form_values(tmp_path, fp8_base="auto", blocks_to_swap="auto", guidance_scale=1.0,
+                                         flux_lora_parts="img_attn, img_mlp, txt_attn, txt_mlp, single"),
+                           model_files={"flux_ae": None, "flux_clip_l": "", "flux_t5xxl": None})
+    assert not {k for k in sd if k.startswith(("flux", "fp8", "blocks", "guidance"))}  # an SD job gets none
+    flux = form.build_config(**form_values(tmp_path, base_model="/models/flux1-dev.safetensors", fp8_base="true",
+                                           blocks_to_swap="8", flux_lora_parts="img_attn, single"),
+                             model_files={"flux_ae": "/m/VAE/ae.safetensors", "flux_clip_l": "/m/te/clip_l.safetensors",
+                                          "flux_t5xxl": "/m/te/t5xxl_fp8_e4m3fn.safetensors"})
+    assert {k: flux[k] for k in ("flux_ae", "flux_clip_l", "flux_t5xxl", "fp8_base", "blocks_to_swap",
+                                 "flux_lora_parts")} == {
+        "flux_ae": "/m/VAE/ae.safetensors", "flux_clip_l": "/m/te/clip_l.safetensors",
+        "flux_t5xxl": "/m/te/t5xxl_fp8_e4m3fn.safetensors", "fp8_base": "true", "blocks_to_swap": "8",
+        "flux_lora_parts": ["img_attn", "single"]}
+
+
+def test_the_flux_files_come_from_the_webuis_vae_and_text_encoder_folders(tmp_path):
+    """Forge lists models/VAE and models/text_encoder (and --vae-dir / --text-encoder-dir) in its
+    VAE / Text Encoder menu; the tab offers the same files."""
+    for folder, name in (("VAE", "ae.safetensors"), ("text_encoder", "clip_l.safetensors"),
+                         ("text_encoder", "flux/t5xxl_fp16.safetensors"), ("text_encoder", "notes.txt")):
+        (tmp_path / "models" / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "models" / folder / name).write_bytes(b"x")
+    out = run_python(sys.executable, f"""
+        import json, sys
+        sys.path[:0] = [{str(FAKE_WEBUI)!r}, {str(REPO / 'extension_webui')!r}]
+        from lora_daemon_webui import host
+        try:
+            host.module_path("vae", "elsewhere.safetensors", "Autoencoder (ae)")
+            unknown = "no error"
+        except host.ModuleNotFound as exc:
+            unknown = str(exc)
+        print(json.dumps({{"vae": host.module_files("vae"), "te": sorted(host.module_files("text_encoder")),
+                          "t5": host.module_path("text_encoder", "flux/t5xxl_fp16.safetensors", "T5-XXL"),
+                          "typed": host.module_path("vae", "/elsewhere/ae.sft", "Autoencoder (ae)"),
+                          "none": host.module_path("vae", "", "Autoencoder (ae)"), "unknown": unknown}}))
+    """, cwd=tmp_path, env={"FAKE_WEBUI_ROOT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["vae"] == {"ae.safetensors": str(tmp_path / "models" / "VAE" / "ae.safetensors")}
+    assert seen["te"] == ["clip_l.safetensors", "flux/t5xxl_fp16.safetensors"]
+    assert seen["t5"] == str(tmp_path / "models" / "text_encoder" / "flux" / "t5xxl_fp16.safetensors")
+    assert seen["typed"] == "/elsewhere/ae.sft" and seen["none"] is None
+    assert seen["unknown"].startswith("Autoencoder (ae): 'elsewhere.safetensors' is not in the WebUI's models/VAE")
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -30,7 +30,7 @@ def publish_lora(folder: Path, stem: str, tensors: dict, metadata: dict[str, str
     hash of its tensors (both are what A1111 shows and matches on)."""
     from safetensors.torch import save_file
 
-    from shared.sd.export import addnet_hash
+    from shared.images.training_metadata import addnet_hash
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     digest = addnet_hash(tensors)

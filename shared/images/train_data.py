@@ -1,6 +1,6 @@
-"""What each step of an SD job trains: the items and their buckets, the per-epoch batch order, and each
-sample's augmentation and noise seed, all drawn from the seed (so a resumed run and a run on any
-number of processes see the same samples)."""
+"""What each step of an image job (SD, Flux) trains: the items and their buckets, the per-epoch batch
+order, and each sample's augmentation and noise seed, all drawn from the seed (so a resumed run and a
+run on any number of processes see the same samples)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import random
 from dataclasses import dataclass
 
-from shared.sd.buckets import BucketPlan, assign_buckets, epoch_batches
-from shared.sd.dataset import image_size, plan_crop, process_caption, scan_dataset
-from shared.sd.regularisation import add_regularisation, loss_weights
-from shared.sd.validation import split_validation
+from shared.images.buckets import BucketPlan, assign_buckets, epoch_batches
+from shared.images.dataset import image_size, plan_crop, process_caption, scan_dataset
+from shared.images.regularisation import add_regularisation, loss_weights
+from shared.images.validation_split import split_validation
 from shared.training.ranks import shard
 
 
@@ -96,14 +96,15 @@ class TrainData:
         return {f"{w}x{h}": n for (w, h), n in sorted(self.plan.histogram(self.repeats).items())}
 
 
-def plan_data(cfg, model, reporter, processes: int = 1, rank: int = 0) -> TrainData:
-    """Scan the data set (and the regularisation and validation images) and put each image in a bucket that
-    the model's down-sampling allows."""
+def plan_data(cfg, multiple: int, reporter, processes: int = 1, rank: int = 0) -> TrainData:
+    """Scan the data set (and the regularisation and validation images) and put each image in a bucket
+    whose sides are multiples of `multiple`: what the model's own downsampling allows (SD: VAE x UNet;
+    Flux: VAE x the 2x2 packing)."""
     scan = scan_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension)
     reporter.log(scan.summary())
     items, held_out = split_validation(cfg, scan.items, reporter)
     reg = add_regularisation(cfg, items, reporter)
-    bucketing = _bucketing(cfg, model)
+    bucketing = _bucketing(cfg, multiple)
     sizes = [image_size(item.path) for item in items + reg.items]
     plan = bucketing(sizes)
     data = TrainData(cfg, items + reg.items, plan, sizes, processes, rank)
@@ -115,12 +116,10 @@ def plan_data(cfg, model, reporter, processes: int = 1, rank: int = 0) -> TrainD
     return data
 
 
-def _bucketing(cfg, model):
-    """sizes -> BucketPlan with the sizes the model's VAE and UNet allow."""
-    # a bucket side must survive the VAE's and the UNet's downsampling (the resolution itself was checked
-    # against the same multiple, read from the checkpoint's header, by the pre-flight)
-    vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    need = vae_factor * 2 ** (len(model.unet.config.down_block_types) - 1)
+def _bucketing(cfg, multiple: int):
+    """sizes -> BucketPlan with sides the model allows (the resolution itself was checked against the same
+    multiple, read from the checkpoint's header, by the pre-flight)."""
+    need = multiple
     step = math.ceil(cfg.bucket_reso_steps / need) * need
     min_size = max(step, min(cfg.min_bucket_reso, cfg.resolution // 2) // step * step)
     max_size = max(cfg.max_bucket_reso, cfg.resolution)

@@ -1,4 +1,5 @@
-"""Which SD modules get LoRA (kohya's default set), and putting PEFT LoRA layers on them."""
+"""Which modules of an image model get LoRA (kohya's default set: the SD UNet's, CLIP's, also Flux's
+CLIP-L), and putting PEFT LoRA layers on any named modules (SD and Flux alike)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def inject_lora(model, targets: list[str], *, rank: int, alpha: float, dropout: 
             for _, lora_a, _, _ in lora_modules(model):
                 lora_a.normal_(0.0, init_std)
     if dora:
-        from shared.sd.dora import add_dora
+        from shared.images.dora import add_dora
 
         params += add_dora(model)
     return params

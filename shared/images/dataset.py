@@ -32,7 +32,7 @@ class ImageItem:
     caption: str
     repeats: int = 1
     subset: str = ""  # the folder the image came from (ss_dataset_dirs, ss_tag_frequency)
-    is_reg: bool = False  # a regularisation image (shared/sd/regularisation.py)
+    is_reg: bool = False  # a regularisation image (shared/images/regularisation.py)
 
 
 @dataclass

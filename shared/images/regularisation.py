@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.sd.dataset import DatasetScan, ImageItem, dataset_dirs, scan_dataset
+from shared.images.dataset import DatasetScan, ImageItem, dataset_dirs, scan_dataset
 
 
 def scan_reg(values: Mapping[str, Any]) -> DatasetScan | None:
