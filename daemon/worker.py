@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import sys
 import threading
 import traceback
@@ -136,36 +135,11 @@ def job_config(spec: dict):
 
 
 def deploy_copy(src: Path, folder: Path, stem: str) -> Path:
-    """Place a finished LoRA in one more Lora folder under a new name, renaming its alias to match.
-    An LLM adapter is a folder: it is copied whole, under a new folder name."""
-    if Path(src).is_dir():
-        from shared.files import publish_new_folder
+    """Place a finished LoRA in one more Lora folder under a new name, renaming its alias to match (the
+    preview and notes beside it travel with it). An LLM adapter is a folder: it is copied whole."""
+    from shared.lora_copy import place_copy
 
-        return publish_new_folder(folder, stem, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from shared.files import publish_new
-
-    with safe_open(str(src), framework="pt") as fh:
-        metadata = dict(fh.metadata() or {})
-        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-
-    def write(path: Path, name: str) -> None:
-        meta = dict(metadata)
-        for key in ("ss_output_name", "modelspec.title"):
-            if key in meta:
-                meta[key] = name
-        save_file(tensors, str(path), metadata=meta)
-
-    # the preview and notes the trainer wrote beside the file travel with it, under the new name
-    sidecars = {}
-    for suffix in (".preview.png", ".json"):
-        source = Path(src).with_name(Path(src).stem + suffix)
-        if source.is_file():
-            sidecars[suffix] = lambda path, name, source=source: shutil.copyfile(source, path)
-    return publish_new(folder, stem, ".safetensors", write, sidecars)
+    return place_copy(src, folder, stem)
 
 
 def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
@@ -210,6 +184,11 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             "stopped_early": result.stopped_early,
             "final_loss": result.losses[-1] if result.losses else None,
             "checkpoints": [str(p) for p in result.checkpoints],
+            # the evaluation (shared/evaluation): warnings, the checkpoint to prefer, the report
+            "verdicts": result.verdicts,
+            "best_checkpoint": result.best_checkpoint,
+            "report": str(result.report) if result.report else None,
+            "evaluation_s": round(result.evaluation_seconds, 3),
         }
         # on disk first: if the daemon dies before it hears this, its next start finishes the job
         # from this file instead of training (and deploying) a second copy

@@ -63,6 +63,12 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     stopped_early: bool = False
+    # the evaluation's conclusions (shared/evaluation/judge.py)
+    verdicts: list[dict] = field(default_factory=list)
+    best_checkpoint: dict | None = None
+    report: Path | None = None
+    evaluation_seconds: float = 0.0
+    job_seconds: float = 0.0
 
 
 class Throughput:

@@ -12,7 +12,11 @@ adapters, the loss of a batch, samples and the adapter's file format. Everything
   evaluation; samples every `sample_every_n_steps`; a stop request saves a state that
   `resume: latest` continues;
 - save: the final evaluation, the task's finish (SD: the grid and preview), publishing into
-  `output_dir` and `deploy_dir` under names not taken yet, the task's further exports.
+  `output_dir` and `deploy_dir` under names not taken yet, the task's further exports, the report.
+
+Each evaluation (shared/evaluation: `judge`) runs the task's `evaluate` and judges the adapter from the
+pictures or answers of the task's hooks; its scores and verdicts become events here, and keep-last-N
+spares the best checkpoint.
 
 Every event goes out through `shared.training.events.send`, so every task streams the same kinds
 with the same fields.
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from shared.config import TrainConfig, detect_task
 from shared.errors import ConfigError
+from shared.evaluation.judge import Judge
 from shared.files import atomic_write, publish_new, publish_new_folder, replace_folder
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
 from shared.training import state as states
@@ -62,6 +67,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
     reporter = reporter or ConsoleReporter()
     task = task_class(detect_task(cfg))(cfg, reporter)
     output_dir = Path(cfg.output_dir)
+    judge = Judge(cfg, task, output_dir)  # scores, verdicts, best checkpoint, report (shared/evaluation)
     checkpoints = output_dir / "checkpoints"
     log_dir = Path(cfg.log_dir) if cfg.log_dir else output_dir / "logs"
     stem = cfg.resolved_output_name
@@ -121,7 +127,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
                    "started_at": progress.started_at, "fingerprint": fingerprint}
         path = states.save_state(checkpoints, progress.step, lora=trained, optimizer=optimizer, scheduler=scheduler,
                                  rng={"ranks": rngs}, trainer=trainer)
-        states.prune(checkpoints, cfg.save_last_n, stem)
+        states.prune(checkpoints, cfg.save_last_n, stem, spare=judge.keep_steps())
         return path
 
     def show(samples: Samples | None, step: int, metrics: dict | None = None) -> None:
@@ -181,9 +187,12 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
                 if main:
                     result.checkpoints.append(path)
                     reporter.log(f"Saved checkpoint {path} and training state {state.name}")
-                    evaluation = task.evaluate(step, log_dir)
-                    send(reporter, "checkpoint", step=step, path=str(path), state=str(state), **evaluation.metrics)
-                    show(evaluation.samples, step, evaluation.metrics)
+                    judged = judge.evaluate(step, log_dir, checkpoint=path)
+                    send(reporter, "checkpoint", step=step, path=str(path), state=str(state),
+                         **judged.evaluation.metrics)
+                    for kind, data in judged.events:  # the scores, and each verdict when first found
+                        send(reporter, kind, **data)
+                    show(judged.evaluation.samples, step, judged.metrics)
             if main and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
                 show(task.sample(step, log_dir), step)
             if step >= total:
@@ -206,9 +215,11 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
     if not main:  # the main process alone writes the outputs
         accelerator.wait_for_everyone()
         return result
-    evaluation = task.evaluate(progress.step, log_dir)
-    show(evaluation.samples, progress.step, evaluation.metrics)
-    finish = task.finish(output_dir, progress)
+    judged = judge.evaluate(progress.step, log_dir)
+    for kind, data in judged.events:
+        send(reporter, kind, **data)
+    show(judged.evaluation.samples, progress.step, judged.metrics)
+    finish = judge.annotate(task.finish(output_dir, progress))  # the verdicts in the sidecar's notes
     if writer is not None:
         writer.close()
     result.output_path = _publish(task, output_dir, stem, progress, finish.sidecars)
@@ -218,6 +229,8 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
         reporter.log(f"Deployed to {result.deployed_path}{task.usage(result.deployed_path)}")
     outputs = {"lora": result.output_path, "deployed": result.deployed_path or "", **finish.outputs,
                **task.exports(result.output_path, output_dir)}
+    outputs["report"] = judge.conclude(result, outputs, progress)
+    reporter.log(f"Report: {outputs['report']}")
     send(reporter, "finished", outputs={k: str(v) for k, v in outputs.items()}, steps=progress.step)
     accelerator.wait_for_everyone()
     return result

@@ -24,7 +24,13 @@ from shared.sd.lora import (
     kohya_unet_targets,
 )
 from shared.sd.loss import noise_losses
-from shared.sd.sampling import before_after_grid, preview_image, render_samples
+from shared.sd.sampling import (
+    before_after_grid,
+    evaluation_images,
+    evaluation_prompts,
+    preview_image,
+    render_samples,
+)
 from shared.sd.train_data import Sample, plan_data
 from shared.training.task import Finish, Precision, Progress, Samples, Task
 
@@ -117,7 +123,7 @@ class SDTask(Task):
         if cfg.cache_latents != "no":
             self.latent_cache = build_latent_cache(cfg, self.model, self.data, self.device, self.reporter)
         if cfg.cache_text_encoder_outputs:
-            prompts = [*(cfg.sample_prompts or []), ""]  # "": the negative prompt of every render
+            prompts = [*(cfg.sample_prompts or []), *self.eval_prompts(), ""]  # "": every render's negative prompt
             self.text_cache = build_text_cache(self.model, self.data, self.device, self.reporter, prompts)
         return {"latents": self.latent_cache is not None, "text": self.text_cache is not None}
 
@@ -182,6 +188,17 @@ class SDTask(Task):
         if not self.cfg.sample_prompts:
             return None
         return render_samples(self.model, self.cfg, self.device, step, log_dir / "samples", self.text_cache)
+
+    def eval_prompts(self) -> list[str]:
+        return super().eval_prompts() or evaluation_prompts(self.data, self.cfg.eval_prompt_count)
+
+    def render(self, prompts: list[str], seeds: list[int], weight: float) -> list:
+        return evaluation_images(self.model, self.cfg, self.device, prompts, seeds, weight, self.text_cache)
+
+    def data_summary(self) -> dict:
+        data = self.data
+        return {"images": len(data.items), "repeats": sum(data.repeats),
+                "captions": [data.fixed_caption(i) for i in range(min(len(data.items), 5))]}
 
     # --- output ----------------------------------------------------------------------------------
     def tensors(self) -> dict:
