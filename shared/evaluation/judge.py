@@ -113,8 +113,7 @@ class Judge:
         for verdict in self.verdicts:
             if verdict.kind not in self.sent:  # each verdict once, when first found
                 self.sent.add(verdict.kind)
-                events.append(("verdict", {"step": verdict.step, "verdict": verdict.kind, "title": verdict.title,
-                                           "message": verdict.message, "checkpoint": verdict.checkpoint}))
+                events.append(("verdict", verdict.as_dict()))
         return Judged(evaluation, scores, events)
 
     def _images(self, record: Record) -> None:

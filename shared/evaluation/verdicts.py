@@ -12,7 +12,7 @@ each and what to change. One function per verdict, reading the scores of every e
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 TITLES = {
     "no_effect": "no visible effect",
@@ -35,7 +35,9 @@ class Verdict:
         return TITLES[self.kind]
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "title": self.title}
+        """The fields of the `verdict` event (shared/training/events.py): the kind goes as `verdict`."""
+        return {"step": self.step, "verdict": self.kind, "title": self.title, "message": self.message,
+                "checkpoint": self.checkpoint}
 
 
 def _effect_name(scores: dict) -> str:
