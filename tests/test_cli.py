@@ -78,7 +78,7 @@ def test_train_command_writes_the_lora(sd_config, tmp_path):
 
 
 def test_train_prints_the_evaluations_warning_and_the_report(sd_config, tmp_path):
-    config = sd_config(max_train_steps=2, learning_rate=1e-9, evaluation=True, sample_steps=2)
+    config = sd_config(max_train_steps=2, learning_rate=1e-9, evaluation=True, sample_steps=2, eval_sample_steps=2)
     proc = run_cli("train", str(config))
     assert proc.returncode == 0, proc.stderr
     report = tmp_path / "out" / "my_lora" / "report.html"

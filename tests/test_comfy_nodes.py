@@ -57,7 +57,7 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     assert "tiny-sd15.safetensors" in train.INPUT_TYPES()["required"]["checkpoint"][0]
     # the evaluation on (a few denoising steps a picture): its warnings and report reach the node
     args = node_inputs(tiny_sd, image_dir, advanced=f"model_config: {tiny_sd['config']}\nsave_steps: 0\n"
-                       "sample_steps: 4\n")
+                       "sample_steps: 4\neval_sample_steps: 4\n")
     before = train.IS_CHANGED(**args, unique_id="7")
 
     model, clip, name, job_id, report = train().train(**args, unique_id="7")

@@ -28,7 +28,7 @@ def test_deploy_publishes_a_saved_checkpoint_with_its_name_notes_and_preview(dae
 
     lora_dir = tmp_path / "Lora"
     config = sd_config(max_train_steps=8, save_steps=4, output_name="dep", deploy_dir=lora_dir, evaluation=True,
-                       sample_steps=4, cache_latents="memory")
+                       sample_steps=4, eval_sample_steps=4, cache_latents="memory")
     with daemon.client() as client:
         job = submit_yaml(client, config)
         collect(client, job["id"])

@@ -28,7 +28,7 @@ from shared.train import run_training
 from tests.llm_fixtures import PAIRS, llm_config
 from tests.test_llm_training import Recorder
 
-EVAL = dict(evaluation=True, sample_steps=8, cache_latents="memory")  # SD: fewer denoising steps per picture
+EVAL = dict(evaluation=True, sample_steps=8, cache_latents="memory")  # SD: the final grid at fewer steps
 
 
 def picture(seed: int, size: int = 64) -> Image.Image:

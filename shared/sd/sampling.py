@@ -171,9 +171,9 @@ def preview_image(model, cfg, device, prompt: str, conditioning: dict | None = N
 def evaluation_images(model, cfg, device, prompts: list[str], seeds: list[int], weight: float,
                       conditioning: dict | None = None) -> list:
     """The evaluation's pictures (shared/evaluation): each prompt at its seed, the training resolution
-    and `sample_steps`, with the LoRA at `weight`."""
+    and `eval_sample_steps`, with the LoRA at `weight`."""
     _on_device(model, device)
-    return render_seeds(model, prompts, seeds, steps=cfg.sample_steps, size=cfg.resolution, weight=weight,
+    return render_seeds(model, prompts, seeds, steps=cfg.eval_sample_steps, size=cfg.resolution, weight=weight,
                         conditioning=conditioning)
 
 

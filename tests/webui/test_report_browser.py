@@ -20,9 +20,10 @@ from shared.train import run_training
 
 def test_the_report_opens_in_chromium_with_its_curves_and_grids(sd_config, tmp_path):
     python = gradio3_python()
-    result = run_training(load_config(sd_config(output_dir=tmp_path / "out" / "report_demo", max_train_steps=12,
-                                                save_steps=6, learning_rate=5e-3, evaluation=True, sample_steps=6,
-                                                cache_latents="memory", eval_weights="0.5, 1")))
+    config = sd_config(output_dir=tmp_path / "out" / "report_demo", max_train_steps=12, save_steps=6,
+                       learning_rate=5e-3, evaluation=True, sample_steps=6, eval_sample_steps=6,
+                       cache_latents="memory", eval_weights="0.5, 1")
+    result = run_training(load_config(config))
     shot = tmp_path / "report.png"
     proc = subprocess.run([python, str(HERE / "open_report.py"), str(result.report), "--screenshot", str(shot)],
                           capture_output=True, text=True, timeout=180, cwd=HERE)
