@@ -169,9 +169,13 @@ class Judge:
         return best.checkpoint
 
     def keep_steps(self) -> set[int]:
-        """Checkpoints keep-last-N must not delete: the best one so far."""
+        """Checkpoints keep-last-N must not delete: the best one so far, where something chose it (the eval
+        loss, or a collapse after it); "the latest" needs no sparing, and keep-last-N stays exact."""
         best = self.best()
-        return {best.step} if best is not None and best.checkpoint else set()
+        if best is None or not best.checkpoint:
+            return set()
+        chosen = "eval_loss" in best.metrics or best is not self.records[-1]
+        return {best.step} if chosen else set()
 
     # --- the outputs -----------------------------------------------------------------------------
     def notes(self) -> str:
