@@ -19,6 +19,11 @@ def describe(job: dict) -> str:
         where = ", ".join(result.get("deployed") or []) or result.get("lora")
         head += f", {result.get('steps')} steps" + (" (stopped early)" if result.get("stopped_early") else "")
         head += f" -> {where}"
+        warnings = [v["title"] for v in result.get("verdicts") or []]
+        if warnings:
+            head += f"; warnings: {', '.join(warnings)}"
+        if result.get("report"):
+            head += f"; report: {result['report']}"
     elif job["state"] == "failed":
         head += f": {job.get('error')}"
     return head

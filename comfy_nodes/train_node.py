@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 from . import host, inputs, thin
-from .daemon_job import TrainingFailed, connect, run_job
+from .daemon_job import DaemonError, TrainingFailed, connect, run_job
 from .train_cache import TrainCache, cache_key
 from .wildcard import ANY
 
 log = logging.getLogger("lora_daemon.comfy")
 
 CAPTION_SOURCES = ["metadata.csv", ".txt"]
+# Which adapter the node hands on: the job's last one, or the best checkpoint its evaluation named
+# (placed in the loras folder beside the last; the same as the last when that is the best).
+USE_CHECKPOINT = ["last", "best"]
 PROGRESS_EVENT = "lora_daemon.progress"
 
 
@@ -49,14 +52,15 @@ class TrainPlan:
     """What one set of node inputs means: the daemon config, where the file goes, and its cache key."""
 
     task = thin.schema.SD
-    INPUTS = ("checkpoint", "dataset_folder", "caption_source", "output_name", "advanced")
+    INPUTS = ("checkpoint", "dataset_folder", "caption_source", "output_name", "advanced", "use_checkpoint")
 
-    def __init__(self, checkpoint, dataset_folder, caption_source, output_name, advanced="", **settings):
+    def __init__(self, checkpoint, dataset_folder, caption_source, output_name, advanced="", use_checkpoint="last",
+                 **settings):
         self._plan(host.checkpoint_path(checkpoint), {}, dataset_folder, caption_source, output_name, advanced,
-                   settings)
+                   use_checkpoint, settings)
 
     def _plan(self, base_model: Path, model_files: dict[str, Path], dataset_folder, caption_source, output_name,
-              advanced, settings) -> None:
+              advanced, use_checkpoint, settings) -> None:
         self.checkpoint = base_model
         self.model_files = model_files
         self.base_dir = host.base_path()
@@ -94,12 +98,20 @@ class TrainPlan:
         deploy_dir = overrides.get("deploy_dir")
         same = deploy_dir and (self.base_dir / Path(str(deploy_dir)).expanduser()).resolve() == self.lora_folder
         self.deploy_dirs = [] if same else [self.lora_folder]
-        self.key = cache_key({"config": config, "lora_folder": str(self.lora_folder)}, self.checkpoint, self.dataset,
-                             model_files)
+        if use_checkpoint not in USE_CHECKPOINT:
+            raise TrainingFailed(f"use_checkpoint: {use_checkpoint!r} is not one of {', '.join(USE_CHECKPOINT)}")
+        self.use_best = use_checkpoint == "best"
+        settings_key = {"config": config, "lora_folder": str(self.lora_folder)}
+        if self.use_best:  # "last" keeps the keys of LoRAs trained before the input existed
+            settings_key["use_checkpoint"] = use_checkpoint
+        self.key = cache_key(settings_key, self.checkpoint, self.dataset, model_files)
 
     def lora_file(self, result: dict) -> Path:
         """The deployed copy that landed in the loras folder (its name may have a _2, _3 suffix)."""
-        for path in result.get("deployed") or []:
+        return self.in_lora_folder(result.get("deployed") or [], result)
+
+    def in_lora_folder(self, paths: list[str], result: dict) -> Path:
+        for path in paths:
             if Path(path).resolve().parent == self.lora_folder:
                 return self.lora_folder / Path(path).name
         raise TrainingFailed(f"job {result.get('job')} finished but placed no file in {self.lora_folder}")
@@ -112,11 +124,12 @@ class FluxTrainPlan(TrainPlan):
     task = thin.schema.FLUX
     INPUTS = ("transformer", *(s.name for s in inputs.model_file_settings(thin.schema.FLUX)), *TrainPlan.INPUTS[1:])
 
-    def __init__(self, transformer, dataset_folder, caption_source, output_name, advanced="", **values):
+    def __init__(self, transformer, dataset_folder, caption_source, output_name, advanced="", use_checkpoint="last",
+                 **values):
         files = inputs.model_files(values, self.task)
         settings = {k: v for k, v in values.items() if k not in files}
         self._plan(host.model_path("diffusion_model", transformer, "transformer"), files, dataset_folder,
-                   caption_source, output_name, advanced, settings)
+                   caption_source, output_name, advanced, use_checkpoint, settings)
 
 
 class TrainLora:
@@ -127,13 +140,14 @@ class TrainLora:
     CATEGORY = "loaders/lora-daemon"
     FUNCTION = "train"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "CLIP", ANY, "STRING")
-    RETURN_NAMES = ("model", "clip", "lora_name", "job_id")
+    RETURN_TYPES = ("MODEL", "CLIP", ANY, "STRING", "STRING")
+    RETURN_NAMES = ("model", "clip", "lora_name", "job_id", "report")
     OUTPUT_TOOLTIPS = (
         "The connected model with the new LoRA applied (None when no model is connected).",
         "The connected CLIP with the new LoRA applied (None when no CLIP is connected).",
         "The LoRA's file name in the loras folder: connect it to a LoraLoader's lora_name.",
         "The daemon job id (feed it to 'LoRA job status'); a reused LoRA gives the job that trained it.",
+        "The job's report.html (loss curves, the evaluation's pictures, scores and warnings): open it in a browser.",
     )
 
     @classmethod
@@ -160,6 +174,9 @@ class TrainLora:
                 "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
                 "advanced": ("STRING", {"default": "", "multiline": True, "tooltip": "YAML `key: value` "
                              "lines overriding any training config key (see docs/config.md)."}),
+                "use_checkpoint": (USE_CHECKPOINT, {"default": "last", "tooltip": "last: the LoRA of the last "
+                                   "step. best: the checkpoint the trainer's evaluation found best (lowest eval "
+                                   "loss, else the last without a collapse warning), placed beside it."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -179,19 +196,21 @@ class TrainLora:
         cached = cache.lookup(plan.key)
         if cached:
             log.info("lora-daemon: inputs and data unchanged, reusing %s", cached["path"])
-            path, job_id = Path(cached["path"]), cached.get("job", "")
+            path, job_id, report = Path(cached["path"]), cached.get("job", ""), cached.get("report") or ""
             host.progress_text(f"unchanged: reusing {path.name}  (<lora:{path.stem}:1>)", unique_id)
         else:
             generation = cache.generation(plan.key)  # what IS_CHANGED returned for this run
-            path, job_id = self._train(plan, unique_id)
-            cache.store(plan.key, {"path": str(path), "lora_name": path.name, "job": job_id,
+            path, job_id, result = self._train(plan, unique_id)
+            report = result.get("report") or ""
+            cache.store(plan.key, {"path": str(path), "lora_name": path.name, "job": job_id, "report": report,
                                    "created_at": time.time(), "generation": generation})
-            host.progress_text(f"done: {path.name}  (<lora:{path.stem}:1>)", unique_id)
+            host.progress_text(" · ".join([f"done: {path.name}  (<lora:{path.stem}:1>)", *evidence(result)]),
+                               unique_id)
         if model is not None or clip is not None:
             model, clip = host.apply_lora(model, clip, path, strength_model, strength_clip)
-        return (model, clip, path.relative_to(plan.lora_folder).as_posix(), job_id)
+        return (model, clip, path.relative_to(plan.lora_folder).as_posix(), job_id, report)
 
-    def _train(self, plan: TrainPlan, node_id: str | None) -> tuple[Path, str]:
+    def _train(self, plan: TrainPlan, node_id: str | None) -> tuple[Path, str, dict]:
         client = connect()
         try:
             host.free_vram()
@@ -217,11 +236,30 @@ class TrainLora:
 
             result = run_job(client, plan.config, base_dir=plan.base_dir, deploy_dirs=plan.deploy_dirs,
                              on_submitted=submitted, on_event=on_event)
+            path = plan.lora_file(result)
+            best = result.get("best_checkpoint") or {}
+            if plan.use_best and best and not best.get("final"):
+                try:
+                    placed = client.deploy(job_id, best["step"])
+                except DaemonError as exc:
+                    raise TrainingFailed(f"use_checkpoint best: {exc}") from None
+                path = plan.in_lora_folder(placed["paths"], result)
+                log.info("lora-daemon: job %s: using the checkpoint of step %s", job_id, placed["step"])
         finally:
             client.close()
-        path = plan.lora_file(result)
         log.info("lora-daemon: job %s finished: %s", job_id, path)
-        return path, job_id
+        return path, job_id, result
+
+
+def evidence(result: dict) -> list[str]:
+    """The evaluation's conclusions as short parts of the node's text: warnings, best checkpoint, report."""
+    parts = [f"warning: {v['title']}" for v in result.get("verdicts") or []]
+    best = result.get("best_checkpoint") or {}
+    if best and not best.get("final"):
+        parts.append(f"best checkpoint: step {best['step']}")
+    if result.get("report"):
+        parts.append(f"report: {result['report']}")
+    return parts
 
 
 class TrainFluxLora(TrainLora):
@@ -257,6 +295,8 @@ def progress_text(kind: str, data: dict) -> str | None:
         return "stopping: saving what was trained ..."
     if kind == "interrupted":
         return "interrupted (the daemon stopped); it runs again when the daemon is back"
+    if kind == "verdict":
+        return f"warning at step {data.get('step')}: {data.get('title')}"
     return None
 
 

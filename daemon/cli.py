@@ -1,7 +1,7 @@
 """`python -m daemon COMMAND`: train in-process, run the demo, run the daemon, and talk to it.
 
 `train`, `demo` and `schema` work without a daemon. `serve` runs the daemon; `submit`, `jobs`, `status`,
-`follow`, `stop`, `cancel`, `logs`, `delete` and `info` are its command-line client (they need only
+`follow`, `stop`, `cancel`, `logs`, `delete`, `deploy` and `info` are its command-line client (they need only
 `websockets` and PyYAML, never torch). `label` captions images; `lora ...` are the LoRA tools.
 """
 
@@ -32,7 +32,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.machine_rank > 0:  # a multi-machine run: machine 0 writes the outputs
         print(f"Machine {cfg.machine_rank} finished its part; machine 0 writes the LoRA")
         return 0
-    print(f"LoRA written to {result.output_path}")
+    for verdict in result.verdicts:
+        print(f"warning: {verdict['title']}: {verdict['message']}")
+    best = result.best_checkpoint or {}
+    if best and not best.get("final"):
+        print(f"best checkpoint: step {best['step']} ({best.get('by')}): {best['path']}")
+    print(f"LoRA written to {result.output_path}" + (f"; report: {result.report}" if result.report else ""))
     return 0
 
 

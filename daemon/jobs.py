@@ -288,6 +288,16 @@ class JobManager:
         if job_dir.is_relative_to(self.settings.jobs_dir.resolve()) and job_dir.is_dir():
             shutil.rmtree(job_dir, ignore_errors=True)
 
+    async def deploy(self, job_id: str, checkpoint: int | None) -> dict:
+        """Publish a saved checkpoint of a finished job (default: its best) into the job's deploy folders."""
+        from daemon.deploy import deploy_checkpoint
+
+        job = self.get(job_id)
+        step, paths = await asyncio.to_thread(deploy_checkpoint, job, checkpoint, self._roots())
+        with contextlib.suppress(OSError), open(Path(job["job_dir"]) / "job.log", "a", encoding="utf-8") as log:
+            log.write(f"Deployed the checkpoint of step {step} to {', '.join(map(str, paths))}\n")
+        return {"job": job_id, "step": step, "paths": [str(p) for p in paths]}
+
     def read_log(self, job_id: str, offset: int, max_bytes: int) -> dict:
         job = self.get(job_id)
         path = Path(job["job_dir"]) / "job.log"
@@ -453,7 +463,7 @@ def remove_cancelled_outputs(job: dict, events: list[dict]) -> list[str]:
         data = event.get("data") or {}
         if event.get("kind") == "checkpoint":
             written += [data.get("path"), data.get("state")]
-        elif event.get("kind") == "sample":
+        elif event.get("kind") in ("sample", "evaluation"):
             written += data.get("paths") or []
     def inside(path: Path) -> bool:
         resolved = path.resolve()

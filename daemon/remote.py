@@ -68,6 +68,8 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
             bar.message(f"started: {data.get('total')} steps, attempt {data.get('attempt', 1)}{again}")
         elif kind == "checkpoint":
             bar.message(f"checkpoint at step {data.get('step')}: {data.get('path')}")
+        elif kind == "verdict":
+            bar.message(f"warning at step {data.get('step')}: {data.get('title')}: {data.get('message')}")
         elif kind == "interrupted":
             bar.message(f"interrupted: {data.get('reason')}")
         elif kind == "stopping":
@@ -83,6 +85,8 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
             bar.message(f"finished after {data.get('steps')} steps: {where}")
             if data.get("task", "sd") in ("sd", "flux"):
                 bar.message(f"use it as <lora:{data.get('lora_name')}:0.8>")
+            for line in evidence_lines(data, job_id):
+                bar.message(line)
             return 0
         elif kind == "failed":
             bar.message(f"error: {data.get('error')}")
@@ -91,6 +95,18 @@ def follow_job(client: DaemonClient, job_id: str, after: int = 0) -> int:
             bar.message(f"cancelled: {data.get('reason')}")
             return 1
     return 1
+
+
+def evidence_lines(result: dict, job_id: str) -> list[str]:
+    """What the evaluation concluded: the warnings, the checkpoint to prefer (and how), the report."""
+    lines = [f"warning: {v['title']}: {v['message']}" for v in result.get("verdicts") or []]
+    best = result.get("best_checkpoint") or {}
+    if best and not best.get("final"):
+        lines.append(f"best checkpoint: step {best['step']} ({best.get('by')}); use it instead of the last with "
+                     f"`python -m daemon deploy {job_id} --checkpoint {best['step']}`")
+    if result.get("report"):
+        lines.append(f"report: {result['report']}")
+    return lines
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -138,6 +154,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         result = job["result"]
         lines += [("lora", result.get("lora")), ("deployed", ", ".join(result.get("deployed") or []) or "-"),
                   ("use as", f"<lora:{result.get('lora_name')}:0.8>")]
+        for verdict in result.get("verdicts") or []:
+            lines.append(("warning", f"{verdict['title']}: {verdict['message']}"))
+        best = result.get("best_checkpoint") or {}
+        if best:
+            lines.append(("best", f"step {best['step']} ({best.get('by')}): {best.get('path')}"))
+        if result.get("report"):
+            lines.append(("report", result["report"]))
     if job.get("error"):
         lines.append(("error", job["error"]))
     for key, value in lines:
@@ -185,6 +208,15 @@ def _cmd_logs(args: argparse.Namespace) -> int:
                 time.sleep(1)
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        reply = client.deploy(args.job, args.checkpoint)
+    for path in reply["paths"]:
+        print(f"deployed the checkpoint of step {reply['step']} to {path}"
+              + (f" (use it as <lora:{Path(path).stem}:0.8>)" if path.endswith(".safetensors") else ""))
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         info = client.info()
@@ -229,6 +261,11 @@ def add_client_commands(sub) -> None:
     job_command("delete", "forget a finished job and remove its folder", _cmd_delete)
     logs = job_command("logs", "print a job's log", _cmd_logs)
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing while the job runs")
+
+    deploy = job_command("deploy", "publish a saved checkpoint of a finished job into its deploy folders "
+                         "(default: the best checkpoint its evaluation named)", _cmd_deploy)
+    deploy.add_argument("--checkpoint", type=int, metavar="STEP",
+                        help="the step of the checkpoint (see `status JOB` and the job's report.html)")
 
     info = sub.add_parser("info", help="daemon version, devices, free VRAM and queue", parents=[common])
     info.set_defaults(func=_cmd_info)

@@ -182,6 +182,8 @@ class Daemon:
         if kind == "delete":
             jobs.delete(msg["job"])
             return {"type": "deleted", "job": msg["job"]}
+        if kind == "deploy":
+            return {"type": "deployed", **await jobs.deploy(msg["job"], msg.get("checkpoint"))}
         if kind == "logs":
             return {"type": "logs", **jobs.read_log(msg["job"], msg.get("offset", 0), msg.get("max_bytes", 1 << 20))}
         raise AssertionError(kind)  # protocol.validate lets only known types through

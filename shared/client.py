@@ -389,6 +389,14 @@ class DaemonClient:
     def delete(self, job_id: str) -> None:
         self.request("delete", job=job_id)
 
+    def deploy(self, job_id: str, checkpoint: int | None = None) -> dict:
+        """Publish a saved checkpoint of a finished job (default: the best one its evaluation named) into
+        the job's deploy folders; the reply names the `step` and the `paths` written."""
+        fields: dict[str, Any] = {"job": job_id}
+        if checkpoint is not None:
+            fields["checkpoint"] = checkpoint
+        return self.request("deploy", **fields)
+
     def logs(self, job_id: str, offset: int = 0, max_bytes: int = 1 << 20) -> dict:
         return self.request("logs", job=job_id, offset=offset, max_bytes=max_bytes)
 

@@ -51,6 +51,11 @@ CLIENT_MESSAGES: dict[str, dict[str, dict[str, Any]]] = {
     "stop": _JOB,
     "cancel": _JOB,
     "delete": _JOB,
+    "deploy": {
+        **_JOB,
+        "checkpoint": {"type": "integer", "minimum": 0, "maximum": INT_LIMIT,
+                       "help": "the step of the saved checkpoint to publish; default: the job's best checkpoint"},
+    },
     "logs": {
         **_JOB,
         "offset": {"type": "integer", "minimum": 0, "maximum": INT_LIMIT,
@@ -73,6 +78,7 @@ SERVER_MESSAGES: dict[str, list[str]] = {
     "stopping": ["job"],
     "cancelled": ["job"],
     "deleted": ["job"],
+    "deployed": ["job", "step", "paths"],
     "logs": ["job", "text", "offset", "size"],
     "event": ["job", "seq", "kind", "data", "time"],
     "heartbeat": ["time"],
@@ -80,7 +86,7 @@ SERVER_MESSAGES: dict[str, list[str]] = {
 }
 
 EVENT_KINDS = ("queued", "started", "progress", "checkpoint", "sample", "finished", "failed", "cancelled",
-               "interrupted", "stopping", "buckets", "cached")
+               "interrupted", "stopping", "buckets", "cached", "evaluation", "verdict")
 
 ERROR_CODES = {
     "bad_json": "the frame is not a JSON object (or is nested too deep, or holds invalid Unicode)",
@@ -90,7 +96,8 @@ ERROR_CODES = {
     "not_found": "no job with that id",
     "invalid_config": "the training config was refused (same message as `train --config`)",
     "path_not_allowed": "a path is outside the folders the daemon config allows",
-    "bad_state": "the job is not in a state that allows this (e.g. delete while running)",
+    "bad_state": "the job is not in a state that allows this (e.g. delete while running, deploy a checkpoint it did "
+                 "not keep)",
     "internal": "a bug in the daemon; the connection stays up",
 }
 

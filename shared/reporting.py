@@ -66,6 +66,12 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     stopped_early: bool = False
     outputs: dict[str, str] = field(default_factory=dict)  # the `finished` event's outputs
+    # the evaluation's conclusions (shared/evaluation/judge.py)
+    verdicts: list[dict] = field(default_factory=list)
+    best_checkpoint: dict | None = None
+    report: Path | None = None
+    evaluation_seconds: float = 0.0
+    job_seconds: float = 0.0
 
     @property
     def deployed_path(self) -> Path | None:
@@ -75,14 +81,19 @@ class TrainResult:
     def to_json(self) -> dict:
         return {"output_path": str(self.output_path), "deployed": [str(p) for p in self.deployed],
                 "steps": self.steps, "losses": self.losses, "checkpoints": [str(p) for p in self.checkpoints],
-                "stopped_early": self.stopped_early, "outputs": self.outputs}
+                "stopped_early": self.stopped_early, "outputs": self.outputs, "verdicts": self.verdicts,
+                "best_checkpoint": self.best_checkpoint, "report": str(self.report) if self.report else None,
+                "evaluation_seconds": self.evaluation_seconds, "job_seconds": self.job_seconds}
 
     @classmethod
     def from_json(cls, data: dict) -> TrainResult:
         return cls(output_path=Path(data["output_path"]), deployed=[Path(p) for p in data["deployed"]],
                    steps=data["steps"], losses=list(data["losses"]),
                    checkpoints=[Path(p) for p in data["checkpoints"]], stopped_early=data["stopped_early"],
-                   outputs=dict(data.get("outputs") or {}))
+                   outputs=dict(data.get("outputs") or {}), verdicts=list(data.get("verdicts") or []),
+                   best_checkpoint=data.get("best_checkpoint"),
+                   report=Path(data["report"]) if data.get("report") else None,
+                   evaluation_seconds=data.get("evaluation_seconds", 0.0), job_seconds=data.get("job_seconds", 0.0))
 
 
 class Throughput:

@@ -12,7 +12,11 @@ adapters, the loss of a batch, samples and the adapter's file format. Everything
   evaluation; samples every `sample_every_n_steps`; a stop request saves a state that
   `resume: latest` continues;
 - save: the final evaluation, the task's finish (SD: the grid and preview), publishing into
-  `output_dir` and `deploy_dir` under names not taken yet, the task's further exports.
+  `output_dir` and `deploy_dir` under names not taken yet, the task's further exports, the report.
+
+Each evaluation (shared/evaluation: `judge`) runs the task's `evaluate` and judges the adapter from the
+pictures or answers of the task's hooks; its scores and verdicts become events here, and keep-last-N
+spares the best checkpoint.
 
 Every event goes out through `shared.training.events.send`, so every task streams the same kinds
 with the same fields.
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from shared.config import TrainConfig, detect_task
 from shared.errors import ConfigError
+from shared.evaluation.judge import Judge
 from shared.files import atomic_write, journaled, publish_new, publish_new_folder, replace_folder
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
 from shared.training import state as states
@@ -72,6 +77,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     reporter = reporter or ConsoleReporter()
     task = task_class(detect_task(cfg))(cfg, reporter)
     output_dir = Path(cfg.output_dir)
+    judge = Judge(cfg, task, output_dir)  # scores, verdicts, best checkpoint, report (shared/evaluation)
     checkpoints = output_dir / "checkpoints"
     log_dir = Path(cfg.log_dir) if cfg.log_dir else output_dir / "logs"
     stem = cfg.resolved_output_name
@@ -143,7 +149,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
         path = states.save_state(checkpoints, progress.step, lora=trained, optimizer=optimizer, scheduler=scheduler,
                                  rng={"ranks": rngs}, trainer=trainer,
                                  extras={"ema": ema.state_dict()} if ema is not None else None)
-        states.prune(checkpoints, cfg.save_last_n, stem)
+        states.prune(checkpoints, cfg.save_last_n, stem, spare=judge.keep_steps())
         return path
 
     def show(samples: Samples | None, step: int, metrics: dict | None = None) -> None:
@@ -210,9 +216,12 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
                     result.checkpoints.append(path)
                     reporter.log(f"Saved checkpoint {path} and training state {state.name}")
                     with exported_weights(optimizer, ema):
-                        evaluation = task.evaluate(step, log_dir)
-                    send(reporter, "checkpoint", step=step, path=str(path), state=str(state), **evaluation.metrics)
-                    show(evaluation.samples, step, evaluation.metrics)
+                        judged = judge.evaluate(step, log_dir, checkpoint=path)
+                    send(reporter, "checkpoint", step=step, path=str(path), state=str(state),
+                         **judged.evaluation.metrics)
+                    for kind, data in judged.events:  # the scores, and each verdict when first found
+                        send(reporter, kind, **data)
+                    show(judged.evaluation.samples, step, judged.metrics)
             if main and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
                 with exported_weights(optimizer, ema):
                     show(task.sample(step, log_dir), step)
@@ -237,9 +246,11 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
         accelerator.wait_for_everyone()
         return result
     final_weights(optimizer, ema)  # from here on: the weights the outputs show (EMA, schedule-free average)
-    evaluation = task.evaluate(progress.step, log_dir)
-    show(evaluation.samples, progress.step, evaluation.metrics)
-    finish = task.finish(output_dir, progress)
+    judged = judge.evaluate(progress.step, log_dir)
+    for kind, data in judged.events:
+        send(reporter, kind, **data)
+    show(judged.evaluation.samples, progress.step, judged.metrics)
+    finish = judge.annotate(task.finish(output_dir, progress))  # the verdicts in the sidecar's notes
     if writer is not None:
         writer.close()
     with journaled(journal):  # each output under one name, exactly once, whatever is killed when
@@ -250,6 +261,8 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     for path in result.deployed:
         reporter.log(f"Deployed to {path}{task.usage(path)}")
     outputs = {"lora": result.output_path, "deployed": result.deployed_path or "", **finish.outputs, **exports}
+    outputs["report"] = judge.conclude(result, outputs, progress)
+    reporter.log(f"Report: {outputs['report']}")
     result.outputs = {k: str(v) for k, v in outputs.items()}
     if journal is not None:
         journal.complete(result)

@@ -83,6 +83,8 @@ def sd_config(tmp_path, tiny_sd, image_dir):
             save_steps=0,
             learning_rate=1e-3,
             seed=0,
+            # the evaluation renders a dozen pictures per job: the tests of evaluation turn it on
+            evaluation=False,
         )
         values.update(overrides)
         return write_config(tmp_path / "config.yaml", **values)

@@ -54,6 +54,7 @@ def llm_values(base_model: Path, data: Path, out: Path, **overrides) -> dict:
         device="cpu",
         sample_prompts=[q for q, _ in PAIRS],
         sample_max_tokens=24,
+        evaluation=False,  # the tests of evaluation turn it on
     )
     values.update(overrides)
     return values

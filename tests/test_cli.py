@@ -77,6 +77,15 @@ def test_train_command_writes_the_lora(sd_config, tmp_path):
     assert (tmp_path / "out" / "my_lora" / "cli_lora.safetensors").is_file()
 
 
+def test_train_prints_the_evaluations_warning_and_the_report(sd_config, tmp_path):
+    config = sd_config(max_train_steps=2, learning_rate=1e-9, evaluation=True, sample_steps=2, eval_sample_steps=2)
+    proc = run_cli("train", str(config))
+    assert proc.returncode == 0, proc.stderr
+    report = tmp_path / "out" / "my_lora" / "report.html"
+    assert "warning: no visible effect: the LoRA barely changes the pictures (effect score " in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"; report: {report}") and report.is_file()
+
+
 def _unshare_works() -> bool:
     """A user and mount namespace of our own lets the test mount a read-only or a tiny tmpfs, as a
     user's read-only share or full disk would be, without touching the machine's mounts."""

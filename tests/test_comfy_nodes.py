@@ -37,7 +37,8 @@ def node_inputs(tiny_sd, dataset: Path, **overrides) -> dict:
                   output_name="comfy_test", max_train_steps=4, epochs=1, lora_rank=4, lora_alpha=4.0,
                   learning_rate=1e-3, batch_size=2, resolution=64, training_seed=0,
                   # a tiny single-file model needs its component configs: an advanced setting
-                  advanced=f"model_config: {tiny_sd['config']}\nsave_steps: 0\n")
+                  # and the evaluation's renders are left to the test that looks at them
+                  advanced=f"model_config: {tiny_sd['config']}\nsave_steps: 0\nevaluation: false\n")
     values.update(overrides)
     return values
 
@@ -54,10 +55,12 @@ def lora_files(folder: Path) -> list[str]:
 def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_dir):
     train = comfy.pack.NODE_CLASS_MAPPINGS[TRAIN]
     assert "tiny-sd15.safetensors" in train.INPUT_TYPES()["required"]["checkpoint"][0]
-    args = node_inputs(tiny_sd, image_dir)
+    # the evaluation on (a few denoising steps a picture): its warnings and report reach the node
+    args = node_inputs(tiny_sd, image_dir, advanced=f"model_config: {tiny_sd['config']}\nsave_steps: 0\n"
+                       "sample_steps: 4\neval_sample_steps: 4\n")
     before = train.IS_CHANGED(**args, unique_id="7")
 
-    model, clip, name, job_id = train().train(**args, unique_id="7")
+    model, clip, name, job_id, report = train().train(**args, unique_id="7")
 
     # VRAM freed before submitting; the bar followed the daemon's steps for this node
     assert comfy.mm.calls == ["unload_all_models", "soft_empty_cache"]
@@ -70,7 +73,12 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     texts = [text for node, text in comfy.server.texts if node == "7"]
     assert texts[0].startswith("queued on the lora-daemon") and "ETA estimating..." in texts[1]
     assert any(t.startswith("step 4/4 · loss ") and " · ETA " in t for t in texts), texts
-    assert texts[-1] == "done: comfy_test.safetensors  (<lora:comfy_test:1>)"
+    # 4 steps at learning rate 1e-3 move the tiny model's pictures too little: the node says so, and where the
+    # report is (its `report` output too)
+    assert texts[-1] == (f"done: comfy_test.safetensors  (<lora:comfy_test:1>) · warning: no visible effect · "
+                         f"report: {report}")
+    assert any(t.startswith("warning at step 4: no visible effect") for t in texts), texts
+    assert Path(report).name == "report.html" and "no visible effect" in Path(report).read_text()
 
     # the file landed in the loras folder under the returned name, complete, named as returned
     assert (model, clip) == (None, None)
@@ -85,6 +93,7 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     status = comfy.pack.NODE_CLASS_MAPPINGS[STATUS]().status(job_id)
     assert status["result"][0].startswith(f"{job_id} (comfy_test): finished, 4 steps -> ")
     assert str(comfy.loras / name) in status["result"][0]
+    assert status["result"][0].endswith(f"; warnings: no visible effect; report: {report}")
 
     # IS_CHANGED reads the same after the training as before it: ComfyUI runs nothing again
     key = train.IS_CHANGED(**args, unique_id="7")
@@ -93,9 +102,9 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     # an unchanged re-run (a restarted ComfyUI has no output cache) trains nothing and applies the
     # same file to the MODEL/CLIP passing through, the way LoraLoader does
     comfy.progress.clear()
-    model, clip, again, again_job = train().train(**args, model="M", clip="C", strength_model=0.5,
-                                                  strength_clip=0.7, unique_id="7")
-    assert (again, again_job) == (name, job_id) and comfy.progress == []
+    model, clip, again, again_job, again_report = train().train(**args, model="M", clip="C", strength_model=0.5,
+                                                                strength_clip=0.7, unique_id="7")
+    assert (again, again_job, again_report) == (name, job_id, report) and comfy.progress == []
     assert comfy.server.texts[-1] == ("7", "unchanged: reusing comfy_test.safetensors  (<lora:comfy_test:1>)")
     assert (model, clip) == (("patched", "M", 0.5), ("patched", "C", 0.7))
     applied = comfy.sd.applied[-1]
@@ -106,7 +115,7 @@ def test_train_progress_deploy_reuse_and_new_name(daemon, comfy, tiny_sd, image_
     # a changed input is a new key and a new file; the first file is untouched
     changed = dict(args, training_seed=1)
     assert train.IS_CHANGED(**changed) != key
-    _, _, new_name, new_job = train().train(**changed)
+    _, _, new_name, new_job, _ = train().train(**changed)
     assert new_name == "comfy_test_2.safetensors" and new_job != job_id
     assert lora_files(comfy.loras) == [name, new_name]
     assert train.IS_CHANGED(**changed) == train.IS_CHANGED(**changed)
@@ -300,7 +309,7 @@ def test_the_node_rides_out_a_daemon_restart(daemon, comfy, tiny_sd, image_dir):
 
     thread = threading.Thread(target=restart_after_two_steps, daemon=True)
     thread.start()
-    _, _, name, job_id = train().train(**node_inputs(tiny_sd, image_dir, max_train_steps=16))
+    _, _, name, job_id, _ = train().train(**node_inputs(tiny_sd, image_dir, max_train_steps=16))
     thread.join(10)
     kinds = [d["kind"] for e, d, _ in comfy.server.messages if e == "lora_daemon.progress"]
     assert "interrupted" in kinds and kinds[-1] == "finished"

@@ -18,7 +18,7 @@ from .bridge import REPO_ROOT, launcher
 from .bridge import client as client_mod
 from .bridge import schema as client_schema
 from .plot import loss_curve
-from .watch import JobView, JobWatch, Watches, lora_prompt, progress_line, wait_for_change
+from .watch import JobView, JobWatch, Watches, evidence, lora_prompt, progress_line, wait_for_change
 
 DaemonError, DaemonUnavailable, PortTaken = client_mod.DaemonError, client_mod.DaemonUnavailable, client_mod.PortTaken
 
@@ -170,8 +170,15 @@ def _view_outputs(view: JobView, queue_html: str):
     if view.state == "finished":
         head += "\n\n**Finished:** copy the text below into your prompt."
     samples = _samples(view)
+    report = (view.result or {}).get("report")
     return (head, loss_curve(view.losses), gr.update(value=samples, visible=bool(samples)), lora_prompt(view.result),
-            view.job_id, queue_html)
+            view.job_id, queue_html, evidence(view), _report_file(report))
+
+
+def _report_file(path: str | None):
+    """The report as a file the page can download and open (the browser cannot open the daemon's path)."""
+    present = bool(path) and os.path.isfile(path)
+    return gr.update(value=path if present else None, visible=present)
 
 
 def _stream(watch: JobWatch, settings: host.TabSettings, status):
@@ -211,7 +218,7 @@ def _watch(settings: host.TabSettings, job: dict, freed_vram: bool = False) -> J
 def _message(status, text: str):
     """Only the status line changes; the live view keeps what it shows."""
     keep = gr.update()
-    return (*status, text, keep, keep, keep, keep, keep)
+    return (*status, text, keep, keep, keep, keep, keep, keep, keep)
 
 
 def train(base_model, dataset, caption_source, output_name, *values):
@@ -311,7 +318,7 @@ def refresh(job_id: str | None):
     settings, error = _settings_or_error()
     status = _status_outputs(settings, error)
     if settings is None or status[1].get("visible"):
-        yield (*status, "", None, [], "", job_id or "", "")
+        yield (*status, "", None, [], "", job_id or "", "", "", _report_file(None))
         return
     try:
         with _connect(settings) as client:
@@ -320,7 +327,7 @@ def refresh(job_id: str | None):
         yield _message(status, f"**Error:** {exc}")
         return
     if job is None:
-        yield (*status, "No job is running.", None, [], "", "", _queue_html(settings))
+        yield (*status, "No job is running.", None, [], "", "", _queue_html(settings), "", _report_file(None))
         return
     yield from _stream(_watch(settings, job), settings, status)
 
@@ -344,6 +351,25 @@ def _control(job_id: str | None, action: str):
 
 def stop(job_id):
     return _control(job_id, "stop")
+
+
+def deploy_best(job_id):
+    """Place the job's best checkpoint in the Lora folder beside its last LoRA (never over a file)."""
+    settings, error = _settings_or_error()
+    if settings is None:
+        return f"**Error:** {error}"
+    if host.exposed_without_login() and not settings.allow_remote:
+        return NOT_ALLOWED
+    if not job_id:
+        return "No job to deploy from: the Job box is empty"
+    try:
+        with _connect(settings) as client:
+            reply = client.deploy(job_id)
+    except (DaemonError, TimeoutError) as exc:
+        return f"**Deploy failed:** {exc}"
+    host.refresh_loras()
+    names = ", ".join(f"`<lora:{os.path.basename(p).removesuffix('.safetensors')}:0.8>`" for p in reply["paths"])
+    return f"Deployed the checkpoint of step {reply['step']}: {names}"
 
 
 def cancel(job_id):
@@ -464,10 +490,16 @@ def build_tab():
                 result_box = gr.Textbox(label="Use in a prompt", interactive=False, show_copy_button=True,
                                         elem_id="lora_daemon_result")
                 job_box = gr.Textbox(label="Job", elem_id="lora_daemon_job")
+                evidence_md = gr.Markdown(elem_id="lora_daemon_evidence")
+                with gr.Row():
+                    report_file = gr.File(label="Report (report.html)", interactive=False, visible=False,
+                                          elem_id="lora_daemon_report")
+                    deploy_btn = gr.Button("Deploy best checkpoint", elem_id="lora_daemon_deploy_best")
                 queue_html = gr.HTML(elem_id="lora_daemon_queue")
 
         status_outputs = [status_md, start_btn]
-        live_outputs = [*status_outputs, progress_md, loss_img, samples, result_box, job_box, queue_html]
+        live_outputs = [*status_outputs, progress_md, loss_img, samples, result_box, job_box, queue_html, evidence_md,
+                        report_file]
         fields = [setting_fields[s.name] for s in form.widget_settings()]  # the order train() reads them in
         form_inputs = [base_model, dataset, caption_source, output_name, *fields, *file_fields, advanced]
 
@@ -478,6 +510,7 @@ def build_tab():
                         outputs=[progress_md], show_progress="hidden")
         stop_btn.click(stop, inputs=[job_box], outputs=[progress_md], queue=False)
         cancel_btn.click(cancel, inputs=[job_box], outputs=[progress_md], queue=False)
+        deploy_btn.click(deploy_best, inputs=[job_box], outputs=[progress_md], queue=False)
         ckpt_refresh.click(refresh_checkpoints, inputs=[base_model], outputs=[base_model], queue=False)
         ckpt_refresh.click(refresh_modules, inputs=file_fields, outputs=file_fields, queue=False)
         tab.load(check_daemon, outputs=status_outputs)

@@ -31,6 +31,8 @@ class JobView:
     eta_s: float | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
+    scores: dict = field(default_factory=dict)  # the latest evaluation's
+    verdicts: list[dict] = field(default_factory=list)  # the evaluation's warnings, as they came
     result: dict | None = None
     error: str | None = None
     note: str = ""
@@ -60,6 +62,11 @@ class JobView:
                 self.losses.append((self.step, float(self.loss)))
         elif kind == "sample":
             self.samples.extend(str(p) for p in data.get("paths", []))
+        elif kind == "evaluation":
+            self.scores = dict(data.get("scores") or {})
+            self.samples.extend(str(p) for p in (data.get("paths") or [])[:1])  # its grid: base and LoRA side by side
+        elif kind == "verdict":
+            self.verdicts.append(data)
         elif kind == "stopping":
             self.note = "stopping: saving what is trained ..."
         elif kind == "interrupted":
@@ -96,6 +103,7 @@ class JobWatch:
         with self._lock:
             view = JobView(**{k: getattr(self.view, k) for k in self.view.__dataclass_fields__})
             view.losses, view.samples = list(self.view.losses), list(self.view.samples)
+            view.scores, view.verdicts = dict(self.view.scores), list(self.view.verdicts)
             return view
 
     def wait(self, timeout: float) -> bool:
@@ -157,6 +165,26 @@ def progress_line(view: JobView) -> str:
     if view.note:
         parts.append(view.note)
     return " · ".join(parts)
+
+
+def evidence(view: JobView) -> str:
+    """Markdown: what the evaluation found (warnings, scores), the checkpoint to prefer, the report."""
+    verdicts = (view.result or {}).get("verdicts") if view.result else None
+    verdicts = verdicts if verdicts is not None else view.verdicts
+    lines = [f"**Warning: {v['title']}** (step {v['step']}): {v['message']}" for v in verdicts]
+    numbers = ", ".join(f"{k} {v:.3g}" for k, v in view.scores.items()
+                        if isinstance(v, (int, float)) and not k.startswith("base_"))
+    if numbers:
+        lines.append(("Evaluation: " if verdicts or view.state != "finished" else "**No problem found.** Evaluation: ")
+                     + numbers)
+    best = (view.result or {}).get("best_checkpoint") or {}
+    if best and not best.get("final"):
+        lines.append(f"Best checkpoint: step {best['step']} (by {best.get('by')}); **Deploy best checkpoint** places "
+                     f"it in the Lora folder beside the last one.")
+    report = (view.result or {}).get("report")
+    if report:
+        lines.append(f"Report: `{report}` (download it below and open it in a browser)")
+    return "\n\n".join(lines)
 
 
 def lora_prompt(result: dict | None, weight: float = 0.8) -> str:

@@ -40,12 +40,20 @@ class SampleWriter:
 
 def sample_prompts(cfg, data: LLMData, tokenizer) -> list[tuple[str, list[int]]]:
     """(shown text, token ids) for each sample prompt: the config's, else up to 3 from the data."""
+    return prompt_ids(cfg.sample_prompts, data, tokenizer, 3)
+
+
+def prompt_ids(given: list[str] | None, data: LLMData, tokenizer, count: int) -> list[tuple[str, list[int]]]:
+    """(shown text, token ids) for each of `given`, rendered as the training data was; without any, up
+    to `count` prompts from the data: the held-out samples' first, then the training samples'."""
     renderer = data.renderer
-    if cfg.sample_prompts:
-        return [(p, renderer.prompt_ids(p, as_chat=data.uses_template)) for p in cfg.sample_prompts]
-    out = []
+    if given:
+        return [(p, renderer.prompt_ids(p, as_chat=data.uses_template)) for p in given]
+    out: list[tuple[str, list[int]]] = []
     for s in data.val + data.unpacked_train:
-        if s.prompt_text and len(out) < 3:
+        if s.prompt_text and len(out) < count:
             ids = renderer.rendered_prompt_ids(s.prompt_text, as_chat=data.uses_template)
-            out.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), ids))
+            shown = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if shown not in dict(out):
+                out.append((shown, ids))
     return out

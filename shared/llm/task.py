@@ -18,9 +18,10 @@ from pathlib import Path
 
 from shared.llm import packing
 from shared.llm.batching import grouped_batches
-from shared.llm.data import build_data, collate
+from shared.llm.data import IGNORE, build_data, collate
 from shared.llm.deploy import Targets
 from shared.llm.export import export_merged, run_info, save_adapter
+from shared.llm.generate import greedy
 from shared.llm.lora import add_lora, enable_gradient_checkpointing, resolve_targets, trainable_parameters
 from shared.llm.loss import AnswerLoss, evaluate
 from shared.llm.model import (
@@ -31,7 +32,7 @@ from shared.llm.model import (
     read_model_config,
 )
 from shared.llm.objective import preference_objective
-from shared.llm.samples import SampleWriter, sample_prompts
+from shared.llm.samples import SampleWriter, prompt_ids, sample_prompts
 from shared.training.task import Evaluation, Finish, Precision, Progress, Samples, Task
 
 # token-length ranges of the `buckets` event: 1-16, 17-32, 33-64, ...
@@ -104,6 +105,7 @@ class LLMTask(Task):
         if data.renderer.template is not None and data.uses_template:
             tokenizer.chat_template = data.renderer.template  # the adapter's tokenizer carries what was trained
         self.eval_losses: list[float] = []
+        self._eval_ids: dict[str, list[int]] | None = None  # evaluation prompt -> token ids (eval_prompts)
         self.info: dict | None = None
 
     def histogram(self) -> dict[str, int]:
@@ -169,6 +171,50 @@ class LLMTask(Task):
 
     def step_scalars(self) -> dict[str, float]:
         return self.objective.step_scalars() if self.objective else {}
+
+    def eval_prompts(self) -> list[str]:
+        if self._eval_ids is None:
+            given = super().eval_prompts()
+            if self.objective and not given:  # the pairs' prompts (shared/llm/objective.py)
+                self._eval_ids = dict(self.objective.sample_prompts()[: self.cfg.eval_prompt_count])
+            else:
+                self._eval_ids = dict(prompt_ids(given, self.data, self.tokenizer, self.cfg.eval_prompt_count))
+        return list(self._eval_ids)
+
+    def answer(self, prompts: list[str], weight: float) -> list:
+        """Greedy answers (up to eval_max_tokens) with the adapter on (weight 1) or off (0: the base)."""
+        import contextlib
+
+        if weight not in (0, 1):
+            raise ValueError(f"an LLM adapter is evaluated off (0) or on (1), not at weight {weight}")
+        known = self._eval_ids or {}
+        renderer, as_chat = self.data.renderer, self.data.uses_template
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter() if weight == 0 else contextlib.nullcontext():
+                return [greedy(self.model, self.tokenizer, known.get(p) or renderer.prompt_ids(p, as_chat=as_chat),
+                               self.eval_max_tokens(), use_cache=self.samples.use_cache) for p in prompts]
+        finally:
+            self.model.train(was_training)
+
+    def eval_max_tokens(self) -> int:
+        """The evaluation answers' token limit: `eval_max_tokens`, else twice the longest trained answer (a
+        model that learned to stop stops well within it), at least 32 and at most 1024."""
+        if self.cfg.eval_max_tokens:
+            return self.cfg.eval_max_tokens
+        if self.objective:  # preference pairs: the longest chosen answer
+            longest = max((len(p.chosen_ids) for p in self.data.train), default=0)
+        else:
+            longest = max((sum(label != IGNORE for label in s.labels) for s in self.data.unpacked_train + self.data.val),
+                          default=0)
+        return min(1024, max(32, 2 * longest))
+
+    def data_summary(self) -> dict:
+        data = self.data
+        return {"train_sequences": len(data.train), "val_samples": len(data.val),
+                **({"objective": self.cfg.objective} if self.objective else {}),
+                "chat_template": bool(data.uses_template)}
 
     # --- output ----------------------------------------------------------------------------------
     def write_adapter(self, path: Path, name: str, progress: Progress, final: bool) -> None:

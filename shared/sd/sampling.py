@@ -16,6 +16,9 @@ from shared.images.previews import save_png
 from shared.training.task import Samples
 
 SAMPLE_STEPS = 20  # sample_steps when not set: Euler's usual count for SD
+# The evaluation's prompt that has nothing to do with the training data: what the LoRA does to
+# everything else (a character LoRA that paints its character into a street scene has collapsed).
+UNRELATED_PROMPT = "a photograph of a city street at night, cars and people"
 
 
 def sample_steps(cfg) -> int:
@@ -84,13 +87,20 @@ def render(model, prompts: list[str], *, seed: int, steps: int, size: int, weigh
            conditioning: dict | None = None) -> list:
     """One PIL image per prompt; prompt i always uses seed + i. With `conditioning` (the text-encoder
     cache: prompt -> (hidden states, pooled), "" included) the text encoders do not run."""
+    return render_seeds(model, prompts, [seed + i for i in range(len(prompts))], steps=steps, size=size,
+                        weight=weight, conditioning=conditioning)
+
+
+def render_seeds(model, prompts: list[str], seeds: list[int], *, steps: int, size: int, weight: float = 1.0,
+                 conditioning: dict | None = None) -> list:
+    """One PIL image per (prompt, seed) pair, at LoRA weight `weight` (0: the base model)."""
     import torch
 
     pipe = build_pipeline(model)
     images = []
     with torch.no_grad(), eval_mode(model), lora_weight(model, weight):
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator("cpu").manual_seed(seed + i)
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            generator = torch.Generator("cpu").manual_seed(seed)
             text = {"prompt": prompt} if conditioning is None else _cached_embeds(model, conditioning, prompt)
             images.append(pipe(**text, num_inference_steps=steps, height=size, width=size,
                                generator=generator, guidance_scale=7.0).images[0])
@@ -131,3 +141,27 @@ def preview_image(model, cfg, device, prompt: str, conditioning: dict | None = N
     _on_device(model, device)
     return render(model, [prompt], seed=cfg.seed, steps=sample_steps(cfg), size=cfg.resolution,
                   weight=cfg.preferred_weight, conditioning=conditioning)[0]
+
+
+def evaluation_images(model, cfg, device, prompts: list[str], seeds: list[int], weight: float,
+                      conditioning: dict | None = None) -> list:
+    """The evaluation's pictures (shared/evaluation): each prompt at its seed, the training resolution
+    and `eval_sample_steps`, with the LoRA at `weight`."""
+    _on_device(model, device)
+    return render_seeds(model, prompts, seeds, steps=cfg.eval_sample_steps, size=cfg.resolution, weight=weight,
+                        conditioning=conditioning)
+
+
+def evaluation_prompts(data, count: int) -> list[str]:
+    """Without sample prompts: up to `count - 1` distinct training captions, spread over the data set,
+    and one prompt unrelated to it."""
+    n, want = len(data.items), max(1, count - 1)
+    spread = [round(k * (n - 1) / (want - 1)) for k in range(want)] if want > 1 else [0]
+    captions: list[str] = []
+    for i in [*spread, *range(n)]:  # duplicates in the spread: the next distinct captions in order
+        caption = data.fixed_caption(i)
+        if caption not in captions:
+            captions.append(caption)
+        if len(captions) == want:
+            break
+    return [*captions, UNRELATED_PROMPT]

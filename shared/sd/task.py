@@ -36,7 +36,13 @@ from shared.sd.kohya_export import model_lora_tensors, save_lora_file
 from shared.sd.loss import noise_losses
 from shared.sd.lycoris import LycorisSpec, inject_sd, lycoris_metadata, model_lycoris_tensors
 from shared.sd.masks import batch_masks, load_mask
-from shared.sd.sampling import before_after_grid, preview_image, render_samples
+from shared.sd.sampling import (
+    before_after_grid,
+    evaluation_images,
+    evaluation_prompts,
+    preview_image,
+    render_samples,
+)
 from shared.sd.validation import validation_loss
 from shared.training.task import Evaluation, Finish, Precision, Progress, Samples, Task
 
@@ -240,6 +246,17 @@ class SDTask(Task):
         if not self.cfg.sample_prompts:
             return None
         return render_samples(self.model, self.cfg, self.device, step, log_dir / "samples", self.text_cache)
+
+    def eval_prompts(self) -> list[str]:
+        return super().eval_prompts() or evaluation_prompts(self.data, self.cfg.eval_prompt_count)
+
+    def render(self, prompts: list[str], seeds: list[int], weight: float) -> list:
+        return evaluation_images(self.model, self.cfg, self.device, prompts, seeds, weight, self.text_cache)
+
+    def data_summary(self) -> dict:
+        data = self.data
+        return {"images": len(data.items), "repeats": sum(data.repeats),
+                "captions": [data.fixed_caption(i) for i in range(min(len(data.items), 5))]}
 
     # --- output ----------------------------------------------------------------------------------
     def tensors(self) -> dict:

@@ -12,7 +12,9 @@ stores and forwards them (docs/protocol.md lists them with the daemon's own kind
 | `progress` | `step`, `total`, `loss`, `lr`, `it_s`, `eta_s` (after each optimizer step; `lr`: the first group's rate for the next step, Prodigy's adapted d x lr) |
 | `checkpoint` | `step`, `path` (the loadable adapter; "" for the state a stop writes), `state` (the training state folder); plus the evaluation's `METRICS` where the task computed them |
 | `sample` | `step`, `paths` (the files holding the samples), `texts` (generated text per prompt; empty for image tasks) |
-| `finished` | `outputs` (name -> path: `lora`, `deployed`, and the task's own such as `grid`, `merged`, or an LLM's `gguf_adapter`, `gguf_base`, `modelfile`, `merged_gguf`, `textgen`), `steps` |
+| `evaluation` | `step`, `scores` (name -> number: the task's `METRICS` and the evaluation's `SCORES`), `paths` (the evaluation grid and preview pictures; empty for text tasks), `final` (the evaluation at the end) |
+| `verdict` | `step` (the evaluation that found it), `verdict` (`no_effect`, `collapse`, `overfitting`, `never_stops`, `repeats`), `title` (in words), `message` (what was measured against which threshold, and what to change), `checkpoint` (the checkpoint it recommends instead; "" where none) |
+| `finished` | `outputs` (name -> path: `lora`, `deployed`, `report`, and the task's own such as `grid`, `merged`, or an LLM's `gguf_adapter`, `gguf_base`, `modelfile`, `merged_gguf`, `textgen`), `steps` |
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "progress": ("step", "total", "loss", "lr", "it_s", "eta_s"),
     "checkpoint": ("step", "path", "state"),
     "sample": ("step", "paths", "texts"),
+    "evaluation": ("step", "scores", "paths", "final"),
+    "verdict": ("step", "verdict", "title", "message", "checkpoint"),
     "finished": ("outputs", "steps"),
 }
 
@@ -33,6 +37,20 @@ METRICS: dict[str, str] = {
     "perplexity": "exp(eval_loss) (LLM)",
     "pair_margin": "mean log p(chosen) - log p(rejected) on the held-out preference pairs (LLM dpo/orpo/kto)",
     "pair_accuracy": "fraction of the held-out preference pairs whose chosen answer is the likelier (LLM dpo/orpo/kto)",
+}
+
+# The evaluation's own scores (shared/evaluation), in the `evaluation` event and TensorBoard (eval/<name>).
+SCORES: dict[str, str] = {
+    "effect": "image tasks: how far the LoRA at weight 1 moves the pictures from the base's, relative to two base seeds",
+    "collapse": "image tasks: the spread of the LoRA's pictures over different prompts, relative to the base's",
+    "changed": "text tasks: the share of answer tokens that differ from the base's answers",
+    "unstopped": "text tasks: the share of answers without an end-of-turn token within eval_max_tokens",
+    "repeats": "text tasks: the mean share of repeated 4-token sequences in an answer",
+    "identical": "text tasks: the share of prompts whose answer another prompt also got",
+    "longest": "text tasks: the longest answer, in new tokens (an unstopped answer's length is the token limit)",
+    "base_unstopped": "text tasks: unstopped, for the base model's answers",
+    "base_repeats": "text tasks: repeats, for the base model's answers",
+    "base_identical": "text tasks: identical, for the base model's answers",
 }
 
 

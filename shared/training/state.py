@@ -131,9 +131,10 @@ def load_state(path: Path) -> dict:
         raise ConfigError(f"resume: {path} cannot be read ({type(exc).__name__}: {str(exc)[:150]})") from None
 
 
-def prune(folder: Path, keep: int, stem: str) -> None:
+def prune(folder: Path, keep: int, stem: str, spare: set[int] | frozenset[int] = frozenset()) -> None:
     """Keep the newest `keep` states and `<stem>-stepN` checkpoints (files or folders; 0 keeps
-    everything). Leftover temporaries of killed saves are removed too."""
+    everything), and the checkpoints of the steps in `spare` (the best one). Leftover temporaries of
+    killed saves are removed too."""
     folder = Path(folder)
     if not folder.is_dir():
         return
@@ -150,7 +151,8 @@ def prune(folder: Path, keep: int, stem: str) -> None:
         match = CHECKPOINT.match(path.name)
         if match and not STATE_DIR.match(path.name):
             step = int(match.group("step"))
-            if path.name in (checkpoint_name(stem, step, ".safetensors"), checkpoint_name(stem, step, "")):
+            if step not in spare and path.name in (checkpoint_name(stem, step, ".safetensors"),
+                                                   checkpoint_name(stem, step, "")):
                 saved.append((step, path))
     for _, path in sorted(saved)[:-keep]:
         if path.is_dir():

@@ -13,7 +13,12 @@ sample cadence, resumable states, publishing. A task owns what differs between m
 - `write_adapter(path, name, progress, final)` and `adapter_suffix`: the adapter in the format the
   hosts load (a file, or a folder when the suffix is empty);
 - optional: `histogram`, `build_caches`, `fingerprint`, `evaluate`, `sample`, `step_scalars`,
-  `finish`, `exports`, `usage`.
+  `finish`, `exports`, `usage`;
+- optional, for the evaluation of the finished LoRA (shared/evaluation): `eval_prompts`, and `render`
+  (image tasks: pictures at fixed seeds with the adapter at a weight, 0 being the base) or `answer`
+  (text tasks: greedy answers with the adapter off or on), and `data_summary` for the report. The
+  scores and verdicts are computed from what these return, the same way for every family: a new
+  image task implements `render` and gets the effect and collapse checks.
 
 A task never sends events itself: the loop sends every event from what these methods return, so
 every task's event stream has the same kinds and fields (shared/training/events.py).
@@ -159,6 +164,29 @@ class Task:
         """After each optimizer step (every process): numbers the task measured over the step's
         micro-batches, for TensorBoard as train/<name> (the main process's; e.g. a preference
         objective's margin and accuracy)."""
+        return {}
+
+    # --- the evaluation's hooks (shared/evaluation) --------------------------------------------
+    def eval_prompts(self) -> list[str]:
+        """The prompts every evaluation of this job uses (the same ones each time): `eval_prompts`,
+        else the first `eval_prompt_count` sample prompts. A family adds its own fallback (SD:
+        training captions and an unrelated prompt; LLM: held-out prompts)."""
+        cfg = self.cfg
+        return list(cfg.eval_prompts or (cfg.sample_prompts or [])[: cfg.eval_prompt_count])
+
+    def render(self, prompts: list[str], seeds: list[int], weight: float) -> list | None:
+        """Image tasks: one PIL image per (prompt, seed) pair with the adapter at `weight` (0: the base
+        model alone), the same pixels for the same arguments. None: this task makes no images."""
+        return None
+
+    def answer(self, prompts: list[str], weight: float) -> list | None:
+        """Text tasks: the greedy answer to each prompt with the adapter at `weight` (0: off, 1: on),
+        each an object with `text`, `token_ids` and `stopped` (it ended with an end-of-turn token within
+        the limit). None: this task writes no text."""
+        return None
+
+    def data_summary(self) -> dict[str, Any]:
+        """What the report says about the training data beside the size histogram (counts, examples)."""
         return {}
 
     # --- output --------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ def main() -> None:
         seen["result"] = result
         seen["final_progress"] = text_of(page, "#lora_daemon_progress")
         seen["queue"] = text_of(page, "#lora_daemon_queue")
+        seen["evidence"] = text_of(page, "#lora_daemon_evidence")  # the evaluation: warnings, scores, report
+        seen["report_offered"] = page.locator("#lora_daemon_report").is_visible()
         seen["job"] = field(page, "lora_daemon_job").input_value()
         seen["screenshot_taken"] = shot_taken
         page.screenshot(path=f"{args.out}/webui_tab_done.png", full_page=True)

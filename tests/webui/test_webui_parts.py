@@ -158,6 +158,34 @@ def test_the_view_follows_a_jobs_events():
     assert watch.client.format_duration(3725) == "1:02:05" and watch.client.format_duration(None) == "?"
 
 
+def test_the_view_shows_the_evaluations_scores_warnings_best_checkpoint_and_report():
+    view = watch.JobView("j1", name="cat")
+    message = "the LoRA barely changes the pictures (effect score 0.001, below verdict_min_effect 0.05): ..."
+    for kind, data in [("started", {"total": 8}),
+                       ("evaluation", {"step": 4, "scores": {"effect": 0.0012, "collapse": 0.98}, "final": False,
+                                       "paths": ["/e/step000004.png", "/e/step000004-preview.png"]}),
+                       ("verdict", {"step": 4, "verdict": "no_effect", "title": "no visible effect",
+                                    "message": message, "checkpoint": ""})]:
+        view.apply({"kind": kind, "data": data})
+    assert view.samples == ["/e/step000004.png"]  # the grid (base beside the LoRA), not the preview as well
+    live = watch.evidence(view)
+    assert live.startswith(f"**Warning: no visible effect** (step 4): {message}")
+    assert "Evaluation: effect 0.0012, collapse 0.98" in live and "Report" not in live
+    verdict = {"step": 8, "verdict": "collapse", "title": "overfitting / collapse", "message": "alike",
+               "checkpoint": "/c/cat-step000004.safetensors"}
+    view.apply({"kind": "finished", "data": {"lora_name": "cat", "verdicts": [verdict], "report": "/o/report.html",
+                                             "best_checkpoint": {"step": 4, "final": False, "by": "last without "
+                                                                 "collapse"}}})
+    done = watch.evidence(view).split("\n\n")
+    assert done[0] == "**Warning: overfitting / collapse** (step 8): alike"  # the result's verdicts win
+    assert done[2].startswith("Best checkpoint: step 4 (by last without collapse); **Deploy best checkpoint**")
+    assert done[3].startswith("Report: `/o/report.html`")
+    fine = watch.JobView("j2")
+    fine.apply({"kind": "evaluation", "data": {"step": 8, "scores": {"effect": 0.5, "collapse": 1.1}}})
+    fine.apply({"kind": "finished", "data": {"verdicts": [], "best_checkpoint": {"step": 8, "final": True}}})
+    assert watch.evidence(fine) == "**No problem found.** Evaluation: effect 0.5, collapse 1.1"
+
+
 def test_a_watch_whose_daemon_is_gone_says_so_and_still_runs_its_end_step():
     ended = []
 

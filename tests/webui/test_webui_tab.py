@@ -133,6 +133,9 @@ def test_train_from_the_tab_in_a_browser(tmp_path, tmp_path_factory, tiny_sd, im
     # after: the prompt text, the file in the WebUI's Lora folder, the queue lists the job
     assert seen["result"] == "<lora:webui_test:0.8>", seen
     assert "finished" in seen["final_progress"] and "step 30/30" in seen["final_progress"]
+    # the evaluation at the end: its scores (and any warning) and the report, offered for download
+    assert "effect " in seen["evidence"] and "collapse " in seen["evidence"], seen["evidence"]
+    assert "Report: " in seen["evidence"] and "report.html" in seen["evidence"] and seen["report_offered"]
     assert "webui_test" in seen["queue"] and "finished" in seen["queue"]
     # the card is in the Lora tab of the open page and of a page loaded afterwards, without refresh
     assert seen["cards_at_start"] == []
