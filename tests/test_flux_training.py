@@ -178,15 +178,15 @@ def test_the_render_hook_takes_prompts_seeds_and_a_weight(tiny_flux, flux_images
         for name, p in task.model.transformer.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0, 0.2)
-    base, full = task.render(["a red car"], weight=0.0), task.render(["a red car"])
-    again = task.render(["a red car"], seeds=[cfg.seed])
-    other = task.render(["a red car"], seeds=[cfg.seed + 5])
+    base, full = task.pictures(["a red car"], weight=0.0), task.pictures(["a red car"])
+    again = task.pictures(["a red car"], seeds=[cfg.seed])
+    other = task.pictures(["a red car"], seeds=[cfg.seed + 5])
     assert base[0].size == (64, 64)
     assert np.abs(np.asarray(full[0], float) - np.asarray(base[0], float)).max() > 0
     assert np.array_equal(np.asarray(full[0]), np.asarray(again[0]))
     assert not np.array_equal(np.asarray(full[0]), np.asarray(other[0]))
     with pytest.raises(KeyError, match="was not cached"):  # the encoders were freed after caching
-        task.render(["a prompt nobody cached"])
+        task.pictures(["a prompt nobody cached"])
 
 
 def test_fp8_storage_and_block_swap_through_the_task(tiny_flux, flux_images, tmp_path, monkeypatch):

@@ -119,6 +119,8 @@ class Judge:
     def _images(self, record: Record) -> None:
         task, cfg = self.task, self.cfg
         prompts = self._prompts()
+        if not prompts:  # nothing to render: no scores
+            return
         # every prompt at the same seed: the pictures of different prompts then differ by the prompt alone
         seeds, others = [cfg.seed] * len(prompts), [cfg.seed + OTHER_SEED] * len(prompts)
         if self.base is None:

@@ -254,7 +254,7 @@ class FluxTask(Task):
         return loss * len(items), len(items)
 
     # --- looking at it ---------------------------------------------------------------------------
-    def render(self, prompts: list[str], seeds: list[int] | None = None, weight: float = 1.0) -> list:
+    def pictures(self, prompts: list[str], seeds: list[int] | None = None, weight: float = 1.0) -> list:
         """One PIL image per prompt at the LoRA `weight` (0: the base), at the training resolution, with
         the variant's sampling defaults (schnell 4 steps without guidance, dev 20 steps at 3.5) unless
         sample_steps / sample_guidance_scale say otherwise. Prompt i uses seeds[i] (default seed + i).
@@ -272,7 +272,7 @@ class FluxTask(Task):
         prompts = self.cfg.sample_prompts
         if not prompts:
             return None
-        images = self.render(prompts)
+        images = self.pictures(prompts)
         paths = [save_png(log_dir / "samples" / f"step{step:06d}-{i:02d}.png", image) for i, image in enumerate(images)]
         return Samples(paths=paths, prompts=list(prompts), images=images)
 
@@ -309,11 +309,11 @@ class FluxTask(Task):
         outputs, preview = {}, None
         if cfg.sample_prompts:
             outputs["grid"] = output_dir / f"{cfg.resolved_output_name}-grid.png"
-            preview = before_after_grid(lambda prompts, weight: self.render(prompts, weight=weight), cfg.sample_prompts,
+            preview = before_after_grid(lambda prompts, weight: self.pictures(prompts, weight=weight), cfg.sample_prompts,
                                         outputs["grid"], cfg.preferred_weight)
             self.reporter.log(f"Saved before/after grid {outputs['grid']}")
         elif cfg.preview:  # the card picture: a training caption at the preferred weight
-            preview = self.render([self.data.fixed_caption(0)], weight=cfg.preferred_weight)[0]
+            preview = self.pictures([self.data.fixed_caption(0)], weight=cfg.preferred_weight)[0]
         notes = sidecar_notes(cfg, SIDECAR_SD_VERSION, len(self.data.items))
         sidecars = {".json": lambda p, name: Path(p).write_text(json.dumps(notes, indent=2), encoding="utf-8")}
         if preview is not None and cfg.preview:
