@@ -447,9 +447,10 @@ def test_train_flux_lora_from_comfyuis_own_folders(daemon, comfy, tiny_flux, ima
     args = flux_node_inputs(tiny_flux, image_dir)
     before = train.IS_CHANGED(**args, unique_id="9")
 
-    model, clip, name, job_id = train().train(**args, unique_id="9")
+    model, clip, name, job_id, report = train().train(**args, unique_id="9")
 
     assert name == "comfy_flux.safetensors" and lora_files(comfy.loras) == [name]
+    assert Path(report).name == "report.html" and Path(report).is_file()  # a Flux job has its report too
     from safetensors import safe_open
 
     with safe_open(str(comfy.loras / name), "pt") as fh:
@@ -465,7 +466,7 @@ def test_train_flux_lora_from_comfyuis_own_folders(daemon, comfy, tiny_flux, ima
     assert train.IS_CHANGED(**args, unique_id="9") == before  # ComfyUI runs nothing again
     assert train.IS_CHANGED(**dict(args, flux_t5xxl="clip_l.safetensors")) != before  # another file, another LoRA
     comfy.progress.clear()
-    _, _, again, again_job = train().train(**args, unique_id="9")
+    _, _, again, again_job, _ = train().train(**args, unique_id="9")
     assert (again, again_job) == (name, job_id) and comfy.progress == []
 
 
