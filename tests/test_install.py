@@ -230,3 +230,13 @@ def test_the_demo_leaves_nothing_outside_the_checkout(tmp_path):
     assert out.returncode == 0, out.stderr + out.stdout
     assert calls.read_text().splitlines() == ["-m daemon demo"]
     assert list(home.iterdir()) == []  # no ~/.local/state/lora-daemon/install.json, nothing else
+
+
+def test_the_suite_runs_in_parallel_unless_the_command_line_says_otherwise(monkeypatch):
+    install = install_module()
+    monkeypatch.setattr(install.os, "cpu_count", lambda: 2)
+    assert install.test_workers(["-q"]) == ["-n", "3", "--dist", "loadfile"]
+    monkeypatch.setattr(install.os, "cpu_count", lambda: 64)
+    assert install.test_workers([]) == ["-n", "8", "--dist", "loadfile"]
+    for own in (["-n", "1"], ["-n0"], ["--numprocesses=2"], ["-p", "no:xdist"]):
+        assert install.test_workers(["-q", *own]) == [], own
