@@ -54,6 +54,12 @@ def test_which_keys_apply_to_flux(tmp_path, tiny_flux, image_dir, tiny_sd):
     # SD keys that apply to Flux too (images, buckets, captions, caches, samples, the card) are accepted
     check({**base, "trigger_word": "sks", "random_flip": True, "cache_latents": "disk", "sample_steps": 4,
            "preferred_weight": 1.0, "train_text_encoder": True, "optimizer": "adamw"}, source="job.yaml")
+    # a Flux preset sets its keys on a Flux model (dev or schnell); an SD preset is refused with the ones that fit
+    preset = check({**base, "preset": "flux-dev-style-24gb"}, source="job.yaml").canonical
+    assert (preset["lora_rank"], preset["cache_latents"], preset["resolution"]) == (16, "disk", 64)  # the user's wins
+    with pytest.raises(ConfigError, match=r"preset sd15-style-8gb is for SD1.x models, .*; use one of "
+                                          r"flux-dev-character-24gb, flux-dev-style-24gb$"):
+        check({**base, "preset": "sd15-style-8gb"}, source="job.yaml")
     for key, value in (("noise_offset", 0.05), ("conv_rank", 4), ("cache_text_encoder_outputs", True),
                        ("prediction_type", "epsilon"), ("use_dora", True), ("max_seq_len", 64)):
         with pytest.raises(ConfigError) as err:
@@ -68,10 +74,7 @@ def test_which_keys_apply_to_flux(tmp_path, tiny_flux, image_dir, tiny_sd):
     assert {s.name for s in schema.for_task(schema.FLUX)} >= {"resolution", "metadata_path", "sample_prompts",
                                                               "cache_latents", "flux_ae", "blocks_to_swap"}
     # every basic setting the SD forms always send applies to Flux too
-    # every basic field of the tab's form applies to Flux too, but the preset (presets are made for SD models;
-    # the form leaves `preset` out unless one is chosen, and the pre-flight refuses an SD preset on Flux)
-    assert all(schema.FLUX in s.tasks for s in schema.form_settings(schema.SD, schema.BASIC) if s.name != "preset")
-    assert schema.FLUX not in schema.TRAIN["preset"].tasks
+    assert all(schema.FLUX in s.tasks for s in schema.form_settings(schema.SD, schema.BASIC))
 
 
 def test_a_transformer_file_without_its_separate_files_is_one_line_naming_the_key(tmp_path, tiny_flux, image_dir):

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .setting import BASIC, SD_ONLY, Form, Rule, Setting
+from .setting import BASIC, IMAGES, Form, Rule, Setting
 
 SECTION = "Preset"
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -38,7 +38,7 @@ def preset_family(name: str) -> str | None:
 SETTINGS = (
     Setting("preset", str, NONE, "A shipped preset (docs/sd-training.md lists what each is tuned for): it sets its "
             "keys first and every key you set yourself wins. In the tab and the node, the fields left at their "
-            "default take the preset's values; the YAML box always wins.", tasks=SD_ONLY,
+            "default take the preset's values; the YAML box always wins.", tasks=IMAGES,
             choices=(NONE, *preset_names()), form=Form(BASIC, "Preset")),
 )
 
@@ -46,15 +46,16 @@ SETTINGS = (
 def _preset_fits_the_model(v, family) -> str | None:
     name = v["preset"]
     wanted = preset_family(name) if name != NONE else None
-    if wanted is None or wanted == family.arch or (family.arch == "sd" and wanted in ("sd1", "sd2", "sdxl")):
+    model = "flux" if family.task == "flux" else family.arch  # a Flux preset fits dev and schnell alike
+    if wanted is None or wanted == model or (model == "sd" and wanted in ("sd1", "sd2", "sdxl")):
         return None  # "sd": a .ckpt whose family the header does not tell; the loader checks it
-    fitting = [n for n in preset_names() if preset_family(n) == family.arch]
+    fitting = [n for n in preset_names() if preset_family(n) == model]
     instead = f"use one of {', '.join(fitting)}" if fitting else "no shipped preset fits it; remove preset"
     return (f"preset {name} is for {FAMILY_NAMES.get(wanted, wanted)} models, but base_model is {family.describe()}; "
             f"{instead}")
 
 
-RULES = (Rule(("preset",), _preset_fits_the_model, tasks=SD_ONLY, family=True),)
+RULES = (Rule(("preset",), _preset_fits_the_model, tasks=IMAGES, family=True),)
 
 
 def form_values(values: Mapping[str, Any], table: Mapping[str, Setting]) -> dict[str, Any]:
