@@ -106,8 +106,8 @@ def load_packs(tmp_path, *, foreign_first: bool | None = None, blocked=BLOCKED) 
 def test_the_pack_loads_without_torch_and_leaves_sys_path_and_modules_alone(tmp_path):
     out = load_packs(tmp_path)
     assert out["nodes"] == {
-        "LoraDaemonTrainLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING"], True],
-        "LoraDaemonTrainFluxLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING"], True],
+        "LoraDaemonTrainLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING", "STRING"], True],
+        "LoraDaemonTrainFluxLoRA": ["train", "loaders/lora-daemon", ["MODEL", "CLIP", "*", "STRING", "STRING"], True],
         "LoraDaemonJobStatus": ["status", "loaders/lora-daemon", ["STRING"], True],
         "LoraDaemonAutoLabel": ["label", "loaders/lora-daemon", ["STRING", "STRING"], True],
     }

@@ -147,6 +147,17 @@ def one_image_under_many_captions(folder: Path, source: Path) -> Path:
 
 
 @pytest.mark.slow
+def test_with_the_text_encoders_cached_the_evaluation_renders_its_own_prompts_too(sd_config, tmp_path):
+    """The text cache frees nothing the evaluation needs: its prompts (two training captions and the unrelated
+    one) are encoded with the captions, so the pictures are made from the cache."""
+    rec = Recorder()
+    result = run_training(load_config(sd_config(output_dir=tmp_path / "cached" / "cached", max_train_steps=2,
+                                                cache_text_encoder_outputs=True, **EVAL)), rec)
+    scores = json.loads(Path(result.report).with_suffix(".json").read_text())["evaluations"][-1]["scores"]
+    assert {"effect", "collapse"} <= set(scores)
+    assert [d for k, d in rec.events if k == "cached"][0]["text"] is True
+
+
 def test_a_lora_overtrained_on_one_image_under_different_captions_collapses(sd_config, image_dir, tmp_path):
     data = one_image_under_many_captions(tmp_path / "one", image_dir)
     rec = Recorder()

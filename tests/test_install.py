@@ -158,7 +158,7 @@ def test_a_copied_comfyui_pack_finds_the_checkout_and_trains_a_job(hosts, tmp_pa
         assert host.pack.thin.REPO_ROOT == REPO
         (host.checkpoints / "tiny.safetensors").symlink_to(tiny_sd["safetensors"])
         node = host.pack.NODE_CLASS_MAPPINGS["LoraDaemonTrainLoRA"]
-        _, _, name, job_id = node().train(
+        _, _, name, job_id, _ = node().train(
             checkpoint="tiny.safetensors", dataset_folder=str(image_dir), caption_source="metadata.csv",
             output_name="copied_pack", max_train_steps=2, epochs=1, lora_rank=4, lora_alpha=4.0, learning_rate=1e-3,
             batch_size=2, resolution=64, training_seed=0,

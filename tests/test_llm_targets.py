@@ -68,7 +68,8 @@ def test_the_llama_cpp_and_ollama_files_are_published_with_the_adapter(tiny_llam
     assert finished["outputs"] == {
         "lora": str(folder), "deployed": str(deployed), "merged": str(tmp_path / "out" / "facts" / "facts-merged"),
         "gguf_adapter": str(folder / "facts-lora.gguf"), "gguf_base": str(folder / "tiny-llama-f16.gguf"),
-        "modelfile": str(folder / "Modelfile"), "merged_gguf": str(merged_gguf), "textgen": str(copy)}
+        "modelfile": str(folder / "Modelfile"), "merged_gguf": str(merged_gguf), "textgen": str(copy),
+        "report": str(tmp_path / "out" / "facts" / "report.html")}
     log = "\n".join(rec.lines)
     assert f"llama.cpp: llama-cli -m {folder / 'tiny-llama-f16.gguf'} --lora {folder / 'facts-lora.gguf'}" in log
     assert f"vLLM: vllm serve {tiny_llama} --enable-lora --lora-modules facts={folder}" in log

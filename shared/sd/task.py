@@ -161,6 +161,7 @@ class SDTask(Task):
         if cfg.cache_text_encoder_outputs:
             prompts = [*(cfg.sample_prompts or []), ""]  # "": the negative prompt of every render
             prompts += [held_out.fixed_caption(i) for i in range(len(held_out.items))] if held_out else []
+            prompts += self.eval_prompts() if cfg.evaluation else []  # the evaluation's pictures (shared/evaluation)
             self.text_cache = build_text_cache(self.model, self.data, self.device, self.reporter, prompts)
         return {"latents": self.latent_cache is not None, "text": self.text_cache is not None}
 

@@ -72,7 +72,7 @@ def scan_folder(folder: Path) -> dict:
         if path.name.endswith((".tmp", ".part", ".partial")):
             seen["visible_temporaries"].append(str(path))
         for sidecar in (".json", ".preview.png"):  # a LoRA's notes or preview without the LoRA itself
-            if path.name.endswith(sidecar) and path.parent.name != "checkpoints" and not path.parent.name.startswith(
+            if path.name.endswith(sidecar) and path.name != "report.json" and path.parent.name != "checkpoints" and not path.parent.name.startswith(
                     "state-step"):
                 stem = path.name[: -len(sidecar)]
                 if not (path.parent / f"{stem}.safetensors").exists() and not (path.parent / stem).is_dir():
