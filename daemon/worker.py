@@ -210,6 +210,7 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             "stopped_early": result.stopped_early,
             "final_loss": result.losses[-1] if result.losses else None,
             "checkpoints": [str(p) for p in result.checkpoints],
+            "memory": result.memory,  # the planner's estimate beside the measured peak
         }
         # on disk first: if the daemon dies before it hears this, its next start finishes the job
         # from this file instead of training (and deploying) a second copy

@@ -92,7 +92,7 @@ def child_main(run_dir: Path) -> int:
         data = {"output_path": str(result.output_path),
                 "deployed_path": str(result.deployed_path) if result.deployed_path else None,
                 "steps": result.steps, "losses": result.losses, "stopped_early": result.stopped_early,
-                "checkpoints": [str(p) for p in result.checkpoints]}
+                "checkpoints": [str(p) for p in result.checkpoints], "memory": result.memory}
         atomic_write(run_dir / "result.json", lambda p: Path(p).write_text(json.dumps(data), encoding="utf-8"))
     return 0
 

@@ -63,6 +63,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     stopped_early: bool = False
+    memory: dict = field(default_factory=dict)  # the planner's estimate beside the measured peak
 
 
 class Throughput:

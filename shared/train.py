@@ -29,6 +29,7 @@ from shared.config import TrainConfig, detect_task
 from shared.errors import ConfigError
 from shared.files import atomic_write, publish_new, publish_new_folder, replace_folder
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
+from shared.training import memory
 from shared.training import state as states
 from shared.training.events import send
 from shared.training.launch import launch_training, wants_launch
@@ -71,6 +72,11 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
     accelerator, precision = setup_precision(cfg)
     reporter.log(f"Using device: {accelerator.device}")
     check_optimizer(cfg, accelerator.device)
+    # the fastest settings that fit memory_budget; a job that cannot fit is refused here, before it loads
+    cfg, plan = memory.plan_memory(cfg, task, precision, resume_from, lambda p: from_main(accelerator, p))
+    task.cfg = cfg
+    reporter.log(plan.log_line())
+    send(reporter, "memory_plan", **plan.event())
     set_seed(cfg.seed)
     task.load(precision)  # what the user must fix is refused here, before anything is written
     main, processes, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
@@ -218,7 +224,10 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResul
         reporter.log(f"Deployed to {result.deployed_path}{task.usage(result.deployed_path)}")
     outputs = {"lora": result.output_path, "deployed": result.deployed_path or "", **finish.outputs,
                **task.exports(result.output_path, output_dir)}
-    send(reporter, "finished", outputs={k: str(v) for k, v in outputs.items()}, steps=progress.step)
+    result.memory = memory.compare(plan)  # the estimate beside the measured peak
+    reporter.log(memory.comparison_line(result.memory))
+    send(reporter, "finished", outputs={k: str(v) for k, v in outputs.items()}, steps=progress.step,
+         memory=result.memory)
     accelerator.wait_for_everyone()
     return result
 

@@ -45,6 +45,13 @@ class LLMTask(Task):
     adapter_suffix = ""  # a folder
 
     # --- set-up ----------------------------------------------------------------------------------
+    def memory_model(self, precision: Precision):
+        from shared.llm.memory import llm_memory_model
+
+        check_causal_lm(Path(self.cfg.base_model), read_model_config(Path(self.cfg.base_model)),
+                        self.cfg.trust_remote_code)  # before any code of the folder's runs
+        return llm_memory_model(self.cfg, precision)
+
     def load(self, precision: Precision) -> None:
         cfg, reporter = self.cfg, self.reporter
         base = Path(cfg.base_model)

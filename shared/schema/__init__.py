@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import data, images, label, launch, llm, lora, model, output, samples, training
+from . import data, images, label, launch, llm, lora, memory, model, output, samples, training
 from .setting import (
     BASIC,
     COMMON,
@@ -45,7 +45,7 @@ __all__ = ["BASIC", "COMMON", "FAMILY_RULES", "LABEL", "LABEL_ONLY", "LLM", "LLM
            "TASK_NAMES", "TRAIN", "Form", "Rule", "Setting", "SettingError", "canonical", "coerce", "coerce_config",
            "for_task", "form_settings", "unset_number"]
 
-_TRAIN_SECTIONS = (model, data, lora, training, images, samples, output, llm, launch)
+_TRAIN_SECTIONS = (model, data, lora, training, memory, images, samples, output, llm, launch)
 
 
 def _table(modules) -> dict[str, Setting]:

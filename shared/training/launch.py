@@ -160,5 +160,5 @@ def _outcome(code: int, run_dir: Path, cfg: TrainConfig) -> TrainResult:
         output_path=Path(data["output_path"]),
         deployed_path=Path(data["deployed_path"]) if data["deployed_path"] else None,
         steps=data["steps"], losses=data["losses"], checkpoints=[Path(p) for p in data["checkpoints"]],
-        stopped_early=data["stopped_early"],
+        stopped_early=data["stopped_early"], memory=data.get("memory") or {},
     )
