@@ -11,6 +11,7 @@ family its header names): no weight is read. The parts:
   VAE encoding an image when latents are not cached) and a sample's (the UNet at batch 2 for
   classifier-free guidance, the VAE decoding an image) when the job renders samples or a preview;
 - `caches`: latents and text-encoder outputs kept in RAM (CPU only; they are never on the card);
+- `tokenizers`: the CLIP tokenizers (their BPE vocabulary is read once before the baseline is measured);
 - `loading`: what reading a single file costs above the training peak (the file is read whole and,
   when its number type differs from the storage type, converted beside it).
 
@@ -45,6 +46,9 @@ CHECKPOINTED = 1.0  # a checkpointed block keeps its input
 INFERENCE = 6.0  # a sample's UNet working set, elements per latent pixel per channel of the top level
 VAE_ENCODE = 4.0  # the VAE encoder's working set, elements per pixel per top-level channel
 VAE_DECODE = 6.0  # the VAE decoder's
+TOKENIZER = 17 * 2**20  # a CLIP tokenizer's vocabulary and merge ranks as Python objects, measured
+# what loading imports (the tokenizer's vocabulary ships in open_clip; a single file is converted by diffusers)
+IMPORTS = ("peft", "diffusers.pipelines", "diffusers.loaders.single_file_utils", "shared.sd.tokenizer", "open_clip")
 STEP_TIME = {"cache_latents": 0.8, "cache_text_encoder_outputs": 0.95}  # what a cache saves of a step
 
 
@@ -186,7 +190,7 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
             flips = 2 if cfg.random_flip else 1
             caches += (images * flips * 8 * latent_pixels * 4) if latents_cached else 0
             caches += (captions * tokens * hidden * 4) if text_cached else 0
-        parts = {"weights": weights, "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
+        parts = {"weights": weights, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
                  "activations": work, "caches": caches}
         parts["loading"] = max(0.0, loading - sum(parts.values()))
         return parts
@@ -197,7 +201,15 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
              "activations": "resolution or batch_size, or set gradient_checkpointing: true",
              "trainable": "lora_rank (or conv_rank)", "caches": "the number of images, or cache_latents: disk",
              "loading": "the checkpoint's size: use a diffusers folder or a file in the storage type"}
-    return MemoryModel(levers=levers, estimate=estimate, hints=hints, imports=("peft", "diffusers.pipelines"))
+    return MemoryModel(levers=levers, estimate=estimate, hints=hints, imports=IMPORTS,
+                       warm=_read_vocabulary)
+
+
+def _read_vocabulary() -> None:
+    """The BPE vocabulary every CLIP tokenizer is built from, read once and kept for the run."""
+    from shared.sd.tokenizer import clip_vocab_and_merges
+
+    clip_vocab_and_merges()
 
 
 def _cache_levers(cfg) -> list[Lever]:

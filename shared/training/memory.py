@@ -13,7 +13,9 @@ A task describes its part (`Task.memory_model`, shared/training/task.py) as data
 - `estimate(settings)`: the bytes of each part of its peak (base weights, LoRA and optimizer state,
   activations, caches, ...) for the config with those settings;
 - `hints`: per part, what to lower when that part does not fit;
-- `imports`: the libraries the job will import, imported before the baseline is measured.
+- `imports`: the libraries the job will import, imported before the baseline is measured;
+- `warm`: what the job builds once and keeps whatever the plan (a tokenizer's vocabulary), built
+  before the baseline is measured so the baseline counts it.
 
 The process baseline (interpreter, torch, those libraries, the runtime's own buffers) is measured
 here at start-up, not guessed: the resident memory after importing them and running one small
@@ -83,6 +85,7 @@ class MemoryModel:
     estimate: Callable[[Mapping[str, Any]], dict[str, float]]
     hints: dict[str, str] = field(default_factory=dict)
     imports: tuple[str, ...] = ()
+    warm: Callable[[], None] | None = None
 
 
 @dataclass
@@ -310,6 +313,8 @@ def plan_memory(cfg, task, precision, resume_from: Path | None = None, agree: Ca
     model = task.memory_model(precision)
     estimated = model is not None
     model = model or MemoryModel(levers=[], estimate=lambda settings: {})
+    if model.warm is not None:
+        model.warm()
     baseline = measure_baseline(device, model.imports)
     values = {k: getattr(cfg, k) for lever in model.levers for k in lever.keys}
     plan = plan_job(model, values, device=device, budget=parse_budget(cfg.memory_budget), baseline=baseline,
