@@ -6,11 +6,12 @@ read) and PEFT's target modules give the LoRA's size. The parts:
 - `weights`: the frozen model in its storage type (4-bit NF4 with `load_in_4bit`: half a byte a weight
   for the linear layers);
 - `trainable`: the LoRA weights, their gradients and AdamW's state (fp32);
-- `activations`: what a step's backward keeps for a batch of `batch_size` rows of `max_seq_len` tokens
-  (the most a batch can hold: an estimate for the longest batch), per token and layer in elements of
-  the hidden and the MLP width, plus the attention weights where the kernel keeps them (a padded batch
-  passes a mask, and the CPU's fused kernel then falls back to the one that does), plus the logits and
-  their loss in fp32.
+- `activations`: what a step's backward keeps for the widest batch the data can make (the
+  `batch_size` longest rows, padded to the longest; `max_seq_len` tokens each where the data is not
+  known), per token and layer in elements of the hidden and the MLP width, plus the attention weights
+  where the kernel keeps them (where rows differ in length a batch is padded and passes a mask, and
+  the CPU's fused kernel then falls back to one that keeps them), plus the logits and their loss in
+  fp32.
 
 The per-token figures are fitted to peaks measured on this CPU (the 53 M LLaMA benchmark layout and the
 tiny fixture, with and without gradient checkpointing and LoRA dropout; docs/memory.md); on CUDA they
@@ -37,8 +38,9 @@ LOGITS = 3.0  # vocabulary-wide fp32 copies per token: the upcast logits, log-so
 CHECKPOINTED = 1.0  # a checkpointed layer keeps its input (hidden width per token)
 
 
-def llm_memory_model(cfg, precision) -> MemoryModel:
-    """The levers and the estimate of an LLM job (see the module docstring)."""
+def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> MemoryModel:
+    """The levers and the estimate of an LLM job (see the module docstring). `lengths`: the training
+    rows' token counts, longest first (None: every row as long as `max_seq_len`)."""
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -73,11 +75,16 @@ def llm_memory_model(cfg, precision) -> MemoryModel:
     vocab = text.vocab_size
     lora_per_layer = lora_inputs / max(layers, 1)
     dropout = cfg.lora_dropout > 0
+    longest = [min(n, cfg.max_seq_len) for n in lengths] if lengths else [cfg.max_seq_len] * cfg.batch_size
+    # a batch whose rows all have the same length passes no mask and SDPA's fused kernel keeps no
+    # attention weights; a padded one passes a mask, and the kernel that takes it keeps them
+    padded = 0 if cfg.packing or len(set(longest)) == 1 else 1
 
     def estimate(s) -> dict[str, float]:
-        tokens = s["batch_size"] * cfg.max_seq_len
+        rows = longest[: s["batch_size"]]  # the widest batch: the longest rows, padded to the first
+        tokens, width = len(rows) * rows[0], rows[0]
         per_token = HIDDEN * hidden + MLP * mlp + (DROPOUT * lora_per_layer * (1 + 1 / compute) if dropout else 0)
-        attention = ATTENTION_WEIGHTS * heads * cfg.max_seq_len * (0 if cfg.packing else 1)
+        attention = ATTENTION_WEIGHTS * heads * width * padded
         layer = tokens * (per_token + attention) * compute
         if s["gradient_checkpointing"]:
             kept = tokens * CHECKPOINTED * hidden * compute * layers + layer

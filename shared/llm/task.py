@@ -50,7 +50,21 @@ class LLMTask(Task):
 
         check_causal_lm(Path(self.cfg.base_model), read_model_config(Path(self.cfg.base_model)),
                         self.cfg.trust_remote_code)  # before any code of the folder's runs
-        return llm_memory_model(self.cfg, precision)
+        self._tokenize()  # the longest batch is what the estimate needs; load reuses the data
+        lengths = sorted((len(s.input_ids) for s in self.data.train), reverse=True)
+        return llm_memory_model(self.cfg, precision, lengths)
+
+    def _tokenize(self) -> None:
+        """The tokenizer and the tokenized (packed) data, once: no lever changes them."""
+        if getattr(self, "data", None) is not None:
+            return
+        cfg, base = self.cfg, Path(self.cfg.base_model)
+        self.tokenizer = tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+        self.data = build_data(
+            cfg.train_data_dir, tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
+            chat_template=cfg.chat_template, packing=cfg.packing, val_split=cfg.val_split, seed=cfg.seed,
+            model_name=str(base),
+        )
 
     def load(self, precision: Precision) -> None:
         cfg, reporter = self.cfg, self.reporter
@@ -60,12 +74,8 @@ class LLMTask(Task):
         model_json = read_model_config(base)
         check_causal_lm(base, model_json, cfg.trust_remote_code)
         quantization_config(cfg.load_in_4bit)
-        self.tokenizer = tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-        self.data = data = build_data(
-            cfg.train_data_dir, tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
-            chat_template=cfg.chat_template, packing=cfg.packing, val_split=cfg.val_split, seed=cfg.seed,
-            model_name=str(base),
-        )
+        self._tokenize()
+        tokenizer, data = self.tokenizer, self.data
         for line in data.report:
             reporter.log(line)
         model = load_causal_lm(base, trust_remote_code=cfg.trust_remote_code, dtype=precision.weight_dtype,
