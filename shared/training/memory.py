@@ -318,7 +318,7 @@ def plan_memory(cfg, task, precision, resume_from: Path | None = None, agree: Ca
     baseline = measure_baseline(device, model.imports)
     values = {k: getattr(cfg, k) for lever in model.levers for k in lever.keys}
     plan = plan_job(model, values, device=device, budget=parse_budget(cfg.memory_budget), baseline=baseline,
-                    pinned=resumed_settings(resume_from, model))
+                    pinned=resumed_settings(resume_from, model, values))
     plan.estimated = estimated
     if agree is not None:
         plan = agree(plan)
@@ -412,9 +412,11 @@ def refusal(budget: float, budget_text: str, cheapest: Plan, hints: Mapping[str,
             f"({shown}), more than the budget of {budget_text}; lower {hint}, or raise memory_budget")
 
 
-def resumed_settings(resume_from: Path | None, model: MemoryModel) -> dict[str, Any]:
+def resumed_settings(resume_from: Path | None, model: MemoryModel, values: Mapping[str, Any] | None = None
+                     ) -> dict[str, Any]:
     """The settings a resumed state fixes: the values of the levers a state cannot change, as its
-    fingerprint recorded them (the micro-batch and accumulation a planner may have chosen then)."""
+    fingerprint recorded them (the micro-batch and accumulation a planner may have chosen then); one
+    the fingerprint does not record (the optimizer) keeps the config's value from `values`."""
     if resume_from is None:
         return {}
     import json
@@ -424,7 +426,8 @@ def resumed_settings(resume_from: Path | None, model: MemoryModel) -> dict[str, 
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     keys = {k for lever in model.levers if not lever.resumable for k in lever.keys}
-    return {k: fingerprint[k] for k in keys if k in fingerprint}
+    values = values or {}
+    return {k: fingerprint[k] if k in fingerprint else values[k] for k in keys if k in fingerprint or k in values}
 
 
 # --- levers every task can offer ---------------------------------------------------------------------
