@@ -8,8 +8,8 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.training.memory import (
-    GiB,
     Choice,
+    GiB,
     Lever,
     MemoryModel,
     cheaper,
@@ -97,3 +97,13 @@ def test_budget_values():
     assert parse_budget("11.5") == 11.5 * GiB and parse_budget(8) == 8 * GiB
     with pytest.raises(ConfigError, match="memory_budget"):
         parse_budget("plenty")
+
+
+def test_the_benchmarks_estimate_column():
+    from benchmarks.memory_estimate import memory_column, memory_fields
+
+    fields = memory_fields({"device": "cpu", "estimate_gb": 1.5, "peak_gb": 1.25, "estimate_vs_peak": 0.2})
+    assert fields["estimate_mb"] == 1536 and fields["estimate_peak_mb"] == 1280
+    assert memory_column(fields) == "1536 MiB (+20% !)"  # past the 15% target: marked
+    assert memory_column({**fields, "estimate_vs_peak": -0.05}) == "1536 MiB (-5%)"
+    assert memory_fields({}) == {} and memory_column({}) == "-"  # a reference loop has no planner

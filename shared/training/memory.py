@@ -346,7 +346,7 @@ def enumerate_plans(model: MemoryModel, values: Mapping[str, Any], baseline: flo
     for combo in itertools.islice(itertools.product(*(choices for _, choices in levers)), limit):
         settings = {k: values.get(k) for lever, _ in levers for k in lever.keys}
         time, labels = 1.0, []
-        for (lever, choices), choice in zip(levers, combo):
+        for (lever, _choices), choice in zip(levers, combo):
             settings.update(choice.settings)
             time *= choice.time
             if choice is not lever.choices[0] and choice.label:
