@@ -106,7 +106,7 @@ def test_sd_and_llm_jobs_stream_the_same_events(sd_config, tiny_llama, chat_data
         streams[task] = rec.events
     kinds = {task: [k for k, _ in events] for task, events in streams.items()}
     assert kinds["sd"] == kinds["llm"]
-    assert kinds["sd"] == ["buckets", "cached", "started", "progress", "progress", "checkpoint", "sample",
+    assert kinds["sd"] == ["memory_plan", "buckets", "cached", "started", "progress", "progress", "checkpoint", "sample",
                            "progress", "progress", "sample", "finished"]
     fields = {task: {k: sorted(d) for k, d in events} for task, events in streams.items()}
     assert fields["sd"] == fields["llm"] == {k: sorted(v) for k, v in EVENTS.items()}
