@@ -89,3 +89,27 @@ def test_llm_estimate_is_within_15_percent_of_the_peak_rss(tmp_path, tiny_llama)
                           memory_budget="off")
     plan, memory = run_job(config)
     check(plan, memory)
+
+
+def test_a_job_that_cannot_fit_its_budget_is_refused_before_it_loads(sd_config, tmp_path):
+    from shared.errors import ConfigError
+    from shared.preflight import load_config
+    from shared.reporting import Reporter
+    from shared.train import run_training
+
+    events = []
+
+    class Events(Reporter):
+        def log(self, message):
+            pass
+
+        def event(self, kind, **data):
+            events.append(kind)
+
+    cfg = load_config(sd_config(memory_budget="0.1", output_dir=tmp_path / "out" / "refused"))
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg, Events())
+    message = str(err.value)
+    assert message.startswith("memory_budget: the cheapest plan") and "\n" not in message
+    assert "0.1 GB (memory_budget)" in message and "baseline" in message  # the budget; the parts
+    assert events == [] and not (tmp_path / "out").exists()  # nothing loaded, nothing written
