@@ -5,6 +5,8 @@ read) and PEFT's target modules give the LoRA's size. The parts:
 
 - `weights`: the frozen model in its storage type (4-bit NF4 with `load_in_4bit`: half a byte a weight
   for the linear layers);
+- `autocast`: the compute-type copies autocast makes of the linear weights each step where they are
+  stored wider (fp32 on the CPU under bf16);
 - `trainable`: the LoRA weights, their gradients and AdamW's state (fp32);
 - `activations`: what a step's backward keeps for the widest batch the data can make (the
   `batch_size` longest rows, padded to the longest; `max_seq_len` tokens each where the data is not
@@ -67,6 +69,9 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
     weight_bytes = dtype_bytes(precision.weight_dtype)
     weights = (linear * 0.5 + (n_params - linear) * 2) if cfg.load_in_4bit else n_params * weight_bytes
     compute = 2 if precision.mixed_precision in ("bf16", "fp16") or cfg.load_in_4bit else 4
+    # autocast's compute-type copies of the linear weights, made in the forward and kept for the
+    # backward, where the weights are stored wider (fp32 on the CPU under bf16)
+    autocast = float(linear * compute) if not cfg.load_in_4bit and compute < weight_bytes else 0.0
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     mlp = getattr(text, "intermediate_size", None) or 4 * hidden
@@ -91,7 +96,7 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
         else:
             kept = layer * layers
         logits = tokens * vocab * 4 * LOGITS
-        return {"weights": float(weights), "trainable": trainable_bytes(lora), "activations": kept + logits}
+        return {"weights": float(weights), "autocast": autocast, "trainable": trainable_bytes(lora), "activations": kept + logits}
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device)]
     hints = {"weights": "the model's size: load_in_4bit (CUDA) or mixed_precision bf16",

@@ -6,6 +6,8 @@ family its header names): no weight is read. The parts:
 
 - `weights`: the frozen UNet, VAE and text encoders in their storage type (on CUDA, the text encoders
   leave the card while a text cache is in use and come back for samples);
+- `autocast`: the compute-type copies autocast makes of the UNet's weights each step where they are
+  stored wider (fp32 on the CPU under bf16);
 - `trainable`: the LoRA weights, their gradients and the optimizer's state (fp32);
 - `activations`: the larger of a training step's working set (what the UNet's backward keeps, or the
   VAE encoding an image when latents are not cached) and a sample's (the UNet at batch 2 for
@@ -91,6 +93,18 @@ def unet_activations(config: dict, latent_pixels: int, batch: int, nbytes: int, 
     return total + largest
 
 
+def autocast_copies(module, weight_bytes: int, compute_bytes: int) -> float:
+    """Bytes of the compute-type copies autocast makes of a module's matmul and convolution weights
+    when they are stored in a wider type (fp32 on the CPU under bf16): made in the forward, kept for
+    the backward, so the step holds both."""
+    import torch
+
+    if compute_bytes >= weight_bytes:
+        return 0.0
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    return float(sum(m.weight.numel() for m in module.modules() if isinstance(m, kinds)) * compute_bytes)
+
+
 def params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -169,6 +183,7 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
     pixels = cfg.resolution**2
     latent_pixels = pixels // 64
     samples = bool(cfg.sample_prompts) or cfg.preview
+    autocast = autocast_copies(unet, weight, compute)
     loading = _loading_bytes(cfg, sum(params(m) for m in (unet, vae, *encoders)), sum(sizes.values()))
 
     def estimate(s) -> dict[str, float]:
@@ -190,7 +205,7 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
             flips = 2 if cfg.random_flip else 1
             caches += (images * flips * 8 * latent_pixels * 4) if latents_cached else 0
             caches += (captions * tokens * hidden * 4) if text_cached else 0
-        parts = {"weights": weights, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
+        parts = {"weights": weights, "autocast": autocast, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
                  "activations": work, "caches": caches}
         parts["loading"] = max(0.0, loading - sum(parts.values()))
         return parts
