@@ -13,7 +13,7 @@ read) and PEFT's target modules give the LoRA's size. The parts:
   known), per token and layer in elements of the hidden and the MLP width, plus the attention weights
   where the kernel keeps them (where rows differ in length a batch is padded and passes a mask, and
   the CPU's fused kernel then falls back to one that keeps them), plus the logits and their loss in
-  fp32.
+  fp32 (one chunk's, where the loss is chunked).
 
 The per-token figures are fitted to peaks measured on this CPU (the 53 M LLaMA benchmark layout and the
 tiny fixture, with and without gradient checkpointing and LoRA dropout; docs/memory.md); on CUDA they
@@ -80,6 +80,11 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
     vocab = text.vocab_size
     lora_per_layer = lora_inputs / max(layers, 1)
     dropout = cfg.lora_dropout > 0
+    # a loss computed chunk by chunk (shared/llm/loss.py's CHUNK_ELEMENTS, where it has one) holds one
+    # chunk's logits at a time
+    from shared.llm import loss
+
+    chunk = getattr(loss, "CHUNK_ELEMENTS", None) or float("inf")
     longest = [min(n, cfg.max_seq_len) for n in lengths] if lengths else [cfg.max_seq_len] * cfg.batch_size
     # a batch whose rows all have the same length passes no mask and SDPA's fused kernel keeps no
     # attention weights; a padded one passes a mask, and the kernel that takes it keeps them
@@ -95,7 +100,7 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
             kept = tokens * CHECKPOINTED * hidden * compute * layers + layer
         else:
             kept = layer * layers
-        logits = tokens * vocab * 4 * LOGITS
+        logits = min(tokens * vocab, chunk) * 4 * LOGITS
         return {"weights": float(weights), "autocast": autocast, "trainable": trainable_bytes(lora), "activations": kept + logits}
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device)]
