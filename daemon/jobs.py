@@ -406,8 +406,42 @@ class JobManager:
         else:
             failure = worker.error or {"error": f"the worker process {ended(code)} without a result; "
                                                 "see the job log", "cause": "crash"}
+            if failure["cause"] == "out_of_memory" and self._retry_leaner(job_id, failure):
+                return
             self.emit(job_id, "failed", failure, state="failed", error=failure["error"],
                       error_cause=failure["cause"], pid=None, finished_at=now)
+
+    def _retry_leaner(self, job_id: str, failure: dict) -> bool:
+        """Queue a job that ran out of memory once more, with the next cheaper plan its trainer named in
+        its `memory_plan` event; when it saved a training state, with a plan that state can continue (the
+        re-run resumes from it). False where there is nothing to retry with: a second out-of-memory,
+        `memory_budget: off`, no plan, no cheaper one."""
+        job = self.store.get(job_id)
+        spec = dict(job["spec"])
+        config = dict(spec.get("config") or {})
+        if spec.get("memory_retry") or str(config.get("memory_budget", "auto")).lower() == "off":
+            return False
+        events = self.store.events(job_id)
+        plans = [e["data"] for e in events if e["kind"] == "memory_plan"]
+        if not plans:
+            return False
+        plan = plans[-1]
+        saved = any(e["kind"] == "checkpoint" and e["data"].get("state") for e in events)
+        target = plan.get("next_keeping_batch") if saved else plan.get("next")
+        if not target:
+            return False
+        spec["config"] = {**config, **target["settings"]}
+        spec["memory_retry"] = {"error": failure["error"], "settings": target["settings"]}
+        self.store.update(job_id, spec=spec)
+        job_dir = Path(job["job_dir"])
+        if job_dir.is_dir():  # the job's readable copy follows what now runs
+            (job_dir / "config.yaml").write_text(yaml.safe_dump(spec["config"], sort_keys=False), encoding="utf-8")
+        self.emit(job_id, "memory_retry", {
+            "reason": failure["error"], "attempt": job["attempts"], "resume": saved,
+            "from": {"settings": plan["settings"], "estimate_gb": plan["estimate_gb"]},
+            "to": {"settings": target["settings"], "estimate_gb": target["estimate_gb"], "changes": target["changes"]},
+        }, state="queued", pid=None)
+        return True
 
 
 def ended(code: int) -> str:

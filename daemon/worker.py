@@ -190,11 +190,7 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             "stopped_early": result.stopped_early,
             "final_loss": result.losses[-1] if result.losses else None,
             "checkpoints": [str(p) for p in result.checkpoints],
-            # the evaluation (shared/evaluation): warnings, the checkpoint to prefer, the report
-            "verdicts": result.verdicts,
-            "best_checkpoint": result.best_checkpoint,
-            "report": str(result.report) if result.report else None,
-            "evaluation_s": round(result.evaluation_seconds, 3),
+            "memory": result.memory,  # the planner's estimate beside the measured peak
         }
         return report(job_dir, channel, outcome)
     except UserError as exc:

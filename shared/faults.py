@@ -12,9 +12,11 @@ is the job's output name),
 `step` (each step's progress report; PATTERN is the step number), `write` (shared/files.py, after a
 file's temporary copy is written and before it gets its name; PATTERN is an fnmatch pattern for
 "parent-folder/file-name" of the target). ACTION is `sleep:SECONDS`, `oom` (a CUDA-style
-out-of-memory RuntimeError), `enospc` (OSError "No space left on device") or `exit` (the process
-dies at once). When `LORA_DAEMON_FAULT_MARK` names a folder, each fault first writes a file
-`POINT.<pid>` there, so the test knows the moment has come and which process to watch.
+out-of-memory RuntimeError), `memoryerror` (Python's MemoryError, what a failed allocation in RAM
+raises), `enospc` (OSError "No space left on device") or `exit` (the process dies at once). When
+`LORA_DAEMON_FAULT_MARK` names a folder, each fault first writes a file `POINT.<pid>` there, so the
+test knows the moment has come and which process to watch; an ACTION ending in `+once` then acts only
+in the first process that reaches the point (a retried job runs on past it).
 
 Unset (always, outside tests) this costs one dictionary lookup per call.
 """
@@ -41,6 +43,10 @@ def hit(point: str, subject: object = "") -> None:
         if name != point or (pattern and not fnmatch.fnmatch(str(subject), pattern)):
             continue
         mark = os.environ.get(MARK_ENV)
+        action, once = action.removesuffix("+once"), action.endswith("+once")
+        if once and mark and any(p.name.startswith(f"{point}.") and p.name != f"{point}.{os.getpid()}"
+                                 for p in Path(mark).iterdir()):
+            continue  # another process acted here already
         if mark:
             Path(mark, f"{point}.{os.getpid()}").write_text(f"{subject}\n{action}\n", encoding="utf-8")
         _act(action, point, subject)
@@ -52,6 +58,8 @@ def _act(action: str, point: str, subject: object) -> None:
         time.sleep(float(arg or 60))
     elif kind == "oom":
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected fault)")
+    elif kind == "memoryerror":
+        raise MemoryError("injected fault")
     elif kind == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(subject))
     elif kind == "exit":

@@ -86,7 +86,7 @@ SERVER_MESSAGES: dict[str, list[str]] = {
 }
 
 EVENT_KINDS = ("queued", "started", "progress", "checkpoint", "sample", "finished", "failed", "cancelled",
-               "interrupted", "stopping", "buckets", "cached", "evaluation", "verdict")
+               "interrupted", "stopping", "buckets", "cached", "evaluation", "verdict", "memory_plan", "memory_retry")
 
 ERROR_CODES = {
     "bad_json": "the frame is not a JSON object (or is nested too deep, or holds invalid Unicode)",

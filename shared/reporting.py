@@ -66,6 +66,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     stopped_early: bool = False
     outputs: dict[str, str] = field(default_factory=dict)  # the `finished` event's outputs
+    memory: dict = field(default_factory=dict)  # the planner's estimate beside the measured peak
     # the evaluation's conclusions (shared/evaluation/judge.py)
     verdicts: list[dict] = field(default_factory=list)
     best_checkpoint: dict | None = None
@@ -83,7 +84,8 @@ class TrainResult:
                 "steps": self.steps, "losses": self.losses, "checkpoints": [str(p) for p in self.checkpoints],
                 "stopped_early": self.stopped_early, "outputs": self.outputs, "verdicts": self.verdicts,
                 "best_checkpoint": self.best_checkpoint, "report": str(self.report) if self.report else None,
-                "evaluation_seconds": self.evaluation_seconds, "job_seconds": self.job_seconds}
+                "evaluation_seconds": self.evaluation_seconds, "job_seconds": self.job_seconds,
+                "memory": self.memory}
 
     @classmethod
     def from_json(cls, data: dict) -> TrainResult:
@@ -93,7 +95,8 @@ class TrainResult:
                    outputs=dict(data.get("outputs") or {}), verdicts=list(data.get("verdicts") or []),
                    best_checkpoint=data.get("best_checkpoint"),
                    report=Path(data["report"]) if data.get("report") else None,
-                   evaluation_seconds=data.get("evaluation_seconds", 0.0), job_seconds=data.get("job_seconds", 0.0))
+                   evaluation_seconds=data.get("evaluation_seconds", 0.0), job_seconds=data.get("job_seconds", 0.0),
+                   memory=dict(data.get("memory") or {}))
 
 
 class Throughput:

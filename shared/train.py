@@ -34,6 +34,7 @@ from shared.errors import ConfigError
 from shared.evaluation.judge import Judge
 from shared.files import atomic_write, journaled, publish_new, publish_new_folder, replace_folder
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
+from shared.training import memory
 from shared.training import state as states
 from shared.training.commit import Journal
 from shared.training.ema import build_ema, exported_weights, final_weights
@@ -93,8 +94,13 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     done = from_main(accelerator, journal.finished() if journal else None)
     if done is not None:  # an earlier attempt of this job trained and published it all: nothing to redo
         reporter.log(f"Already trained and published by an earlier attempt of this job: {done.output_path}")
-        send(reporter, "finished", outputs=done.outputs, steps=done.steps)
+        send(reporter, "finished", outputs=done.outputs, steps=done.steps, memory=done.memory)
         return done
+    # the fastest settings that fit memory_budget; a job that cannot fit is refused here, before it loads
+    cfg, plan = memory.plan_memory(cfg, task, precision, resume_from, lambda p: from_main(accelerator, p))
+    task.cfg = cfg
+    reporter.log(plan.log_line())
+    send(reporter, "memory_plan", **plan.event())
     set_seed(cfg.seed)
     task.load(precision)  # what the user must fix is refused here, before anything is written
     global_batch = cfg.batch_size * processes  # every rank plans the same batches, each trains its slice
@@ -264,9 +270,11 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     outputs["report"] = judge.conclude(result, outputs, progress)
     reporter.log(f"Report: {outputs['report']}")
     result.outputs = {k: str(v) for k, v in outputs.items()}
+    result.memory = memory.compare(plan)  # the estimate beside the measured peak
+    reporter.log(memory.comparison_line(result.memory))
     if journal is not None:
         journal.complete(result)
-    send(reporter, "finished", outputs=result.outputs, steps=progress.step)
+    send(reporter, "finished", outputs=result.outputs, steps=progress.step, memory=result.memory)
     accelerator.wait_for_everyone()
     return result
 

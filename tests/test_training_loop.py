@@ -113,8 +113,8 @@ def test_sd_and_llm_jobs_stream_the_same_events(sd_config, tiny_llama, chat_data
     # the same kinds in the same order
     kinds = {task: [k for k, _ in events if k != "verdict"] for task, events in streams.items()}
     assert kinds["sd"] == kinds["llm"]
-    assert kinds["sd"] == ["buckets", "cached", "started", "progress", "progress", "checkpoint", "evaluation",
-                           "sample", "progress", "progress", "sample", "evaluation", "finished"]
+    assert kinds["sd"] == ["memory_plan", "buckets", "cached", "started", "progress", "progress", "checkpoint",
+                           "evaluation", "sample", "progress", "progress", "sample", "evaluation", "finished"]
     fields = {task: {k: sorted(d) for k, d in events} for task, events in streams.items()}
     assert fields["sd"].keys() - {"verdict"} == fields["llm"].keys() - {"verdict"} == EVENTS.keys() - {"verdict"}
     for task in streams:

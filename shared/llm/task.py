@@ -51,6 +51,31 @@ class LLMTask(Task):
     adapter_suffix = ""  # a folder
 
     # --- set-up ----------------------------------------------------------------------------------
+    def memory_model(self, precision: Precision):
+        from shared.llm.memory import llm_memory_model
+
+        check_causal_lm(Path(self.cfg.base_model), read_model_config(Path(self.cfg.base_model)),
+                        self.cfg.trust_remote_code)  # before any code of the folder's runs
+        self._tokenize()  # the longest batch is what the estimate needs; load reuses the data
+        if self.objective:  # a pair runs as two rows (chosen, rejected) of its prompt and longer answer
+            rows = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.data.train] * 2
+        else:
+            rows = [len(s.input_ids) for s in self.data.train]
+        lengths = sorted(rows, reverse=True)
+        return llm_memory_model(self.cfg, precision, lengths)
+
+    def _tokenize(self) -> None:
+        """The tokenizer and the tokenized (packed) data, once: no lever changes them."""
+        if getattr(self, "data", None) is not None:
+            return
+        cfg, base = self.cfg, Path(self.cfg.base_model)
+        self.tokenizer = tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+        self.objective = preference_objective(cfg, tokenizer, self.reporter)  # None: SFT (shared/llm/objective.py)
+        self.data = self.objective.data if self.objective else build_data(
+            cfg.train_data_dir, tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
+            chat_template=cfg.chat_template, val_split=cfg.val_split, seed=cfg.seed, model_name=str(base),
+        )
+
     def load(self, precision: Precision) -> None:
         cfg, reporter = self.cfg, self.reporter
         base = Path(cfg.base_model)
@@ -59,12 +84,8 @@ class LLMTask(Task):
         model_json = read_model_config(base)
         check_causal_lm(base, model_json, cfg.trust_remote_code)
         quantization_config(cfg.load_in_4bit)
-        self.tokenizer = tokenizer = load_tokenizer(base, cfg.trust_remote_code)
-        self.objective = preference_objective(cfg, tokenizer, reporter)  # None: SFT (shared/llm/objective.py)
-        self.data = data = self.objective.data if self.objective else build_data(
-            cfg.train_data_dir, tokenizer, max_seq_len=cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt,
-            chat_template=cfg.chat_template, val_split=cfg.val_split, seed=cfg.seed, model_name=str(base),
-        )
+        self._tokenize()
+        tokenizer, data = self.tokenizer, self.data
         self.targets = Targets(cfg, tokenizer, data.renderer.template if data.uses_template else None, reporter)
         model = load_causal_lm(base, trust_remote_code=cfg.trust_remote_code, dtype=precision.weight_dtype,
                                load_in_4bit=cfg.load_in_4bit,

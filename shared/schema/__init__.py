@@ -37,6 +37,7 @@ from . import (
     lora,
     lora_tools,
     masks,
+    memory,
     model,
     network,
     optimizer,
@@ -76,8 +77,8 @@ __all__ = ["BASIC", "COMMON", "FAMILY_RULES", "FLUX", "FLUX_ONLY", "IMAGES", "JO
 
 # `presets` last: its field is the last of the hosts' basic inputs, so a saved ComfyUI workflow's widget values
 # (stored by position) keep their places
-_TRAIN_SECTIONS = (model, data, regularisation, validation, lora, network, blocks, training, optimizer, ema, images,
-                   masks, samples, evaluation, output, llm, llm_deploy, preference, flux, launch, presets)
+_TRAIN_SECTIONS = (model, data, regularisation, validation, lora, network, blocks, training, optimizer, ema, memory,
+                   images, masks, samples, evaluation, output, llm, llm_deploy, preference, flux, launch, presets)
 
 
 def _table(modules) -> dict[str, Setting]:

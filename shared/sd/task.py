@@ -60,6 +60,15 @@ class SDTask(Task):
     adapter_suffix = ".safetensors"
 
     # --- set-up ----------------------------------------------------------------------------------
+    def memory_model(self, precision: Precision):
+        from shared.images.dataset import scan_dataset
+        from shared.sd.memory import sd_memory_model
+
+        cfg = self.cfg
+        items = scan_dataset(cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension).items
+        captions = len({item.caption for item in items}) + len(cfg.sample_prompts or []) + 1  # + "" (negative)
+        return sd_memory_model(cfg, precision, images=len(items), captions=captions)
+
     def load(self, precision: Precision) -> None:
         import torch
 

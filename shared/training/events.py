@@ -6,6 +6,7 @@ stores and forwards them (docs/protocol.md lists them with the daemon's own kind
 
 | kind | fields |
 | --- | --- |
+| `memory_plan` | `device` (`cpu`: peak RSS is planned; `cuda`: VRAM), `budget_gb` (null with `memory_budget: off`), `estimate_gb`, `parts` (GB by part, `baseline` included), `settings` (every lever's value in the chosen plan), `changes` (those that differ from the config), `next` and `next_keeping_batch` (the fastest plan needing less memory, and the same among plans a saved state can continue: `settings`, `estimate_gb`, `time`, `changes`; null when none) |
 | `buckets` | `histogram`: training items per size bucket (SD: `"WxH"` aspect-ratio buckets; LLM: token-length ranges `"33-64"`) |
 | `cached` | `latents`, `text`: which caches were built before the first step (false where the task has none) |
 | `started` | `total` steps, `step` (where a resumed run continues; 0 otherwise) |
@@ -14,12 +15,13 @@ stores and forwards them (docs/protocol.md lists them with the daemon's own kind
 | `sample` | `step`, `paths` (the files holding the samples), `texts` (generated text per prompt; empty for image tasks) |
 | `evaluation` | `step`, `scores` (name -> number: the task's `METRICS` and the evaluation's `SCORES`), `paths` (the evaluation grid and preview pictures; empty for text tasks), `final` (the evaluation at the end) |
 | `verdict` | `step` (the evaluation that found it), `verdict` (`no_effect`, `collapse`, `overfitting`, `never_stops`, `repeats`), `title` (in words), `message` (what was measured against which threshold, and what to change), `checkpoint` (the checkpoint it recommends instead; "" where none) |
-| `finished` | `outputs` (name -> path: `lora`, `deployed`, `report`, and the task's own such as `grid`, `merged`, or an LLM's `gguf_adapter`, `gguf_base`, `modelfile`, `merged_gguf`, `textgen`), `steps` |
+| `finished` | `outputs` (name -> path: `lora`, `deployed`, `report`, and the task's own such as `grid`, `merged`, or an LLM's `gguf_adapter`, `gguf_base`, `modelfile`, `merged_gguf`, `textgen`), `steps`, `memory` (`device`, `estimate_gb`, `budget_gb`, `peak_gb` as `measured` (`VmHWM` or `max_memory_reserved`), `estimate_vs_peak`, on CUDA `peak_allocated_gb`) |
 """
 
 from __future__ import annotations
 
 EVENTS: dict[str, tuple[str, ...]] = {
+    "memory_plan": ("device", "budget_gb", "estimate_gb", "parts", "settings", "changes", "next", "next_keeping_batch"),
     "buckets": ("histogram",),
     "cached": ("latents", "text"),
     "started": ("total", "step"),
@@ -28,7 +30,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "sample": ("step", "paths", "texts"),
     "evaluation": ("step", "scores", "paths", "final"),
     "verdict": ("step", "verdict", "title", "message", "checkpoint"),
-    "finished": ("outputs", "steps"),
+    "finished": ("outputs", "steps", "memory"),
 }
 
 # Numbers an evaluation may add to a `checkpoint` event (and to TensorBoard as eval/<name>).

@@ -12,7 +12,7 @@ sample cadence, resumable states, publishing. A task owns what differs between m
   the ranks' data-parallel wrappers hold, and the named tensors a state saves;
 - `write_adapter(path, name, progress, final)` and `adapter_suffix`: the adapter in the format the
   hosts load (a file, or a folder when the suffix is empty);
-- optional: `histogram`, `build_caches`, `fingerprint`, `evaluate`, `sample`, `step_scalars`,
+- optional: `memory_model` (its part of the memory plan, shared/training/memory.py), `histogram`, `build_caches`, `fingerprint`, `evaluate`, `sample`, `step_scalars`,
   `finish`, `exports`, `usage`;
 - optional, for the evaluation of the finished LoRA (shared/evaluation): `eval_prompts`, and `render`
   (image tasks: pictures at fixed seeds with the adapter at a weight, 0 being the base) or `answer`
@@ -113,6 +113,14 @@ class Task:
         self.reporter = reporter
 
     # --- set-up --------------------------------------------------------------------------------
+    def memory_model(self, precision: Precision):
+        """This task's part of the memory plan (a `shared.training.memory.MemoryModel`: the levers it
+        offers, the estimate of its peak by part, what to lower), read from the model's header and
+        config files without loading weights. Called before `load`; it may keep what `load` reuses
+        (e.g. the tokenized data), but nothing that depends on a lever's setting. None: no estimate,
+        the job runs as configured."""
+        return None
+
     def load(self, precision: Precision) -> None:
         """Load the model, build the data, inject the adapters. Refuse bad input here (nothing has
         been written yet)."""

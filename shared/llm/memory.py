@@ -1,0 +1,110 @@
+"""The LLM task's part of the memory plan (shared/training/memory.py): its levers and its peak by part.
+
+Sizes come from the model folder's config.json: the model is built on the meta device (no weight is
+read) and PEFT's target modules give the LoRA's size. The parts:
+
+- `weights`: the frozen model in its storage type (4-bit NF4 with `load_in_4bit`: half a byte a weight
+  for the linear layers);
+- `autocast`: the compute-type copies autocast makes of the linear weights each step where they are
+  stored wider (fp32 on the CPU under bf16);
+- `trainable`: the LoRA weights, their gradients and AdamW's state (fp32);
+- `activations`: what a step's backward keeps for the widest batch the data can make (the
+  `batch_size` longest rows, padded to the longest; `max_seq_len` tokens each where the data is not
+  known), per token and layer in elements of the hidden and the MLP width, plus the attention weights
+  where the kernel keeps them (where rows differ in length a batch is padded and passes a mask, and
+  the CPU's fused kernel then falls back to one that keeps them), plus the logits and their loss in
+  fp32 (one chunk's, where the loss is chunked).
+
+The per-token figures are fitted to peaks measured on this CPU (the 53 M LLaMA benchmark layout and the
+tiny fixture, with and without gradient checkpointing and LoRA dropout; docs/memory.md); on CUDA they
+are estimates until benchmarks/gpu measures them.
+"""
+
+from __future__ import annotations
+
+from shared.training.memory import (
+    MemoryModel,
+    checkpointing_lever,
+    device_kind,
+    dtype_bytes,
+    micro_batch_lever,
+    trainable_bytes,
+)
+
+# Saved elements per token per decoder layer, fitted (see the module docstring)
+HIDDEN = 10.0  # ... of the hidden width (norms, q/k/v after RoPE, attention output, residuals)
+MLP = 3.0  # ... of the MLP width (gate, up, their product)
+DROPOUT = 1.0  # each LoRA module's dropout copy of its input (and its one-byte mask)
+ATTENTION_WEIGHTS = 2.0  # heads x tokens per token and layer, when the attention kernel keeps them
+LOGITS = 3.0  # vocabulary-wide fp32 copies per token: the upcast logits, log-softmax, their gradient
+CHECKPOINTED = 1.0  # a checkpointed layer keeps its input (hidden width per token)
+
+
+def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> MemoryModel:
+    """The levers and the estimate of an LLM job (see the module docstring). `lengths`: the training
+    rows' token counts, longest first (None: every row as long as `max_seq_len`)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shared.llm.lora import resolve_targets
+
+    device = device_kind(precision.device)
+    config = AutoConfig.from_pretrained(str(cfg.base_model), local_files_only=True,
+                                        trust_remote_code=cfg.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    modules = dict(model.named_modules())
+    targets = resolve_targets(model, cfg.target_modules)
+    lora, lora_inputs = 0, 0
+    for name in targets:
+        weight = modules[name].weight
+        out_features, in_features = weight.shape[0], weight.shape[1]
+        if type(modules[name]).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+            in_features, out_features = out_features, in_features
+        lora += cfg.lora_rank * (in_features + out_features) + (out_features if cfg.use_dora else 0)
+        lora_inputs += in_features
+    n_params = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in modules.values() if isinstance(m, torch.nn.Linear))
+    weight_bytes = dtype_bytes(precision.weight_dtype)
+    weights = (linear * 0.5 + (n_params - linear) * 2) if cfg.load_in_4bit else n_params * weight_bytes
+    compute = 2 if precision.mixed_precision in ("bf16", "fp16") or cfg.load_in_4bit else 4
+    # autocast's compute-type copies of the linear weights, made in the forward and kept for the
+    # backward, where the weights are stored wider (fp32 on the CPU under bf16)
+    autocast = float(linear * compute) if not cfg.load_in_4bit and compute < weight_bytes else 0.0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    mlp = getattr(text, "intermediate_size", None) or 4 * hidden
+    layers = text.num_hidden_layers
+    heads = text.num_attention_heads
+    vocab = text.vocab_size
+    lora_per_layer = lora_inputs / max(layers, 1)
+    dropout = cfg.lora_dropout > 0
+    # a loss computed chunk by chunk (shared/llm/loss.py's CHUNK_ELEMENTS, where it has one) holds one
+    # chunk's logits at a time
+    from shared.llm import loss
+
+    chunk = getattr(loss, "CHUNK_ELEMENTS", None) or float("inf")
+    longest = [min(n, cfg.max_seq_len) for n in lengths] if lengths else [cfg.max_seq_len] * cfg.batch_size
+    # a batch whose rows all have the same length passes no mask and SDPA's fused kernel keeps no
+    # attention weights; a padded one passes a mask, and the kernel that takes it keeps them
+    padded = 0 if cfg.packing or len(set(longest)) == 1 else 1
+
+    def estimate(s) -> dict[str, float]:
+        rows = longest[: s["batch_size"]]  # the widest batch: the longest rows, padded to the first
+        tokens, width = len(rows) * rows[0], rows[0]
+        per_token = HIDDEN * hidden + MLP * mlp + (DROPOUT * lora_per_layer * (1 + 1 / compute) if dropout else 0)
+        attention = ATTENTION_WEIGHTS * heads * width * padded
+        layer = tokens * (per_token + attention) * compute
+        if s["gradient_checkpointing"]:
+            kept = tokens * CHECKPOINTED * hidden * compute * layers + layer
+        else:
+            kept = layer * layers
+        logits = min(tokens * vocab, chunk) * 4 * LOGITS
+        return {"weights": float(weights), "autocast": autocast, "trainable": trainable_bytes(lora), "activations": kept + logits}
+
+    levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device)]
+    hints = {"weights": "the model's size: load_in_4bit (CUDA) or mixed_precision bf16",
+             "activations": "max_seq_len or batch_size, or set gradient_checkpointing: true",
+             "trainable": "lora_rank or target_modules"}
+    return MemoryModel(levers=levers, estimate=estimate, hints=hints, imports=("peft",))

@@ -1,0 +1,109 @@
+"""The memory planner (shared/training/memory.py) on synthetic levers: the config's own settings when
+they fit, else the fastest plan that fits; a clear refusal when nothing fits; the next cheaper plan; a
+resumed state's micro-batch kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.training.memory import (
+    Choice,
+    GiB,
+    Lever,
+    MemoryModel,
+    cheaper,
+    enumerate_plans,
+    parse_budget,
+    plan_job,
+)
+
+
+def synthetic() -> MemoryModel:
+    """Two levers: checkpointing (1.3x slower, activations / 4) and halving the micro-batch (1.05x
+    slower, activations / 2). With the 1 GB baseline the plans need: own 10 GB, halved 6, checkpointed
+    4, both 3."""
+    levers = [
+        Lever("gradient_checkpointing", (Choice({"gradient_checkpointing": False}),
+                                         Choice({"gradient_checkpointing": True}, 1.3, "checkpointing"))),
+        Lever("micro_batch", (Choice({"batch_size": 4, "gradient_accumulation_steps": 1}),
+                              Choice({"batch_size": 2, "gradient_accumulation_steps": 2}, 1.05, "batch 2 x 2")),
+              resumable=False, numerics="smaller micro-batches"),
+    ]
+
+    def estimate(s):
+        activations = 8 * GiB * s["batch_size"] / 4 / (4 if s["gradient_checkpointing"] else 1)
+        return {"weights": GiB / 2, "activations": activations, "trainable": GiB / 2}
+
+    return MemoryModel(levers=levers, estimate=estimate, hints={"activations": "resolution or batch_size"})
+
+
+VALUES = {"gradient_checkpointing": False, "batch_size": 4, "gradient_accumulation_steps": 1}
+
+
+def plan(budget_gb, **kw):
+    return plan_job(synthetic(), VALUES, device="cpu", budget=budget_gb * GiB if budget_gb else None,
+                    baseline=1 * GiB, **kw)
+
+
+def test_the_config_runs_as_written_when_it_fits():
+    chosen = plan(20)
+    assert chosen.changes == {} and chosen.chosen.total == 10 * GiB
+    assert plan(None).changes == {}  # memory_budget: off estimates only
+
+
+def test_a_budget_between_two_plans_picks_the_faster_one_that_fits():
+    # 6.5 GB: the halved batch (6 GB, 1.05x) and checkpointing (4 GB, 1.3x) both fit; halving is faster
+    chosen = plan(6.5)
+    assert chosen.changes == {"batch_size": 2, "gradient_accumulation_steps": 2}
+    assert chosen.numerics == ["smaller micro-batches"]
+    # 5 GB: only the checkpointed plans fit; the faster of them is checkpointing alone (1.3x vs 1.365x)
+    chosen = plan(5)
+    assert chosen.changes == {"gradient_checkpointing": True} and chosen.numerics == []
+    assert chosen.chosen.total == 4 * GiB
+    # 3.5 GB: only both levers together fit
+    assert plan(3.5).changes == {"gradient_checkpointing": True, "batch_size": 2, "gradient_accumulation_steps": 2}
+
+
+def test_nothing_fits_is_refused_in_one_line_with_the_budget_the_estimate_and_what_to_lower():
+    with pytest.raises(ConfigError) as err:
+        plan(2.5)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("memory_budget:")
+    assert "2.5 GB" in message and "3.00 GB" in message  # the budget; the cheapest plan (both levers)
+    assert "lower resolution or batch_size" in message
+
+
+def test_the_next_cheaper_plan_and_the_one_a_saved_state_can_continue():
+    chosen = plan(20)
+    assert chosen.next.settings == {**VALUES, "batch_size": 2, "gradient_accumulation_steps": 2}  # fastest leaner
+    assert chosen.next_keeping_batch.settings == {**VALUES, "gradient_checkpointing": True}
+    assert chosen.event()["next"]["estimate_gb"] == 6.0
+    leanest = plan(3.5)
+    assert leanest.next is None and leanest.next_keeping_batch is None
+
+
+def test_a_resumed_state_keeps_its_micro_batch():
+    # the state was trained with batch 2 x 2: a plan that would go back to 4 x 1 cannot continue it
+    plans = enumerate_plans(synthetic(), VALUES, GiB, pinned={"batch_size": 2, "gradient_accumulation_steps": 2})
+    assert {(p.settings["batch_size"], p.settings["gradient_accumulation_steps"]) for p in plans} == {(2, 2)}
+    assert cheaper(plans, plans[0]).settings["gradient_checkpointing"] is True
+
+
+def test_budget_values():
+    assert parse_budget("auto") == "auto" and parse_budget(None) == "auto"
+    assert parse_budget("off") is None
+    assert parse_budget("11.5") == 11.5 * GiB and parse_budget(8) == 8 * GiB
+    with pytest.raises(ConfigError, match="memory_budget"):
+        parse_budget("plenty")
+
+
+def test_the_benchmarks_estimate_column():
+    from benchmarks.memory_estimate import memory_column, memory_fields
+
+    fields = memory_fields({"device": "cpu", "estimate_gb": 1.5, "peak_gb": 1.25, "estimate_vs_peak": 0.2})
+    assert fields["estimate_mb"] == 1536 and fields["estimate_peak_mb"] == 1280
+    assert memory_column(fields) == "1536 MiB (+20% !)"  # past the 15% target: marked
+    assert memory_column({**fields, "estimate_vs_peak": -0.05}) == "1536 MiB (-5%)"
+    assert memory_fields({}) == {} and memory_column({}) == "-"  # a reference loop has no planner
