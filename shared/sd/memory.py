@@ -50,7 +50,7 @@ VAE_ENCODE = 4.0  # the VAE encoder's working set, elements per pixel per top-le
 VAE_DECODE = 6.0  # the VAE decoder's
 TOKENIZER = 17 * 2**20  # a CLIP tokenizer's vocabulary and merge ranks as Python objects, measured
 # what loading imports (the tokenizer's vocabulary ships in open_clip; a single file is converted by diffusers)
-IMPORTS = ("peft", "diffusers.pipelines", "diffusers.loaders.single_file_utils", "shared.sd.tokenizer", "open_clip")
+IMPORTS = ("peft", "diffusers.pipelines", "diffusers.loaders.single_file_utils", "shared.images.clip_tokenizer", "open_clip")
 STEP_TIME = {"cache_latents": 0.8, "cache_text_encoder_outputs": 0.95}  # what a cache saves of a step
 
 
