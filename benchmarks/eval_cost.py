@@ -30,12 +30,15 @@ def quiet():
 
     class Quiet(Reporter):
         evaluations = 0
+        rate = None  # the trainer's own steps per second (its smoothed rate), after the last step
 
         def log(self, message):
             pass
 
         def event(self, kind, **data):
             self.evaluations += kind == "evaluation"
+            if kind == "progress" and data.get("it_s"):
+                self.rate = data["it_s"]
 
     return Quiet()
 
@@ -51,13 +54,28 @@ def run(values: dict) -> dict:
     wall = time.perf_counter() - started
     return {"evaluation_s": result.evaluation_seconds, "job_s": result.job_seconds, "wall_s": wall,
             "share": result.evaluation_seconds / result.job_seconds, "evaluations": reporter.evaluations,
-            "verdicts": [v["verdict"] for v in result.verdicts]}
+            "verdicts": [v["verdict"] for v in result.verdicts], "step_s": 1 / reporter.rate if reporter.rate else None,
+            "steps": values["max_train_steps"]}
+
+
+def at_default_length(row: dict, steps: int = 1000) -> float | None:
+    """The share a job of `steps` steps would give with the same evaluations (save_steps = steps / 2: one at the
+    middle checkpoint and one at the end, as in the measured run): the measured job's time plus the missing
+    steps at its measured step time. For a short full-size run, which takes minutes a step on a CPU."""
+    if not row["step_s"] or row["steps"] >= steps:
+        return None
+    longer = row["job_s"] + (steps - row["steps"]) * row["step_s"]
+    return row["evaluation_s"] / longer
 
 
 def show(label: str, steps: int, save_steps: int, row: dict) -> None:
     print(f"{label:28s} {steps:5d} steps, save_steps {save_steps:4d}: {row['evaluations']} evaluations, "
           f"{row['evaluation_s']:7.1f} s of {row['job_s']:7.1f} s = {row['share']:6.1%} "
           f"(verdicts: {', '.join(row['verdicts']) or 'none'})", flush=True)
+    extrapolated = at_default_length(row)
+    if extrapolated is not None and row["evaluations"] == 2:
+        print(f"{'':28s} {row['step_s']:.2f} s a step: at 1000 steps with save_steps 500 (2 evaluations) the "
+              f"share would be {extrapolated:.1%}", flush=True)
 
 
 def main() -> None:

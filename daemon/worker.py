@@ -191,6 +191,11 @@ def run(job_dir: Path, channel: Channel, stop: threading.Event) -> int:
             "final_loss": result.losses[-1] if result.losses else None,
             "checkpoints": [str(p) for p in result.checkpoints],
             "memory": result.memory,  # the planner's estimate beside the measured peak
+            # the evaluation (shared/evaluation): warnings, the checkpoint to prefer, the report
+            "verdicts": result.verdicts,
+            "best_checkpoint": result.best_checkpoint,
+            "report": str(result.report) if result.report else None,
+            "evaluation_s": round(result.evaluation_seconds, 3),
         }
         return report(job_dir, channel, outcome)
     except UserError as exc:

@@ -85,7 +85,7 @@ def test_submit_follow_and_deploy_with_subscribers_that_miss_nothing(daemon, sd_
         assert [e["seq"] for e in seen] == history  # every event, in order, none twice
     assert [e["kind"] for e in seen_a] == [e["kind"] for e in seen_b] == [e["kind"] for e in seen_c]
     kinds = [e["kind"] for e in seen_a if e["kind"] not in ("buckets", "cached")]  # SD data notes
-    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "finished"
+    assert kinds[:3] == ["queued", "memory_plan", "started"] and kinds[-1] == "finished"
     assert kinds.count("progress") == 8 and kinds.count("checkpoint") == 1
     steps = [e["data"]["step"] for e in seen_a if e["kind"] == "progress"]
     assert steps == list(range(1, 9))
@@ -181,7 +181,7 @@ def test_a_job_failing_in_its_worker_reports_the_cli_error_and_the_daemon_goes_o
     with daemon.client() as client:
         job = submit_yaml(client, sd_config(base_model=bogus, output_name="broken"))
         events = collect(client, job["id"])
-        assert [e["kind"] for e in events] == ["queued", "failed"]
+        assert [e["kind"] for e in events] == ["queued", "memory_plan", "failed"]
         failure = events[-1]["data"]
         assert failure["cause"] == "user" and "model.ckpt: not a readable checkpoint" in failure["error"]
         final = client.get(job["id"])

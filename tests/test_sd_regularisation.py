@@ -102,7 +102,7 @@ def test_a_run_with_regularisation_images_records_them_as_kohya_does(sd_config, 
     rec = Recorder()
     result = run_training(load_config(sd_config(reg_data_dir=reg_dir, prior_loss_weight=0.5, max_train_steps=2,
                                                 preview=False)), rec)
-    assert rec.events[0] == ("buckets", {"histogram": {"64x64": 12}})  # 6 training + 6 regularisation per epoch
+    assert rec.events[0][0] == "memory_plan" and rec.events[1] == ("buckets", {"histogram": {"64x64": 12}})  # 6 training + 6 regularisation per epoch
     with safe_open(str(result.output_path), "pt") as fh:
         meta = fh.metadata()
     assert meta["ss_num_train_images"] == "6" and meta["ss_num_reg_images"] == "4"

@@ -56,6 +56,7 @@ class LLMTask(Task):
 
         check_causal_lm(Path(self.cfg.base_model), read_model_config(Path(self.cfg.base_model)),
                         self.cfg.trust_remote_code)  # before any code of the folder's runs
+        quantization_config(self.cfg.load_in_4bit)  # what the device cannot do is refused before the data is read
         self._tokenize()  # the longest batch is what the estimate needs; load reuses the data
         if self.objective:  # a pair runs as two rows (chosen, rejected) of its prompt and longer answer
             rows = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.data.train] * 2
