@@ -22,25 +22,17 @@ from pathlib import Path
 
 from shared.errors import UserError
 from shared.files import publish_new, publish_new_folder
+from shared.weight_files import safetensors_header
 
 NAME_KEYS = ("ss_output_name", "modelspec.title")
-MAX_HEADER = 100 * 2**20  # the safetensors format's own limit
 
 
 def read_header(path: Path) -> tuple[dict, int]:
     """(header, offset of the tensor data) of a .safetensors file; UserError naming it if it is not one."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 2 <= size <= MAX_HEADER:
-                raise ValueError("no safetensors header")
-            header = json.loads(fh.read(size).decode("utf-8"))
+        return safetensors_header(path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: not a readable .safetensors file (its header is not a mapping)")
-    return header, 8 + size
 
 
 def copy_safetensors(src: Path, dst: Path, metadata: dict[str, str]) -> None:

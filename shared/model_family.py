@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError, ModelError
 from shared.gguf_base import refuse_gguf_base
+from shared.weight_files import safetensors_header
 
 SD_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-MAX_HEADER = 100 * 2**20  # the format's own limit
 CONSERVATIVE_MULTIPLE = 64  # SD1/SD2: VAE x8, UNet x8 (SDXL needs 32)
 _UNET_DOWN = re.compile(r"model\.diffusion_model\.input_blocks\.\d+\.0\.op\.weight")
 _VAE_DOWN = re.compile(r"first_stage_model\.encoder\.down\.\d+\.downsample\.conv\.weight")
@@ -65,17 +64,10 @@ def read_safetensors_header(path: Path, dtypes: dict[str, str] | None = None) ->
     `dtypes`, when given, is filled with {tensor name: dtype} (F16, BF16, F8_E4M3, ...)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 2 <= size <= MAX_HEADER:
-                raise ValueError("no safetensors header")
-            header = json.loads(fh.read(size).decode("utf-8"))
+        header, _ = safetensors_header(path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        reason = "no safetensors header" if "header" in str(exc) else type(exc).__name__
+        reason = str(exc) if "header" in str(exc) else type(exc).__name__
         raise ModelError(f"base_model: {path}: not a readable checkpoint ({reason})") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"base_model: {path}: not a readable checkpoint (its safetensors header is not a mapping)")
     shapes = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -34,7 +34,7 @@ from shared.errors import ConfigError
 from shared.evaluation.judge import Judge
 from shared.files import atomic_write, journaled, publish_new, publish_new_folder, replace_folder
 from shared.reporting import ConsoleReporter, Reporter, Throughput, TrainResult
-from shared.training import memory
+from shared.training import memory, speed
 from shared.training import state as states
 from shared.training.commit import Journal
 from shared.training.ema import build_ema, exported_weights, final_weights
@@ -87,6 +87,10 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     # --- set-up ----------------------------------------------------------------------------------
     accelerator, precision = setup_precision(cfg)
     reporter.log(f"Using device: {accelerator.device}")
+    cfg, notes = speed.resolve_auto(cfg, task.name, precision)  # `auto` speed settings: values and reasons
+    task.cfg = cfg
+    for note in notes:
+        reporter.log(note)
     check_optimizer(cfg, accelerator.device)
     main, processes, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     targets = list({Path(d).resolve(): Path(d) for d in [output_dir, cfg.deploy_dir, *deploy_dirs] if d}.values())
@@ -117,6 +121,8 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     if schedule_note(cfg):
         reporter.log(schedule_note(cfg))
     ema = build_ema(cfg, params)  # None unless use_ema: the average the outputs then show
+    if cfg.compile:
+        speed.compile_modules(task.train_modules())
     *modules, optimizer = accelerator.prepare(*task.train_modules(), optimizer)
     in_wrappers = {id(p) for module in task.train_modules() for p in module.parameters()}
     unsynced = [p for p in params if id(p) not in in_wrappers]
@@ -143,6 +149,7 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
     result = TrainResult(output_path=output_dir, steps=progress.step, losses=progress.losses)
     throughput = Throughput(total)
     saved_state_at = None
+    warm_from = time.perf_counter() if cfg.compile else None
 
     def save_state() -> Path | None:
         """Every rank's RNG to rank 0, which writes the state and applies keep-last-N."""
@@ -207,6 +214,10 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
             window = []
             lr = current_lr(cfg, optimizer, scheduler)  # Prodigy: its adapted d * lr
             it_s, eta = throughput.tick(step)
+            if warm_from is not None:  # the first step traced the model and built its kernels
+                warmup, warm_from = time.perf_counter() - warm_from, None
+                send(reporter, "compiled", warmup_s=warmup)
+                reporter.log(f"compile: the first step, in which torch.compile built its kernels, took {warmup:.1f} s")
             scalars = task.step_scalars()  # every rank: the task's numbers of this step restart
             if writer is not None:
                 writer.add_scalar("loss", progress.losses[-1], step)

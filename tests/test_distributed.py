@@ -51,7 +51,10 @@ def relative_difference(a: dict, b: dict, trained: str) -> float:
 def test_sd_two_processes_match_one_process_with_the_same_total_batch(sd_config, tmp_path):
     from safetensors.torch import load_file
 
-    common = dict(max_train_steps=3, lora_dropout=0.0, learning_rate=1e-3, device="cpu", lr_warmup_steps=1)
+    # fp32: in bf16 the two batch shapes round differently, and Adam's first steps turn those last-bit
+    # differences into sign flips; what this test checks (sharding, normalisation, sync) is the same
+    common = dict(max_train_steps=3, lora_dropout=0.0, learning_rate=1e-3, device="cpu", lr_warmup_steps=1,
+                  mixed_precision="no")
     one = sd_config(batch_size=4, num_processes=1, output_dir=tmp_path / "one" / "lora", **common)
     result = run_training(load_config(one))
     single = load_file(str(result.output_path))
@@ -77,7 +80,7 @@ def test_llm_two_processes_match_one_process_with_the_same_total_batch(tiny_llam
 
     def config(name, **overrides):
         values = llm_values(tiny_llama, chat_data, tmp_path / name, max_train_steps=4, sample_prompts=None,
-                            sample_max_tokens=8, **overrides)
+                            sample_max_tokens=8, mixed_precision="no", **overrides)  # fp32: see the SD test
         return write_llm_config(tmp_path / f"{name}.yaml", **values)
 
     result = run_training(load_config(config("one", batch_size=4)))

@@ -75,9 +75,10 @@ def test_dpo_through_the_loop_raises_the_held_out_margin(tiny_llama, llm_tokeniz
           f"(accuracy {before_accuracy:.0%}) -> steps 10/20/30 {' / '.join(f'{m:+.2f}' for m in margins)}")
     assert after > 0 > before and after > before + 10  # the held-out preference flipped
 
-    # the published adapter is what was evaluated: reloaded with PEFT it gives the same margin
+    # the published adapter is what was evaluated: reloaded with PEFT on the fp32 base it gives the same
+    # margin, up to the bf16 storage of the base the loop evaluated on (mixed_precision auto)
     reloaded = PeftModel.from_pretrained(load_causal_lm(tiny_llama), str(result.output_path))
-    assert held_out_margin(reloaded, llm_tokenizer, prefs)[0] == pytest.approx(after, rel=1e-4, abs=1e-3)
+    assert held_out_margin(reloaded, llm_tokenizer, prefs)[0] == pytest.approx(after, rel=5e-3, abs=1e-3)
 
     board = EventAccumulator(str(tmp_path / "out" / "dpo" / "logs")).Reload()
     tags = set(board.Tags()["scalars"])

@@ -118,28 +118,6 @@ def split_comfy(state_dict: dict, path: Path) -> dict[str, dict]:
     return parts
 
 
-def read_file(path: Path, cast=None) -> dict:
-    """A checkpoint's tensors; `cast(key, tensor)` is applied as each tensor is read, so a bf16
-    file stored as fp8 never sits in memory twice (safetensors files; .ckpt via read_checkpoint)."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors" or cast is None:
-        state = read_checkpoint(path)
-        return {k: cast(k, v) for k, v in state.items()} if cast else state
-    from safetensors import SafetensorError, safe_open
-
-    def own(key: str, tensor):
-        # a tensor the cast left as it was is still a view of the file's memory map, and any one of
-        # them keeps every page read so far resident: copy it out
-        out = cast(key, tensor)
-        return out.clone() if out.data_ptr() == tensor.data_ptr() else out
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: own(k, fh.get_tensor(k)) for k in fh.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ModelError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200]})") from None
-
-
 def storage_cast(dtype, fp8_base: bool):
     """The per-tensor cast of a Flux file: the blocks' Linear weights to float8_e4m3fn with fp8_base,
     every other floating tensor to `dtype` (fp8 text-encoder files are upcast)."""
@@ -242,7 +220,7 @@ def _read(path: Path | None, key: str, cast) -> dict:
                          "t5xxl_fp16.safetensors)")
     if not Path(path).is_file():
         raise ModelError(f"{key}: {path} does not exist")
-    return read_file(Path(path), cast)
+    return read_checkpoint(Path(path), cast)
 
 
 def load_single_files(base_model: Path, *, ae: Path | None = None, clip_l: Path | None = None,
@@ -257,7 +235,7 @@ def load_single_files(base_model: Path, *, ae: Path | None = None, clip_l: Path 
     dtype = dtype or torch.bfloat16
     base_model = Path(base_model)
     cast = storage_cast(dtype, fp8_base)
-    state = read_file(base_model, cast)
+    state = read_checkpoint(base_model, cast)
     if any(k.startswith((COMFY_TRANSFORMER + "double_blocks.", COMFY_TRANSFORMER + "img_in.")) for k in state):
         parts = split_comfy(state, base_model)
     elif _is_transformer(state):

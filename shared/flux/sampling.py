@@ -30,7 +30,7 @@ def render(model, prompts: list[str], *, seed: int, size: int, steps: int | None
     """One PIL image per prompt (prompt i uses seed + i), the LoRA at `weight` (0: the base)."""
     import torch
 
-    from shared.images.previews import lora_weight
+    from shared.images.previews import latents_in, lora_weight
 
     defaults = PREVIEW_DEFAULTS[model.variant]
     steps = steps or defaults["steps"]
@@ -52,7 +52,8 @@ def render(model, prompts: list[str], *, seed: int, size: int, steps: int | None
                 generator = torch.Generator("cpu").manual_seed(seed + i)
                 images.append(pipe(**kwargs, height=size, width=size, num_inference_steps=steps,
                                    guidance_scale=guidance, generator=generator,
-                                   max_sequence_length=model.tokenizer_2.model_max_length).images[0])
+                                   max_sequence_length=model.tokenizer_2.model_max_length,
+                                   **latents_in(dtype, model.vae.dtype)).images[0])
     finally:
         model.transformer.train(was_training)
     return images

@@ -5,14 +5,37 @@ a silent partial load)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from shared.errors import ModelError
 
 
-def read_checkpoint(path: Path) -> dict:
-    """The tensors of a single-file checkpoint. `.ckpt` files are pickles: never unpickle code."""
+def read_checkpoint(path: Path, cast: Callable[[str, Any], Any] | None = None) -> dict:
+    """The tensors of a single-file checkpoint. `.ckpt` files are pickles: never unpickle code.
+
+    `cast(key, tensor)` is applied as each tensor is read, so a model loads straight into its storage
+    type: an fp32 file read for bf16 storage never sits in memory in fp32 as a whole (safetensors files
+    are read one tensor at a time; a `.ckpt` is read whole first)."""
+
+    if cast is not None and Path(path).suffix.lower() == ".safetensors":
+        return _read_safetensors_cast(Path(path), cast)
+    state = _read_whole(path)
+    return {k: cast(k, v) for k, v in state.items()} if cast else state
+
+
+def _read_safetensors_cast(path: Path, cast) -> dict:
+    from shared.weight_files import stream_safetensors
+
+    try:
+        return stream_safetensors(path, cast)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: not a readable checkpoint ({reason})") from None
+
+
+def _read_whole(path: Path) -> dict:
     import torch
 
     path = Path(path)

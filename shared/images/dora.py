@@ -33,8 +33,10 @@ def _delta(layer):
 def decomposed_weight(layer):
     import torch
 
-    weight = layer.base_layer.weight
-    merged = weight + _delta(layer).to(weight.dtype)
+    # in fp32 whatever the base's storage type: the magnitude and the LoRA weights are fp32, and a
+    # bf16 sum would round away most of the small LoRA delta
+    weight = layer.base_layer.weight.float()
+    merged = weight + _delta(layer).float()
     full = merged * (getattr(layer, MAGNITUDE) / column_norm(merged).detach())
     strength = layer.dora_strength
     return full if strength == 1.0 else torch.lerp(weight, full, strength)

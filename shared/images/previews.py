@@ -17,6 +17,18 @@ from shared.files import atomic_write
 GRID_WEIGHTS = (0.0, 0.5, 0.8, 1.0)
 
 
+def latents_in(step_dtype, vae_dtype) -> dict:
+    """A diffusers pipeline's `callback_on_step_end` arguments that keep its latents in the model's
+    storage types: the schedulers step in fp32, so the next denoiser step gets `step_dtype` (bf16
+    under mixed precision) and, after the last step, the VAE gets its own (fp32 for SDXL's)."""
+
+    def cast(pipe, i, t, tensors):
+        last = i == len(pipe.scheduler.timesteps) - 1
+        return {"latents": tensors["latents"].to(vae_dtype if last else step_dtype)}
+
+    return {"callback_on_step_end": cast, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+
 def _lora_layers(modules: Iterable):
     for module in modules:
         for sub in module.modules():

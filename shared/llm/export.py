@@ -35,9 +35,17 @@ def run_info(cfg, started_at: str, steps: int, data, losses, eval_losses) -> dic
     }
 
 
-def export_merged(peft_model, tokenizer, base: Path, output_dir: Path, stem: str) -> Path:
-    """The base model with the LoRA merged in, as a plain Transformers folder (safetensors)."""
-    merged = peft_model.merge_and_unload()
+def export_merged(adapter: Path, tokenizer, base: Path, output_dir: Path, stem: str,
+                  trust_remote_code: bool = False) -> Path:
+    """The base model with the published `adapter` merged in, as a plain Transformers folder
+    (safetensors). The base is read again from its own files, in their own number type: the training
+    copy may be stored in bf16 (mixed precision), which would round every merged weight."""
+    from peft import PeftModel
+
+    from shared.llm.model import load_causal_lm
+
+    merged = PeftModel.from_pretrained(load_causal_lm(base, trust_remote_code=trust_remote_code),
+                                       str(adapter)).merge_and_unload()
 
     def write(folder: Path) -> None:
         merged.save_pretrained(str(folder), safe_serialization=True)

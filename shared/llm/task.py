@@ -254,7 +254,7 @@ class LLMTask(Task):
     def exports(self, published: Path, output_dir: Path) -> dict[str, Path]:
         merged = None
         if self.cfg.merge_output:
-            merged = export_merged(self.model, self.tokenizer, Path(self.cfg.base_model), output_dir,
-                                   f"{published.name}-merged")
+            merged = export_merged(published, self.tokenizer, Path(self.cfg.base_model), output_dir,
+                                   f"{published.name}-merged", trust_remote_code=self.cfg.trust_remote_code)
             self.reporter.log(f"Saved merged model to {merged}")
         return {**({"merged": merged} if merged else {}), **self.targets.after_publish(published, output_dir, merged)}

@@ -22,32 +22,55 @@ SETTINGS = (
             tasks=IMAGES),
     Setting("random_flip", bool, False, "Mirror images left-right at random.", tasks=IMAGES),
     Setting("random_crop", bool, False, "Crop at a random place instead of the centre.", tasks=IMAGES),
-    Setting("cache_latents", str, "no", "Encode each image with the VAE once: keep the latents in memory or on disk "
-            "(reused across runs).", tasks=IMAGES, choices=("no", "memory", "disk")),
+    Setting("cache_latents", str, "auto", "Encode each image with the VAE once, both ways when random_flip is on, "
+            "and keep the latents in memory or on disk (reused across runs); no step then runs the VAE encoder, "
+            "which is then freed. auto: memory whenever the cache trains the same numbers (not with random_crop).",
+            tasks=IMAGES, choices=("auto", "no", "memory", "disk")),
     Setting("cache_dir", Path, None, "Disk cache folder (latents; Flux: also the T5/CLIP-L outputs). Default: "
             "~/.cache/lora-daemon/latents (Flux text: ~/.cache/lora-daemon/flux-text).",
             tasks=IMAGES, optional=True, path="write"),
-    Setting("cache_text_encoder_outputs", bool, False, "Encode each caption once (needs a frozen text encoder and "
-            "fixed captions). Flux: see flux_text_cache.", tasks=SD_ONLY),
+    Setting("cache_text_encoder_outputs", str, "auto", "Encode each caption (and every prompt a sample, preview "
+            "or evaluation renders) once; the text encoders are then freed. Needs a frozen text encoder and fixed "
+            "captions. auto: yes whenever that holds. Flux: see flux_text_cache.", tasks=SD_ONLY,
+            choices=("auto", "yes", "no")),
 )
 
 
-def _text_cache_needs_fixed_captions(v) -> str | None:
-    if not v["cache_text_encoder_outputs"]:
-        return None
+def _caption_varies(v) -> list[str]:
+    """The settings that make a caption's encoding differ from step to step."""
     varying = [k for k in ("train_text_encoder", "shuffle_caption") if v[k]]
-    if v["caption_dropout_rate"] > 0:
-        varying.append("caption_dropout_rate")
-    if varying:
-        return ("cache_text_encoder_outputs needs a frozen text encoder and fixed captions; "
-                f"turn off {', '.join(varying)} or the cache")
-    return None
+    return varying + (["caption_dropout_rate"] if v["caption_dropout_rate"] > 0 else [])
+
+
+def _text_cache_needs_fixed_captions(v) -> str | None:
+    varying = _caption_varies(v)
+    if v["cache_text_encoder_outputs"] != "yes" or not varying:
+        return None
+    return ("cache_text_encoder_outputs needs a frozen text encoder and fixed captions; "
+            f"turn off {', '.join(varying)}, or set the cache to auto")
 
 
 def _latent_cache_keeps_one_crop(v) -> str | None:
-    if v["cache_latents"] != "no" and v["random_crop"]:
-        return "cache_latents keeps one crop per image; turn off random_crop or the cache"
+    if v["cache_latents"] in ("memory", "disk") and v["random_crop"]:
+        return "cache_latents keeps one crop per image; turn off random_crop, or set cache_latents: auto"
     return None
+
+
+def cache_plan(v) -> dict[str, tuple[str, str]]:
+    """What each cache set to `auto` becomes for the settings `v`, and why: {key: (value, reason)}.
+
+    A cache is on whenever a cached step trains exactly the numbers an uncached one would (flips are
+    cached both ways; the latent distribution, not a sample of it, is stored), off where the step's
+    input changes per step."""
+    plan = {}
+    if v["cache_latents"] == "auto":
+        plan["cache_latents"] = (("no", "random_crop changes the pixels every step") if v["random_crop"] else
+                                 ("memory", "no setting changes an image's pixels between steps"))
+    if v.get("cache_text_encoder_outputs") == "auto":
+        varying = _caption_varies(v)
+        plan["cache_text_encoder_outputs"] = (("no", f"{', '.join(varying)} changes the text encoding every step")
+                                              if varying else ("yes", "the captions and the text encoders are fixed"))
+    return plan
 
 
 def _fits_the_models_downsampling(v, family) -> str | None:

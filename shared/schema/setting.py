@@ -33,6 +33,7 @@ TASK_NAMES = {SD: "SD", LLM: "LLM", FLUX: "Flux", LABEL: "auto-label"}
 
 TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text", Path: "a path",
               list: "a list of names", dict: "a mapping of names to values"}
+BOOL_WORDS = {True: ("true", "yes", "on"), False: ("false", "no", "off")}
 # what a `dict` setting's values may be: YAML/JSON scalars, or a list of them (e.g. betas: [0.9, 0.99])
 _SCALARS = (bool, int, float, str)
 
@@ -165,8 +166,8 @@ def coerce(setting: Setting, raw: Any, *, where: str = "", base_dir: Path | None
         fail("contains a NUL character")
     kind = setting.type
     if setting.choices is not None:
-        if isinstance(raw, bool) and str(raw).lower() in setting.choices:  # YAML's true for a "true" choice
-            raw = str(raw).lower()
+        if isinstance(raw, bool):  # YAML reads true/yes (false/no) as a bool: the choice that says so
+            raw = next((word for word in BOOL_WORDS[raw] if word in setting.choices), raw)
         if raw not in setting.choices:
             fail(f"{raw!r} is not one of {', '.join(map(str, setting.choices))}")
         return raw

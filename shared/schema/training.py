@@ -30,7 +30,12 @@ SETTINGS = (
     # numpy's seeding (through accelerate's set_seed) takes 0 .. 2**32 - 1
     Setting("seed", int, 42, "Random seed for init, noise, timesteps and data order.", minimum=0,
             maximum=2**32 - 1, form=Form("basic", "Seed")),
-    Setting("mixed_precision", str, "no", "Mixed precision (GPU only).", choices=("no", "fp16", "bf16")),
+    Setting("mixed_precision", str, "auto", "The compute type; the frozen base weights are stored in it, the "
+            "trained weights and optimizer state stay fp32. auto: bf16 on a card (or CPU) with bf16 arithmetic "
+            "(CUDA Ampere or newer, AVX512-BF16/AMX CPUs), fp16 with a gradient scaler on older cards, no (fp32) "
+            "elsewhere.", choices=("auto", "no", "fp16", "bf16")),
+    Setting("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up of the first steps (often "
+            "minutes; its time is logged). Needs a C++ compiler on the CPU and Triton on CUDA.", tasks=SD_ONLY),
     Setting("gradient_checkpointing", bool, False, "Trade compute for memory in the UNet / LM / Flux transformer (a "
             "Flux job on a GPU always checkpoints: its activations at 1024 px need it)."),
     Setting("device", str, "auto", f"{DEVICE_HELP}.", pattern=DEVICE_PATTERN, pattern_help=DEVICE_HELP),

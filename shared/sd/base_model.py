@@ -210,7 +210,9 @@ def resolve_prediction_type(requested: str, detected: str | None, configs: dict,
     return from_config or "epsilon"
 
 
-def load_single_file(path: Path, model_config: Path | None = None, prediction_type: str = "auto") -> SDModel:
+def load_single_file(path: Path, model_config: Path | None = None, prediction_type: str = "auto",
+                     dtype: Any = None) -> SDModel:
+    import torch
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -221,7 +223,8 @@ def load_single_file(path: Path, model_config: Path | None = None, prediction_ty
     )
 
     path = Path(path)
-    checkpoint = read_checkpoint(path)
+    storage = dtype or torch.float32
+    checkpoint = read_checkpoint(path, lambda key, t: t.to(storage) if t.is_floating_point() else t)
     arch = detect_architecture(checkpoint, path)
     detected = detect_prediction_type(checkpoint, arch)
     if model_config:
@@ -250,8 +253,8 @@ def load_single_file(path: Path, model_config: Path | None = None, prediction_ty
         vae_sd = convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))
     except (KeyError, IndexError, AttributeError) as exc:
         raise ModelError(f"{path}: the UNet/VAE weights do not follow the SD layout ({exc!r})") from None
-    load_strict(unet, unet_sd, path, "UNet")
-    load_strict(vae, vae_sd, path, "VAE")
+    load_strict(unet, unet_sd, path, "UNet", dtype=storage)
+    load_strict(vae, vae_sd, path, "VAE", dtype=vae_storage(configs["vae"], storage))
     if arch == "sd1":
         texts = [convert_ldm_clip_checkpoint(checkpoint)]
     elif arch == "sd2":
@@ -263,7 +266,8 @@ def load_single_file(path: Path, model_config: Path | None = None, prediction_ty
             convert_open_clip_checkpoint(text_encoders[1], checkpoint, prefix=SDXL_TEXT2_PREFIX),
         ]
     for i, (encoder, text_sd) in enumerate(zip(text_encoders, texts)):
-        load_strict(encoder, _fit_to_model(text_sd, encoder), path, "text encoder" + (f" {i + 1}" if i else ""))
+        load_strict(encoder, _fit_to_model(text_sd, encoder), path, "text encoder" + (f" {i + 1}" if i else ""),
+                    dtype=storage)
 
     return SDModel(
         arch=arch,
@@ -277,21 +281,46 @@ def load_single_file(path: Path, model_config: Path | None = None, prediction_ty
     )
 
 
-def load_diffusers_folder(folder: Path, prediction_type: str = "auto") -> SDModel:
+def _component(folder: Path, cls, dtype):
+    """One component of a diffusers folder in `dtype`. Its weights in one `.safetensors` file (or a
+    sharded set) are streamed into that type (shared/weight_files.py: the file is never held whole);
+    other layouts (`.bin`, variants only) go through `from_pretrained`."""
+    from accelerate import init_empty_weights
+
+    stem = "model" if cls.__module__.startswith("transformers") else "diffusion_pytorch_model"
+    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    if not single.is_file() and not index.is_file():
+        kwargs = {"dtype" if stem == "model" else "torch_dtype": dtype}
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
+    files = [single] if single.is_file() else sorted({folder / f for f in _read_json(index)["weight_map"].values()})
+    cast = lambda key, t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+    with init_empty_weights():
+        if stem == "model":
+            model = _text_encoder(_read_json(folder / "config.json"), cls.__name__.endswith("WithProjection"))
+        else:
+            model = cls.from_config(cls.load_config(folder))
+    state = {}
+    for file in files:
+        state.update(read_checkpoint(file, cast))
+    load_strict(model, _fit_to_model(state, model) if stem == "model" else state, folder, folder.name, dtype=dtype)
+    return model
+
+
+def load_diffusers_folder(folder: Path, prediction_type: str = "auto", dtype: Any = None) -> SDModel:
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
     index = _read_json(folder / "model_index.json")
     sdxl = "text_encoder_2" in index
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-        text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)]
+    storage = dtype or torch.float32
+    try:  # each component read tensor by tensor straight into its storage type
+        unet = _component(folder / "unet", UNet2DConditionModel, storage)
+        vae = _component(folder / "vae", AutoencoderKL, vae_storage(_read_json(folder / "vae" / "config.json"), storage))
+        text_encoders = [_component(folder / "text_encoder", CLIPTextModel, storage)]
         if sdxl:
-            text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", local_files_only=True)
-            )
+            text_encoders.append(_component(folder / "text_encoder_2", CLIPTextModelWithProjection, storage))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}: cannot load the diffusers model ({str(exc).splitlines()[0]})") from None
     if unet.config.in_channels != 4:
@@ -315,8 +344,18 @@ def load_diffusers_folder(folder: Path, prediction_type: str = "auto") -> SDMode
     return SDModel(arch, folder, unet, vae, text_encoders, tokenizers, scheduler, configs)
 
 
-def load_sd_model(base_model: Path, model_config: Path | None = None, prediction_type: str = "auto") -> SDModel:
+def vae_storage(vae_config: dict, dtype):
+    """SDXL's VAE overflows in fp16: its config says `force_upcast`, and it stays in fp32."""
+    import torch
+
+    return torch.float32 if vae_config.get("force_upcast", False) else dtype
+
+
+def load_sd_model(base_model: Path, model_config: Path | None = None, prediction_type: str = "auto",
+                  dtype: Any = None) -> SDModel:
+    """The model of a single file or a diffusers folder, its weights in `dtype` (default fp32; the VAE
+    as `vae_storage` says) as they are read: no copy in the file's type is kept on the way."""
     base_model = Path(base_model)
     if base_model.is_dir():
-        return load_diffusers_folder(base_model, prediction_type)
-    return load_single_file(base_model, model_config, prediction_type)
+        return load_diffusers_folder(base_model, prediction_type, dtype)
+    return load_single_file(base_model, model_config, prediction_type, dtype)

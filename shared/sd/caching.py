@@ -1,5 +1,5 @@
 """The text-encoder output cache of an SD job: the conditioning of each distinct caption, when the text
-encoders are frozen and captions are fixed; the encoders then leave the device. (The latent cache is
+encoders are frozen and captions are fixed; the task then frees the encoders. (The latent cache is
 shared with Flux: shared/images/latent_cache.py.)
 """
 
@@ -12,7 +12,7 @@ from shared.sd.conditioning import encode_text
 def build_text_cache(model, data, device, reporter, prompts: list[str] = ()) -> dict:
     """caption -> (hidden states, pooled or None) for every distinct fixed caption and for `prompts`
     (what the job will render: samples, the preview, the empty negative prompt), so no text encoder
-    runs after this; they then leave an accelerator."""
+    runs after this."""
     import torch
 
     cache = {}
@@ -21,8 +21,5 @@ def build_text_cache(model, data, device, reporter, prompts: list[str] = ()) -> 
         for caption in captions:
             ehs, pooled = encode_text(model, tokenize(model.tokenizers, [caption]))
             cache[caption] = (ehs[0].cpu(), None if pooled is None else pooled[0].cpu())
-    if device.type != "cpu":
-        for encoder in model.text_encoders:
-            encoder.to("cpu")
     reporter.log(f"Text-encoder cache: {len(captions)} captions and prompts encoded")
     return cache

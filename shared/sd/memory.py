@@ -4,8 +4,9 @@ Sizes come from the model's own structure, built on the meta device from its com
 diffusers folder's config.json files, or for a single file the shipped or given config folder of the
 family its header names): no weight is read. The parts:
 
-- `weights`: the frozen UNet, VAE and text encoders in their storage type (on CUDA, the text encoders
-  leave the card while a text cache is in use and come back for samples);
+- `weights`: the frozen UNet, VAE and text encoders in their storage type, less what the caches
+  freed: the text encoders with a text cache (it holds every prompt a render uses), the VAE's
+  encoder with a latent cache;
 - `autocast`: the compute-type copies autocast makes of the UNet's weights each step where they are
   stored wider (fp32 on the CPU under bf16);
 - `trainable`: the LoRA weights, their gradients and the optimizer's state (fp32);
@@ -14,8 +15,9 @@ family its header names): no weight is read. The parts:
   classifier-free guidance, the VAE decoding an image) when the job renders samples or a preview;
 - `caches`: latents and text-encoder outputs kept in RAM (CPU only; they are never on the card);
 - `tokenizers`: the CLIP tokenizers (their BPE vocabulary is read once before the baseline is measured);
-- `loading`: what reading a single file costs above the training peak (the file is read whole and,
-  when its number type differs from the storage type, converted beside it).
+- `loading`: what loading and caching cost above the training peak: every weight is held while the
+  caches are built (with the VAE encoding an image); a safetensors file is streamed tensor by tensor
+  into the storage type, a `.ckpt` is read whole and, in another number type, converted beside it.
 
 The activation figures are elements per latent pixel and channel, per block, fitted to the peaks
 measured on this CPU (SD1.5 at 128 and 256 px and the tiny fixture, with and without gradient
@@ -172,6 +174,8 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
     vae_bytes = 4 if configs["vae"].get("force_upcast") else weight
     sizes = {"unet": params(unet) * weight, "vae": params(vae) * vae_bytes,
              "text": sum(params(e) for e in encoders) * weight}
+    # the half of the VAE a latent cache frees (renders only decode)
+    vae_encoder = (params(vae.encoder) + (params(vae.quant_conv) if vae.quant_conv is not None else 0)) * vae_bytes
     lora = lora_params(unet, kohya_unet_targets(unet), cfg.lora_rank,
                        kohya_conv_targets(unet) if cfg.conv_rank else [], cfg.conv_rank, cfg.use_dora)
     if cfg.train_text_encoder:
@@ -188,9 +192,10 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
 
     def estimate(s) -> dict[str, float]:
         batch = s["batch_size"]
-        latents_cached, text_cached = s["cache_latents"] != "no", s["cache_text_encoder_outputs"]
-        on_card_text = not (device == "cuda" and text_cached)
-        weights = sizes["unet"] + sizes["vae"] + (sizes["text"] if on_card_text else 0)
+        latents_cached, text_cached = s["cache_latents"] != "no", s["cache_text_encoder_outputs"] == "yes"
+        # what a cache replaced is freed after caching (shared/sd/task.py)
+        weights = (sizes["unet"] + sizes["vae"] - (vae_encoder if latents_cached else 0)
+                   + (0 if text_cached else sizes["text"]))
         step = unet_activations(configs["unet"], latent_pixels, batch, compute,
                                 checkpointing=s["gradient_checkpointing"], dropout=cfg.lora_dropout > 0)
         if not latents_cached:
@@ -198,16 +203,17 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
         work = step
         if samples:
             sample = max(INFERENCE * top_unet * latent_pixels * 2 * compute, VAE_DECODE * top_vae * pixels * vae_bytes)
-            extra = 0 if on_card_text else sizes["text"]  # the encoders come back to the card for samples
-            work = max(work, sample + extra)
+            work = max(work, sample)  # a text cache holds every prompt a render uses
         caches = 0.0
         if device == "cpu":
             flips = 2 if cfg.random_flip else 1
             caches += (images * flips * 8 * latent_pixels * 4) if latents_cached else 0
-            caches += (captions * tokens * hidden * 4) if text_cached else 0
+            caches += (captions * tokens * hidden * weight) if text_cached else 0  # the encoders' type
         parts = {"weights": weights, "autocast": autocast, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
                  "activations": work, "caches": caches}
-        parts["loading"] = max(0.0, loading - sum(parts.values()))
+        # before the caches free the encoders, every weight is loaded while the VAE encodes an image
+        caching = sum(sizes.values()) + (VAE_ENCODE * top_vae * pixels * vae_bytes if latents_cached else 0)
+        parts["loading"] = max(0.0, max(loading, caching) - sum(parts.values()))
         return parts
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device)]
@@ -233,9 +239,9 @@ def _cache_levers(cfg) -> list[Lever]:
     from shared import schema
 
     levers = []
-    for key, on in (("cache_latents", "memory"), ("cache_text_encoder_outputs", True)):
+    for key, on in (("cache_latents", "memory"), ("cache_text_encoder_outputs", "yes")):
         value = getattr(cfg, key)
-        if value not in ("no", False):
+        if value != "no":
             levers.append(Lever(key, (Choice({key: value}),)))
             continue
         values = {name: getattr(cfg, name) for name in schema.TRAIN}
@@ -248,9 +254,10 @@ def _cache_levers(cfg) -> list[Lever]:
 
 
 def _loading_bytes(cfg, n_params: int, stored: float) -> float:
-    """A single file is read whole; weights in another number type are converted beside it."""
+    """Loading streams each tensor into its storage type (shared/weight_files.py): a safetensors file
+    costs the stored model plus one tensor. A `.ckpt` is unpickled whole first, then converted beside it."""
     base = Path(cfg.base_model)
-    if not base.is_file():
+    if not base.is_file() or base.suffix.lower() == ".safetensors":
         return stored
     size = os.path.getsize(base)
     per_weight = size / max(n_params, 1)

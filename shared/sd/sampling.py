@@ -11,8 +11,8 @@ import contextlib
 from pathlib import Path
 
 from shared.images.previews import before_after_grid as grid_of
+from shared.images.previews import latents_in, save_png
 from shared.images.previews import lora_weight as layers_at
-from shared.images.previews import save_png
 from shared.training.task import Samples
 
 SAMPLE_STEPS = 20  # sample_steps when not set: Euler's usual count for SD
@@ -29,14 +29,16 @@ def build_pipeline(model):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = EulerDiscreteScheduler.from_config(model.noise_scheduler.config)
+    # None: the text encoders were freed after the text cache (the pipelines then take prompt embeddings)
+    encoders = [*model.text_encoders, None, None][:2]
     if model.is_sdxl:
         pipe = StableDiffusionXLPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], text_encoder_2=model.text_encoders[1],
+            vae=model.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
             tokenizer=model.tokenizers[0], tokenizer_2=model.tokenizers[1], unet=model.unet, scheduler=scheduler,
         )
     else:
         pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+            vae=model.vae, text_encoder=encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
@@ -97,13 +99,14 @@ def render_seeds(model, prompts: list[str], seeds: list[int], *, steps: int, siz
     import torch
 
     pipe = build_pipeline(model)
+    types = latents_in(model.unet.dtype, model.vae.dtype)
     images = []
     with torch.no_grad(), eval_mode(model), lora_weight(model, weight):
         for prompt, seed in zip(prompts, seeds, strict=True):
             generator = torch.Generator("cpu").manual_seed(seed)
             text = {"prompt": prompt} if conditioning is None else _cached_embeds(model, conditioning, prompt)
-            images.append(pipe(**text, num_inference_steps=steps, height=size, width=size,
-                               generator=generator, guidance_scale=7.0).images[0])
+            images.append(pipe(**text, num_inference_steps=steps, height=size, width=size, generator=generator,
+                               guidance_scale=7.0, **types).images[0])
     return images
 
 

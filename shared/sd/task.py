@@ -47,14 +47,6 @@ from shared.sd.validation import validation_loss
 from shared.training.task import Evaluation, Finish, Precision, Progress, Samples, Task
 
 
-def _place(module, device, dtype) -> None:
-    import torch
-
-    module.to(device)
-    if dtype != torch.float32:  # frozen base weights in the mixed-precision type save memory
-        module.to(dtype)
-
-
 class SDTask(Task):
     name = "sd"
     adapter_suffix = ".safetensors"
@@ -70,19 +62,14 @@ class SDTask(Task):
         return sd_memory_model(cfg, precision, images=len(items), captions=captions)
 
     def load(self, precision: Precision) -> None:
-        import torch
 
         cfg = self.cfg
         self.device, self.weight_dtype, self.autocast = precision.device, precision.weight_dtype, precision.autocast
-        self.model = model = load_sd_model(cfg.base_model, cfg.model_config, cfg.prediction_type)
-        self.reporter.log(f"Loaded base model from {cfg.base_model} ({model.arch}, {model.prediction_type})")
-        # SDXL's VAE overflows in fp16: keep it in fp32 (its config says force_upcast)
-        vae_dtype = torch.float32 if getattr(model.vae.config, "force_upcast", False) else self.weight_dtype
-        model.vae.requires_grad_(False).eval()
-        _place(model.vae, self.device, vae_dtype)
-        for encoder in model.text_encoders:
-            _place(encoder.requires_grad_(False).eval(), self.device, self.weight_dtype)
-        _place(model.unet, self.device, self.weight_dtype)
+        self.model = model = load_sd_model(cfg.base_model, cfg.model_config, cfg.prediction_type, self.weight_dtype)
+        self.reporter.log(f"Loaded base model from {cfg.base_model} ({model.arch}, {model.prediction_type}, "
+                          f"stored in {str(self.weight_dtype).removeprefix('torch.')})")
+        for module in (model.vae, *model.text_encoders, model.unet):  # already in their storage types
+            module.requires_grad_(False).eval().to(self.device)
         self.data = plan_data(cfg, model.resolution_multiple, self.reporter)
         self._inject()
         base = Path(cfg.base_model)
@@ -167,12 +154,29 @@ class SDTask(Task):
         if cfg.cache_latents != "no":
             self.latent_cache = build_latent_cache(cfg, self.model.vae, self.data, self.device, self.reporter,
                                                    held_out)
-        if cfg.cache_text_encoder_outputs:
+        if cfg.cache_text_encoder_outputs == "yes":
             prompts = [*(cfg.sample_prompts or []), ""]  # "": the negative prompt of every render
             prompts += [held_out.fixed_caption(i) for i in range(len(held_out.items))] if held_out else []
             prompts += self.eval_prompts() if cfg.evaluation else []  # the evaluation's pictures (shared/evaluation)
             self.text_cache = build_text_cache(self.model, self.data, self.device, self.reporter, prompts)
+        self._free_cached_encoders()
         return {"latents": self.latent_cache is not None, "text": self.text_cache is not None}
+
+    def _free_cached_encoders(self) -> None:
+        """What a cache replaced leaves memory (not only the device): the VAE's encoder half (renders
+        only decode) and the text encoders (every prompt a render uses is in the text cache)."""
+        import gc
+
+        freed = []
+        if self.latent_cache is not None and self.model.vae.encoder is not None:
+            self.model.vae.encoder = self.model.vae.quant_conv = None
+            freed.append("the VAE encoder")
+        if self.text_cache is not None and self.model.text_encoders:
+            self.model.text_encoders = []
+            freed.append("the text encoders")
+        if freed:
+            gc.collect()
+            self.reporter.log(f"Freed {' and '.join(freed)}: the caches hold what they computed")
 
     # --- a step ----------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int, size: int) -> list[list[Sample]]:

@@ -11,6 +11,7 @@ stores and forwards them (docs/protocol.md lists them with the daemon's own kind
 | `cached` | `latents`, `text`: which caches were built before the first step (false where the task has none) |
 | `started` | `total` steps, `step` (where a resumed run continues; 0 otherwise) |
 | `progress` | `step`, `total`, `loss`, `lr`, `it_s`, `eta_s` (after each optimizer step; `lr`: the first group's rate for the next step, Prodigy's adapted d x lr) |
+| `compiled` | `warmup_s`: the first step's seconds with `compile: true` (torch.compile builds its kernels then), after that step |
 | `checkpoint` | `step`, `path` (the loadable adapter; "" for the state a stop writes), `state` (the training state folder); plus the evaluation's `METRICS` where the task computed them |
 | `sample` | `step`, `paths` (the files holding the samples), `texts` (generated text per prompt; empty for image tasks) |
 | `evaluation` | `step`, `scores` (name -> number: the task's `METRICS` and the evaluation's `SCORES`), `paths` (the evaluation grid and preview pictures; empty for text tasks), `final` (the evaluation at the end) |
@@ -26,6 +27,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "cached": ("latents", "text"),
     "started": ("total", "step"),
     "progress": ("step", "total", "loss", "lr", "it_s", "eta_s"),
+    "compiled": ("warmup_s",),
     "checkpoint": ("step", "path", "state"),
     "sample": ("step", "paths", "texts"),
     "evaluation": ("step", "scores", "paths", "final"),

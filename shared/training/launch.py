@@ -35,6 +35,7 @@ from pathlib import Path
 from shared.config import TrainConfig
 from shared.errors import UserError
 from shared.reporting import Reporter, TrainResult
+from shared.training.precision import launch_device, resolve_mixed_precision
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `shared/`
 DEFAULT_MULTI_NODE_PORT = 29500
@@ -66,7 +67,8 @@ def launch_command(cfg: TrainConfig, run_dir: Path, port: int | None = None) -> 
     else:
         if cfg.num_processes > 1:
             cmd += ["--multi_gpu"]
-        cmd += ["--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no"]
+        cmd += ["--mixed_precision", resolve_mixed_precision(cfg.mixed_precision, launch_device(cfg)),
+                "--dynamo_backend", "no"]
     if cfg.num_processes > 1 or cfg.accelerate_config is None:
         cmd += ["--num_processes", str(cfg.num_processes)]
     if cfg.num_machines > 1 or cfg.accelerate_config is None:
