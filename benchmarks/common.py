@@ -58,8 +58,8 @@ def run_worker(module: str, name: str, spec: dict, workdir: Path, timeout: float
 
 
 def emit(result: dict) -> None:
-    """A worker's last line: its result plus its peak memory."""
-    result["peak_rss_mb"] = peak_rss_mb()
+    """A worker's last line: its result plus its peak memory (unless the worker measured a child's)."""
+    result.setdefault("peak_rss_mb", peak_rss_mb())
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         result["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -126,9 +126,12 @@ def step_times(stamps: list[float], warmup: int) -> list[float]:
     return durations[max(0, warmup - 1):]
 
 
-def compare_main(argv, *, doc: str, sizes, default_steps: int, section: str, run, worker_main) -> int:
+def compare_main(argv, *, doc: str, sizes, default_steps: int, section: str, run, worker_main,
+                 options: dict | None = None, table=None) -> int:
     """The command line both comparisons share: `--worker NAME --spec FILE` runs one variant in this
-    process (what run_worker starts); without it, the whole comparison runs and prints its JSON."""
+    process (what run_worker starts); without it, the whole comparison runs. `options`: a comparison's
+    own flags ({flag: argparse keywords}), passed to `run` as keywords. With `table` (result -> text)
+    the table is printed and the JSON written beside the runs; without it the JSON is printed."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,14 +139,26 @@ def compare_main(argv, *, doc: str, sizes, default_steps: int, section: str, run
     parser.add_argument("--spec")
     parser.add_argument("--size", choices=sizes, default="full")
     parser.add_argument("--steps", type=int, default=default_steps)
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: the comparison's)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default="/tmp/lora-daemon-bench")
+    extra = [parser.add_argument(flag, **kwargs).dest for flag, kwargs in (options or {}).items()]
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(args.worker, json.loads(Path(args.spec).read_text()))
         return 0
+    kwargs = {name: getattr(args, name) for name in extra}
+    if args.warmup is not None:
+        kwargs["warmup"] = args.warmup
     result = run(Path(args.workdir) / section, args.size, args.steps, rounds=args.rounds, threads=args.threads,
-                 model_cache=Path(args.workdir))
-    print(json.dumps(result, indent=2, default=float))
+                 model_cache=Path(args.workdir), **kwargs)
+    text = json.dumps(result, indent=2, default=float)
+    if table is None:
+        print(text)
+        return 0
+    out = Path(args.workdir) / section / "result.json"
+    out.write_text(text)
+    print(table(result))
+    print(f"Every number: {out}")
     return 0

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import compare_main, count_flops, emit, median, run_worker, step_times
+from benchmarks.memory_estimate import memory_fields
 
 SIZES = {
     "full": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
@@ -130,11 +131,10 @@ def worker_ours(spec: dict) -> dict:
         learning_rate=spec["lr"], seed=spec["seed"], max_seq_len=spec["max_len"], device=spec.get("device", "cpu"),
         sample_max_tokens=1, **settings))
     t0 = time.perf_counter()
-    run_training(cfg, Recorder())
+    result = run_training(cfg, Recorder())
     notes = [line for line in lines if line.startswith(("packing:", "Loss:", "Packed"))]
     return {**_rate(stamps, cpu_stamps, tokens, padded, spec["warmup"]), "total_s": time.perf_counter() - t0,
-            "notes": notes,
-            "mixed_precision": cfg.mixed_precision}
+            "notes": notes, "mixed_precision": cfg.mixed_precision, **memory_fields(result)}
 
 
 def worker_ref(spec: dict) -> dict:
@@ -219,6 +219,7 @@ def run(workdir: Path, size: str = "full", steps: int | None = None, warmup: int
             "mfu": fpt * pad / seconds / (peak_bf16 if bf16 else peak) if peak else None,
             "load_avg": [r["load_avg"] for r in results], "notes": results[0].get("notes", []),
             "peak_vram_mb": max((r.get("peak_vram_mb", 0) for r in results), default=0) or None,
+            **{k: x for k, x in results[0].items() if k.startswith("estimate_")},  # the planner's (ours only)
         }
     for row in rows_out.values():
         for ref in ("ref", "ref_best"):
@@ -246,16 +247,14 @@ def worker_main(name: str, spec: dict) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import functools
+    from benchmarks import run_all  # its table; imported here because run_all imports this module
 
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--variants", help=f"comma-separated, from {', '.join(VARIANTS)} (ref always runs)")
-    parser.add_argument("--rows", type=int, default=96)
-    known, rest = parser.parse_known_args(argv)
-    chosen = known.variants.split(",") if known.variants else None
-    return compare_main(rest, doc=__doc__, sizes=SIZES, default_steps=0, section="llm",
-                        run=functools.partial(run, variants=chosen, rows=known.rows), worker_main=worker_main)
+    options = {"--variants": dict(type=lambda text: text.split(","),
+                                  help=f"comma-separated, from {', '.join(VARIANTS)} (ref always runs)"),
+               "--rows": dict(type=int, default=96, help="alpaca rows: one epoch of them per variant")}
+    return compare_main(argv, doc=__doc__, sizes=SIZES, default_steps=0, section="llm", run=run,
+                        worker_main=worker_main, options=options,
+                        table=lambda result: "\n".join(run_all.llm_markdown(result, run_all.TARGETS)))
 
 
 if __name__ == "__main__":

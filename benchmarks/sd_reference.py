@@ -9,6 +9,10 @@ Two choices make its loss curve comparable with ours (benchmarks/sd_compare.py):
 - the LoRA targets are the same 192 UNet modules ours trains (kohya's set: attention projections, the
   feed-forward and proj_in/proj_out) rather than the example's four attention projections, and the
   initial LoRA weights can be loaded from a file that our run wrote, so both start from the same point.
+
+`spec["cache"]` makes it the textbook loop at its best: the latent distributions and the encoder hidden
+states are computed once before the loop and the VAE and text encoder are dropped; each step still draws
+its latent sample, noise and timestep from the same generator, so the curve stays comparable.
 """
 
 from __future__ import annotations
@@ -20,14 +24,16 @@ from pathlib import Path
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 
 
-def load(folder: Path):
+def load(folder: Path, dtype=None):
+    """The components from a diffusers folder; `dtype`: the frozen weights' type (None: fp32)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    # loading straight into the storage type never holds an fp32 copy (what a careful user does)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     return tokenizer, text_encoder, vae, unet, scheduler
 
@@ -84,25 +90,28 @@ def trainer_noise_seeds(spec: dict, vae, unet):
 
 def train(spec: dict, on_step=None) -> dict:
     """Run spec["steps"] steps; `on_step(step, loss)` after each. Returns the loop's objects for
-    FLOP counting."""
+    FLOP counting (the VAE and text encoder are None when `spec["cache"]` dropped them)."""
+    import gc
+
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
 
     folder = Path(spec["model"])
     precision = spec.get("mixed_precision", "no")
     accelerator = Accelerator(mixed_precision=precision, cpu=spec.get("device", "cpu") == "cpu")
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load(folder)
+    # the example keeps the frozen weights in the mixed-precision type and the LoRA weights in fp32
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load(folder, weight_dtype)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
     device = accelerator.device
-    # the example keeps the frozen weights in the mixed-precision type and the LoRA weights in fp32
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    unet.to(device, dtype=weight_dtype)
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device)
+    vae.to(device)
+    text_encoder.to(device)
     unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec.get("dropout", 0.0),
                                 init_lora_weights="gaussian", target_modules=TARGET_MODULES))
     if spec.get("lora_init"):
@@ -125,20 +134,27 @@ def train(spec: dict, on_step=None) -> dict:
                                  num_training_steps=spec["steps"])
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     noise_seeds = trainer_noise_seeds(spec, vae, unet)
+    scaling = vae.config.scaling_factor
+
+    def encode(batch):
+        """The VAE's latent distribution (its mean and log-variance) and the encoder hidden states."""
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+            moments = vae.encode(pixels).latent_dist.parameters
+            hidden = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+        return moments, hidden
 
     def step_loss(batch, epoch, index):
         # the same random numbers as our trainer draws for this step: one generator per sample, seeded
         # from its plan (latent sample, then noise, then timestep), so the loss curves can be compared
         generator = torch.Generator().manual_seed(noise_seeds(epoch, index))
-        pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
-        latents = vae.encode(pixels).latent_dist.sample(generator=generator)
-        latents = latents * vae.config.scaling_factor
+        moments, encoder_hidden_states = batch if isinstance(batch, tuple) else encode(batch)
+        latents = DiagonalGaussianDistribution(moments).sample(generator=generator) * scaling
         noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
         bsz = latents.shape[0]
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator)
         timesteps = timesteps.to(device).long()
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -146,11 +162,17 @@ def train(spec: dict, on_step=None) -> dict:
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
+    batches = loader
+    if spec.get("cache"):
+        # encoded once, in loader order; the encoders are not needed again
+        batches = [encode(batch) for batch in loader]
+        vae = text_encoder = None
+        gc.collect()
     unet.train()
     step = 0
     epoch = 0
     while step < spec["steps"]:
-        for index, batch in enumerate(loader):
+        for index, batch in enumerate(batches):
             loss = step_loss(batch, epoch, index)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

@@ -1,5 +1,7 @@
-"""The same comparisons on a CUDA GPU at real sizes, bf16: SD1.5 at 512 px (ours, ours with caches,
-the reference loop), an SDXL-layout UNet at 1024 px (ours with caches: the reference loop is SD1.5's),
+"""The same comparisons on a CUDA GPU at real sizes: SD1.5 at 512 px with benchmarks/sd_compare.py's
+variants (the textbook loop in fp32 and at its best in bf16 with its caches, ours with its defaults and
+in fp32 without caches), an SDXL-layout UNet at 1024 px (ours with its defaults, which cache and pick
+bf16 on a bf16 card: the reference loop is SD1.5's),
 and a 1B-class LLaMA layout (ours against HF Trainer + PEFT with its defaults and at its best:
 benchmarks/gpu/llm_gpu.py). Random weights, nothing downloaded.
 Sized to finish in under 8 minutes on one H100-class card (model folders are written first and reused).
@@ -22,32 +24,35 @@ from pathlib import Path
 from benchmarks import sd_compare
 from benchmarks.common import REPO, machine, run_worker
 from benchmarks.gpu import llm_gpu
+from benchmarks.memory_estimate import memory_column
 
 
 def plan(dry_run: bool) -> dict:
     if dry_run:
-        return {"device": "cpu", "precision": "no",
+        return {"device": "cpu", "precision": "auto",
                 "sd15": dict(size="tiny", steps=2, warmup=1, rounds=1),
                 "sdxl": dict(size="tiny", steps=2, warmup=1)}
-    return {"device": "cuda", "precision": "bf16",
+    return {"device": "cuda", "precision": "auto",  # ours: the defaults; the reference loops set their own
             "sd15": dict(size="gpu", steps=20, warmup=5, rounds=1),
             "sdxl": dict(size="gpu", steps=10, warmup=3)}
 
 
-def sdxl_ours(workdir: Path, size: str, steps: int, warmup: int, device: str, precision: str) -> dict:
-    """Our trainer on an SDXL-layout model with the caches (what SDXL users run)."""
+def sdxl_ours(workdir: Path, size: str, steps: int, warmup: int, device: str) -> dict:
+    """Our trainer with its defaults on an SDXL-layout model (they cache latents and text)."""
     model = workdir / f"sdxl-{size}-random"
     run_worker("gpu.run_gpu", "build_sdxl", {"threads": 1, "model": str(model), "size": size}, workdir)
     resolution = 1024 if size == "gpu" else 64
     data = sd_compare.make_data(workdir / f"sdxl-data-{resolution}", resolution)
     spec = dict(model=str(model), data=str(data), resolution=resolution, batch_size=1, steps=steps + warmup,
                 warmup=warmup, rank=8, alpha=16.0, lr=2e-4, seed=42, threads=1, device=device,
-                mixed_precision=precision, out=str(workdir / "sdxl-out"))
-    result = run_worker("gpu.run_gpu", "sdxl_ours_cached", spec, workdir)
+                variant="ours", out=str(workdir / "sdxl-out"))
+    result = run_worker("gpu.run_gpu", "sdxl_ours", spec, workdir)
     s = sorted(result["step_s"])[len(result["step_s"]) // 2] if result["step_s"] else None
-    return {"label": "ours (latent+TE cache)", "resolution": resolution, "median_step_s": s,
+    return {"label": sd_compare.LABELS["ours"], "resolution": resolution, "median_step_s": s,
+            "mixed_precision": result.get("mixed_precision"), "caches": result.get("caches"),
             "images_per_s": 1 / s if s else None, "peak_rss_mb": result["peak_rss_mb"],
-            "peak_vram_mb": result.get("peak_vram_mb"), "losses": result["losses"]}
+            "peak_vram_mb": result.get("peak_vram_mb"), "losses": result["losses"],
+            **{k: x for k, x in result.items() if k.startswith("estimate_")}}
 
 
 def build_sdxl(folder: Path, size: str) -> None:
@@ -95,10 +100,8 @@ def run(out: Path, workdir: Path, dry_run: bool) -> dict:
               "machine": machine(), "device": p["device"], "precision": p["precision"]}
     if torch.cuda.is_available() and not dry_run:
         result["gpu"] = torch.cuda.get_device_name(0)
-    common = dict(device=p["device"], mixed_precision=p["precision"], model_cache=workdir)
-    result["sd15"] = sd_compare.run(workdir / "sd15", **p["sd15"], **common)
-    result["sdxl"] = sdxl_ours(workdir, p["sdxl"]["size"], p["sdxl"]["steps"], p["sdxl"]["warmup"], p["device"],
-                               p["precision"])
+    result["sd15"] = sd_compare.run(workdir / "sd15", **p["sd15"], device=p["device"], model_cache=workdir)
+    result["sdxl"] = sdxl_ours(workdir, p["sdxl"]["size"], p["sdxl"]["steps"], p["sdxl"]["warmup"], p["device"])
     result["llm"] = llm_gpu.run(workdir, dry_run, model_cache=workdir)  # benchmarks/gpu/llm_gpu.py
     result["wall_s"] = time.time() - started
     out.mkdir(parents=True, exist_ok=True)
@@ -110,19 +113,20 @@ def run(out: Path, workdir: Path, dry_run: bool) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [f"GPU run {r['started_at']} on {r.get('gpu', r['device'])} ({r['precision']}), "
-             f"{r['wall_s'] / 60:.1f} min", "", "| benchmark | variant | speed | peak VRAM MiB | vs ref |",
-             "|---|---|---:|---:|---:|"]
+             f"{r['wall_s'] / 60:.1f} min", "",
+             "| benchmark | variant | speed | peak VRAM MiB | vs ref | planner's estimate |", "|---|---|---:|---:|---:|---:|"]
     title = f"SD1.5 {r['sd15']['settings']['resolution']} px"
-    for key in ("sd15",):
-        for row in r[key]["variants"].values():
-            lines.append(f"| {title} | {row['label']} | {row['median_step_s']:.3f} s/step | "
-                         f"{row.get('peak_vram_mb') or 0:.0f} | {row['time_ratio_vs_ref']:.2f} |")
+    for row in r["sd15"]["variants"].values():
+        best = row.get("time_ratio_vs_ref_best")
+        lines.append(f"| {title} | {row['label']} ({row['mixed_precision']}) | {row['median_step_s']:.3f} s/step | "
+                     f"{row.get('peak_vram_mb') or 0:.0f} | {row['time_ratio_vs_ref']:.2f}"
+                     + (f" (vs ref_best {best:.2f})" if best else "") + f" | {memory_column(row)} |")
     x = r["sdxl"]
-    lines.append(f"| SDXL {x['resolution']} px | {x['label']} | {x['median_step_s']:.3f} s/step | "
-                 f"{x.get('peak_vram_mb') or 0:.0f} | |")
+    lines.append(f"| SDXL {x['resolution']} px | {x['label']} ({x.get('mixed_precision')}) | "
+                 f"{x['median_step_s']:.3f} s/step | {x.get('peak_vram_mb') or 0:.0f} | | {memory_column(x)} |")
     lines += llm_gpu.markdown_rows(r["llm"])
     lc = r["sd15"]["loss_curves"]
-    lines += ["", f"SD1.5 loss curves, max |ours - ref| = {lc['max_abs_diff']}"]
+    lines += ["", f"SD1.5 loss curves, max |ours_fp32 - ref| = {lc['max_abs_diff']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
             build_sdxl(Path(spec["model"]), spec["size"])
             emit({})
         else:
-            emit(sd_compare.worker_ours(spec, cached=True))
+            emit(sd_compare.worker_ours(spec))
         return 0
     result = run(Path(args.out), Path(args.workdir), args.dry_run)
     print(markdown(result))
