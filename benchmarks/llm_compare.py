@@ -98,6 +98,7 @@ def worker_ours(spec: dict) -> dict:
     from shared.llm import loss as llm_loss
     from shared.reporting import Reporter
     from shared.train import run_training
+    from shared.training.precision import resolve_mixed_precision
 
     torch.set_num_threads(spec["threads"])
     stamps, cpu_stamps, tokens, padded, steps, lines = [], [], [], [], [0], []
@@ -134,7 +135,8 @@ def worker_ours(spec: dict) -> dict:
     result = run_training(cfg, Recorder())
     notes = [line for line in lines if line.startswith(("packing:", "Loss:", "Packed"))]
     return {**_rate(stamps, cpu_stamps, tokens, padded, spec["warmup"]), "total_s": time.perf_counter() - t0,
-            "notes": notes, "mixed_precision": cfg.mixed_precision, **memory_fields(result)}
+            "notes": notes, "mixed_precision": resolve_mixed_precision(cfg.mixed_precision, cfg.device),
+            **memory_fields(result)}
 
 
 def worker_ref(spec: dict) -> dict:

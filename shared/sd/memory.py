@@ -14,6 +14,8 @@ family its header names): no weight is read. The parts:
   VAE encoding an image when latents are not cached) and a sample's (the UNet at batch 2 for
   classifier-free guidance, the VAE decoding an image) when the job renders samples or a preview;
 - `caches`: latents and text-encoder outputs kept in RAM (CPU only; they are never on the card);
+- `compile`: with `compile: true`, what torch.compile keeps in the process (its graphs and generated
+  code; measured on the tiny model only);
 - `tokenizers`: the CLIP tokenizers (their BPE vocabulary is read once before the baseline is measured);
 - `loading`: what loading and caching cost above the training peak: every weight is held while the
   caches are built (with the VAE encoding an image); a safetensors file is streamed tensor by tensor
@@ -50,6 +52,7 @@ CHECKPOINTED = 1.0  # a checkpointed block keeps its input
 INFERENCE = 6.0  # a sample's UNet working set, elements per latent pixel per channel of the top level
 VAE_ENCODE = 4.0  # the VAE encoder's working set, elements per pixel per top-level channel
 VAE_DECODE = 6.0  # the VAE decoder's
+COMPILE = 380 * 2**20  # torch.compile's graphs and generated code in the process (tiny SD on this CPU, measured)
 TOKENIZER = 17 * 2**20  # a CLIP tokenizer's vocabulary and merge ranks as Python objects, measured
 # what loading imports (the tokenizer's vocabulary ships in open_clip; a single file is converted by diffusers)
 IMPORTS = ("peft", "diffusers.pipelines", "diffusers.loaders.single_file_utils", "shared.images.clip_tokenizer", "open_clip")
@@ -209,7 +212,7 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
             flips = 2 if cfg.random_flip else 1
             caches += (images * flips * 8 * latent_pixels * 4) if latents_cached else 0
             caches += (captions * tokens * hidden * weight) if text_cached else 0  # the encoders' type
-        parts = {"weights": weights, "autocast": autocast, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
+        parts = {"compile": COMPILE if cfg.compile else 0.0, "weights": weights, "autocast": autocast, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
                  "activations": work, "caches": caches}
         # before the caches free the encoders, every weight is loaded while the VAE encodes an image
         caching = sum(sizes.values()) + (VAE_ENCODE * top_vae * pixels * vae_bytes if latents_cached else 0)
