@@ -150,7 +150,8 @@ def worker_ours(spec: dict) -> dict:
         base_model=spec["model"], train_data_dir=spec["data"], output_dir=spec["out"], resolution=spec["resolution"],
         batch_size=spec["batch_size"], max_train_steps=spec["steps"], save_steps=0, lora_rank=spec["rank"],
         lora_alpha=spec["alpha"], lora_dropout=0.0, learning_rate=spec["lr"], seed=spec["seed"],
-        device=spec.get("device", "cpu"), **VARIANTS[spec["variant"]][1]))
+        device=spec.get("device", "cpu"), preview=False, evaluation=False,  # the textbook loop renders nothing
+        **VARIANTS[spec["variant"]][1]))
     t0 = time.perf_counter()
     result = run_training(cfg, Recorder())
     return {"step_s": step_times(stamps, spec["warmup"]), "losses": losses, "setup_s": seen["started"] - t0,
@@ -219,6 +220,13 @@ def worker_kohya(spec: dict) -> dict:
         shutil.copy(item, images / item.name)
     tokenizers = work / "tokenizers"
     shutil.copytree(Path(spec["model"]) / "tokenizer", tokenizers / "openai_clip-vit-large-patch14")
+    # its transformers 4 reads the slow CLIP tokenizer's files, which a transformers 5 folder lacks
+    from shared.images.clip_tokenizer import clip_vocab_and_merges
+
+    vocab, merges = clip_vocab_and_merges()
+    (tokenizers / "openai_clip-vit-large-patch14" / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tokenizers / "openai_clip-vit-large-patch14" / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     r = spec["resolution"]
     command = [
         spec.get("kohya_python") or sys.executable, "train_network.py",

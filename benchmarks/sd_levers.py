@@ -53,8 +53,6 @@ def worker(name: str, spec: dict) -> dict:
                 warmup["s"] = data["warmup_s"]
 
     if name == "foreach_adamw":  # the lever turned back: torch's multi-tensor AdamW
-        from shared.training import optim
-
         original = torch.optim.AdamW
 
         class ForeachAdamW(original):
@@ -62,7 +60,7 @@ def worker(name: str, spec: dict) -> dict:
                 kwargs.pop("fused", None)
                 super().__init__(params, foreach=True, **kwargs)
 
-        optim.torch.optim.AdamW = ForeachAdamW
+        torch.optim.AdamW = ForeachAdamW  # shared/training/optim.py looks it up at each build
     if name == "channels_last":  # a lever tried: convolutions on NHWC tensors
         from shared.sd.task import SDTask
 

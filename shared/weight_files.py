@@ -45,18 +45,27 @@ def stream_safetensors(path: Path, cast: Callable[[str, Any], Any] | None = None
     header, start = safetensors_header(path)
     entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
     out = {}
+    # with a cast, every tensor is read into one scratch buffer that the cast copies out of: the
+    # process never holds more than the converted tensors and the largest raw one
+    largest = max((info["data_offsets"][1] - info["data_offsets"][0] for _, info in entries), default=0)
+    scratch = torch.empty(largest, dtype=torch.uint8) if cast else None
     with open(path, "rb", buffering=0) as fh:
         for name, info in entries:
             begin, end = info["data_offsets"]
             dtype = getattr(torch, DTYPES[info["dtype"]])
             shape = tuple(info["shape"])
             if end == begin:
-                tensor = torch.empty(shape, dtype=dtype)
-            else:
-                buffer = bytearray(end - begin)
-                fh.seek(start + begin)
-                if fh.readinto(buffer) != len(buffer):
-                    raise ValueError(f"tensor {name!r} runs past the end of the file")
-                tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
-            out[name] = cast(name, tensor) if cast else tensor  # unconverted, it keeps its buffer alive
+                out[name] = torch.empty(shape, dtype=dtype)
+                continue
+            # memory torch allocated (aligned as its kernels expect), then viewed as the dtype
+            buffer = scratch[: end - begin] if cast else torch.empty(end - begin, dtype=torch.uint8)
+            fh.seek(start + begin)
+            if fh.readinto(buffer.numpy()) != end - begin:
+                raise ValueError(f"tensor {name!r} runs past the end of the file")
+            tensor = buffer.view(dtype).reshape(shape)
+            if cast:
+                tensor = cast(name, tensor)
+                if tensor.untyped_storage().data_ptr() == scratch.untyped_storage().data_ptr():
+                    tensor = tensor.clone()  # the cast kept it as it was: it may not stay in the scratch
+            out[name] = tensor
     return out

@@ -15,7 +15,7 @@ family its header names): no weight is read. The parts:
   classifier-free guidance, the VAE decoding an image) when the job renders samples or a preview;
 - `caches`: latents and text-encoder outputs kept in RAM (CPU only; they are never on the card);
 - `compile`: with `compile: true`, what torch.compile keeps in the process (its graphs and generated
-  code; measured on the tiny model only);
+  code), by the UNet's number of modules, fitted to the tiny model and SD1.5 on this CPU;
 - `tokenizers`: the CLIP tokenizers (their BPE vocabulary is read once before the baseline is measured);
 - `loading`: what loading and caching cost above the training peak: every weight is held while the
   caches are built (with the VAE encoding an image); a safetensors file is streamed tensor by tensor
@@ -52,7 +52,9 @@ CHECKPOINTED = 1.0  # a checkpointed block keeps its input
 INFERENCE = 6.0  # a sample's UNet working set, elements per latent pixel per channel of the top level
 VAE_ENCODE = 4.0  # the VAE encoder's working set, elements per pixel per top-level channel
 VAE_DECODE = 6.0  # the VAE decoder's
-COMPILE = 380 * 2**20  # torch.compile's graphs and generated code in the process (tiny SD on this CPU, measured)
+# torch.compile's graphs and generated code held in the process, per UNet module, fitted to two peaks
+# measured on this CPU with inductor: the tiny fixture (308 modules) +372 MiB, SD1.5 (709) +1825 MiB
+COMPILE_PER_MODULE, COMPILE_BASE, COMPILE_MIN = 3.62 * 2**20, -744 * 2**20, 372 * 2**20
 TOKENIZER = 17 * 2**20  # a CLIP tokenizer's vocabulary and merge ranks as Python objects, measured
 # what loading imports (the tokenizer's vocabulary ships in open_clip; a single file is converted by diffusers)
 IMPORTS = ("peft", "diffusers.pipelines", "diffusers.loaders.single_file_utils", "shared.images.clip_tokenizer", "open_clip")
@@ -191,6 +193,7 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
     latent_pixels = pixels // 64
     samples = bool(cfg.sample_prompts) or cfg.preview
     autocast = autocast_copies(unet, weight, compute)
+    compiled = max(COMPILE_MIN, COMPILE_BASE + COMPILE_PER_MODULE * sum(1 for _ in unet.modules()))
     loading = _loading_bytes(cfg, sum(params(m) for m in (unet, vae, *encoders)), sum(sizes.values()))
 
     def estimate(s) -> dict[str, float]:
@@ -212,7 +215,7 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
             flips = 2 if cfg.random_flip else 1
             caches += (images * flips * 8 * latent_pixels * 4) if latents_cached else 0
             caches += (captions * tokens * hidden * weight) if text_cached else 0  # the encoders' type
-        parts = {"compile": COMPILE if cfg.compile else 0.0, "weights": weights, "autocast": autocast, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
+        parts = {"compile": compiled if cfg.compile else 0.0, "weights": weights, "autocast": autocast, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
                  "activations": work, "caches": caches}
         # before the caches free the encoders, every weight is loaded while the VAE encodes an image
         caching = sum(sizes.values()) + (VAE_ENCODE * top_vae * pixels * vae_bytes if latents_cached else 0)

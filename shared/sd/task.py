@@ -50,6 +50,10 @@ from shared.training.task import Evaluation, Finish, Precision, Progress, Sample
 class SDTask(Task):
     name = "sd"
     adapter_suffix = ".safetensors"
+    # a bucket's batches have one shape, so glibc's heap reuses its blocks; a fixed mmap threshold made
+    # every step fault its activations in afresh: SD1.5 at 256 px, bf16, 2.3 -> 3.5 s per forward and
+    # backward for a 4% lower peak (120 MiB of 2.8 GB)
+    lean_allocator = False
 
     # --- set-up ----------------------------------------------------------------------------------
     def memory_model(self, precision: Precision):

@@ -309,7 +309,8 @@ def plan_memory(cfg, task, precision, resume_from: Path | None = None, agree: Ca
     settings, the MemoryPlan). ConfigError when even the cheapest plan does not fit. `agree` hands
     every rank the main process's plan (their budgets may differ; their batches must not)."""
     device = device_kind(precision.device)
-    lean_allocator()
+    if task.lean_allocator:
+        lean_allocator()
     model = task.memory_model(precision)
     estimated = model is not None
     model = model or MemoryModel(levers=[], estimate=lambda settings: {})

@@ -107,6 +107,9 @@ class Task:
 
     name: ClassVar[str]
     adapter_suffix: ClassVar[str]  # ".safetensors": the adapter is one file; "": a folder
+    # whether the loop fixes glibc's mmap threshold (shared/training/memory.py `lean_allocator`): for
+    # batches whose shapes change step to step; it costs a page fault for every large tensor
+    lean_allocator: ClassVar[bool] = True
 
     def __init__(self, cfg, reporter) -> None:
         self.cfg = cfg
