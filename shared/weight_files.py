@@ -3,8 +3,8 @@ one at a time into the type they are stored in for training.
 
 safetensors' own reader maps the file: every page a tensor was read from stays resident (and counts
 in the process's peak RSS) until the file is closed, so converting an fp32 checkpoint to bf16 held
-the whole file *and* its bf16 copy. Here each tensor is read with a plain read into a buffer of its
-own, converted, and the buffer dropped: the peak is the converted model plus the largest tensor.
+the whole file *and* its bf16 copy. Here each tensor is read with a plain read into one scratch
+buffer and converted out of it: the peak is the converted model plus the largest raw tensor.
 """
 
 from __future__ import annotations

@@ -135,6 +135,20 @@ def test_the_base_loads_straight_into_its_storage_type(tiny_sd, tmp_path):
     assert set(c) == set(d) and all(torch.equal(c[k], d[k].to(torch.bfloat16)) for k in d)
 
 
+def test_a_bf16_load_keeps_the_sdxl_vae_in_fp32_without_a_bf16_round_trip(tiny_sdxl):
+    import torch
+
+    from shared.sd.base_model import load_sd_model
+
+    kwargs = {"model_config": tiny_sdxl["config"]} if "config" in tiny_sdxl else {}
+    bf16 = load_sd_model(tiny_sdxl["safetensors"], dtype=torch.bfloat16, **kwargs)
+    fp32 = load_sd_model(tiny_sdxl["safetensors"], **kwargs)
+    assert {p.dtype for p in bf16.unet.parameters()} == {torch.bfloat16}
+    a, b = dict(bf16.vae.named_parameters()), dict(fp32.vae.named_parameters())
+    assert {p.dtype for p in a.values()} == {torch.float32}
+    assert all(torch.equal(a[k], b[k]) for k in b)  # the file's VAE weights exactly, not rounded to bf16
+
+
 def test_the_sdxl_vae_stays_fp32_as_its_config_asks():
     import torch
 

@@ -25,6 +25,16 @@ def read_checkpoint(path: Path, cast: Callable[[str, Any], Any] | None = None) -
     return {k: cast(k, v) for k, v in state.items()} if cast else state
 
 
+def into(dtype, keep: tuple[str, ...] = ()) -> Callable[[str, Any], Any]:
+    """A `read_checkpoint` cast: floating tensors to `dtype`, except those whose name starts with one
+    of `keep` (left in the file's type, for a component stored in another one)."""
+
+    def cast(key: str, tensor):
+        return tensor.to(dtype) if tensor.is_floating_point() and not key.startswith(keep) else tensor
+
+    return cast
+
+
 def _read_safetensors_cast(path: Path, cast) -> dict:
     from shared.weight_files import stream_safetensors
 

@@ -66,7 +66,7 @@ def cache_plan(v) -> dict[str, tuple[str, str]]:
     if v["cache_latents"] == "auto":
         plan["cache_latents"] = (("no", "random_crop changes the pixels every step") if v["random_crop"] else
                                  ("memory", "no setting changes an image's pixels between steps"))
-    if v.get("cache_text_encoder_outputs") == "auto":
+    if v["cache_text_encoder_outputs"] == "auto":
         varying = _caption_varies(v)
         plan["cache_text_encoder_outputs"] = (("no", f"{', '.join(varying)} changes the text encoding every step")
                                               if varying else ("yes", "the captions and the text encoders are fixed"))

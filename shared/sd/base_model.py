@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ModelError
-from shared.images.checkpoints import load_strict, read_checkpoint
+from shared.images.checkpoints import into, load_strict, read_checkpoint
+from shared.sd.ldm_layout import VAE_PREFIX
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -224,7 +225,9 @@ def load_single_file(path: Path, model_config: Path | None = None, prediction_ty
 
     path = Path(path)
     storage = dtype or torch.float32
-    checkpoint = read_checkpoint(path, lambda key, t: t.to(storage) if t.is_floating_point() else t)
+    # the VAE stays in the file's type until its own storage type is known (fp32 for SDXL's): a bf16
+    # round trip would round it
+    checkpoint = read_checkpoint(path, into(storage, keep=(VAE_PREFIX,)))
     arch = detect_architecture(checkpoint, path)
     detected = detect_prediction_type(checkpoint, arch)
     if model_config:
@@ -293,7 +296,6 @@ def _component(folder: Path, cls, dtype):
         kwargs = {"dtype" if stem == "model" else "torch_dtype": dtype}
         return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     files = [single] if single.is_file() else sorted({folder / f for f in _read_json(index)["weight_map"].values()})
-    cast = lambda key, t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
     with init_empty_weights():
         if stem == "model":
             model = _text_encoder(_read_json(folder / "config.json"), cls.__name__.endswith("WithProjection"))
@@ -301,7 +303,7 @@ def _component(folder: Path, cls, dtype):
             model = cls.from_config(cls.load_config(folder))
     state = {}
     for file in files:
-        state.update(read_checkpoint(file, cast))
+        state.update(read_checkpoint(file, into(dtype)))
     load_strict(model, _fit_to_model(state, model) if stem == "model" else state, folder, folder.name, dtype=dtype)
     return model
 

@@ -66,7 +66,6 @@ class SDTask(Task):
         return sd_memory_model(cfg, precision, images=len(items), captions=captions)
 
     def load(self, precision: Precision) -> None:
-
         cfg = self.cfg
         self.device, self.weight_dtype, self.autocast = precision.device, precision.weight_dtype, precision.autocast
         self.model = model = load_sd_model(cfg.base_model, cfg.model_config, cfg.prediction_type, self.weight_dtype)
