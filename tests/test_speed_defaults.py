@@ -230,3 +230,23 @@ def test_compile_trains_the_same_adapter_and_reports_its_warm_up(sd_config, tmp_
 
     a, b = load_file(str(plain.output_path)), load_file(str(compiled.output_path))
     assert set(a) == set(b)  # in-place compile: the adapter's names are the same
+
+
+def test_explicit_fp16_on_the_cpu_is_kept_and_the_log_says_what_fits_instead(sd_config):
+    import contextlib
+
+    import torch
+
+    from shared.training.speed import resolve_auto
+    from shared.training.task import Precision
+
+    def precision(mixed):
+        return Precision(torch.device("cpu"), torch.float16 if mixed == "fp16" else torch.float32, mixed,
+                         contextlib.nullcontext)
+
+    cfg = load_config(sd_config(mixed_precision="fp16"))
+    resolved, notes = resolve_auto(cfg, "sd", precision("fp16"))
+    assert resolved.mixed_precision == "fp16"  # the user's explicit choice stands
+    assert any(n.startswith("mixed_precision fp16 on cpu") and "mixed_precision: auto" in n for n in notes)
+    _, notes = resolve_auto(load_config(sd_config(mixed_precision="no")), "sd", precision("no"))
+    assert not any(n.startswith("mixed_precision") for n in notes)
