@@ -26,7 +26,7 @@ def resolve_auto(cfg, task: str, precision: Precision) -> tuple[object, list[str
         what = {"bf16": "bf16 (base weights stored in bf16)", "fp16": "fp16 (with a gradient scaler)",
                 "no": "fp32"}[precision.mixed_precision]
         notes.append(f"mixed_precision auto: {what} on {precision.device}")
-    elif cfg.mixed_precision == "fp16" and getattr(precision.device, "type", str(precision.device)) == "cpu":
+    elif cfg.mixed_precision == "fp16" and precision.device.type == "cpu":
         # accelerate gives the CPU no gradient scaler, and fp16's range underflows small gradients there;
         # the 8 GB presets set fp16 for cards, so a CPU job is told what fits it instead
         notes.append("mixed_precision fp16 on cpu: the base is stored in fp16 and the CPU has no gradient "
