@@ -107,3 +107,55 @@ def test_the_benchmarks_estimate_column():
     assert memory_column(fields) == "1536 MiB (+20% !)"  # past the 15% target: marked
     assert memory_column({**fields, "estimate_vs_peak": -0.05}) == "1536 MiB (-5%)"
     assert memory_fields({}) == {} and memory_column({}) == "-"  # a reference loop has no planner
+
+
+KERNELS = r"""
+import os, sys
+import torch
+
+from shared.training.memory import cap_kernel_caches, proc_status
+
+if sys.argv[1] != "default":
+    print("SET", cap_kernel_caches(int(sys.argv[1])))  # after importing torch, before its first matmul
+torch.set_num_threads(1)
+layer = torch.nn.Linear(512, 1408).to(torch.bfloat16)
+
+
+def step(rows):
+    x = torch.randn(rows, 512, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()
+
+
+step(1024)
+before = proc_status("VmRSS")
+for rows in range(400, 1024, 12):  # a new batch width every step, as LLM rows of varied length make
+    step(rows)
+print("GROWTH", (proc_status("VmRSS") - before) / 2**20, os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"))
+"""
+
+
+def kernel_growth(capacity: str, **env) -> tuple[float, str]:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**{k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")},
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1", **env}
+    proc = subprocess.run([sys.executable, "-c", KERNELS, capacity], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    growth, setting = proc.stdout.split("GROWTH ")[1].split()
+    return float(growth), setting
+
+
+def test_capped_kernel_caches_stop_new_batch_widths_from_growing_the_process():
+    from shared.training.precision import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("oneDNN compiles bf16 matmul kernels per shape only where the CPU has bf16")
+    default, _ = kernel_growth("default")
+    capped, setting = kernel_growth("8")
+    assert setting == "8"
+    assert default > 20 and capped < default / 3, (default, capped)  # measured: about 90 MiB against 8
+    kept, setting = kernel_growth("8", ONEDNN_PRIMITIVE_CACHE_CAPACITY="2048")  # the user's own setting stays
+    assert setting == "2048"

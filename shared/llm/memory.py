@@ -13,7 +13,11 @@ read) and PEFT's target modules give the LoRA's size. The parts:
   known), per token and layer in elements of the hidden and the MLP width, plus the attention weights
   where the kernel keeps them (where rows differ in length a batch is padded and passes a mask, and
   the CPU's fused kernel then falls back to one that keeps them), plus the logits and their loss in
-  fp32 (one chunk's, where the loss is chunked).
+  fp32 (one chunk's, where the loss is chunked);
+- `heap` (CPU): what glibc's heap keeps beyond the live tensors. Freed activations go back to the
+  heap, not to the system, and the next step's tensors, of other widths, fit its holes only in part,
+  so the resident peak rises above the live one by a share of the activations (the 53 M benchmark:
+  0.86 of them over 24 steps of changing widths; the tiny fixture's equal-length rows less).
 
 The per-token figures are fitted to peaks measured on this CPU (the 53 M LLaMA benchmark layout and the
 tiny fixture, with and without gradient checkpointing and LoRA dropout; docs/memory.md); on CUDA they
@@ -38,6 +42,7 @@ DROPOUT = 1.0  # each LoRA module's dropout copy of its input (and its one-byte 
 ATTENTION_WEIGHTS = 2.0  # heads x tokens per token and layer, when the attention kernel keeps them
 LOGITS = 3.0  # vocabulary-wide fp32 copies per token: the upcast logits, log-softmax, their gradient
 CHECKPOINTED = 1.0  # a checkpointed layer keeps its input (hidden width per token)
+HEAP = 0.8  # glibc's heap above the live tensors, as a share of the activations (CPU; see the docstring)
 
 
 def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> MemoryModel:
@@ -101,10 +106,14 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
         else:
             kept = layer * layers
         logits = min(tokens * vocab, chunk) * 4 * LOGITS
-        return {"weights": float(weights), "autocast": autocast, "trainable": trainable_bytes(lora), "activations": kept + logits}
+        activations = kept + logits
+        heap = HEAP * activations if device == "cpu" else 0.0  # CUDA: torch's caching allocator, counted as reserved
+        return {"weights": float(weights), "autocast": autocast, "trainable": trainable_bytes(lora),
+                "activations": activations, "heap": heap}
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device)]
     hints = {"weights": "the model's size: load_in_4bit (CUDA) or mixed_precision bf16",
              "activations": "max_seq_len or batch_size, or set gradient_checkpointing: true",
+             "heap": "max_seq_len or batch_size, or set gradient_checkpointing: true",
              "trainable": "lora_rank or target_modules"}
     return MemoryModel(levers=levers, estimate=estimate, hints=hints, imports=("peft",))

@@ -47,6 +47,8 @@ AUTO_MARGIN = 0.10  # `auto` keeps 10% of what is free (at least MIN_MARGIN) for
 MIN_MARGIN = GiB // 2
 BUDGET_PATTERN = r"auto|off|[0-9]+(\.[0-9]+)?"
 MMAP_THRESHOLD = 128 * 1024  # bytes; see lean_allocator
+# oneDNN's primitive cache and ideep's (torch's CPU kernels) keep a JIT-compiled kernel for every matmul shape
+KERNEL_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 @dataclass(frozen=True)
@@ -212,9 +214,10 @@ def lean_allocator() -> bool:
 
     glibc serves big blocks with mmap, but after one is freed it raises that threshold (up to 32 MiB)
     and serves later blocks from its heap, whose freed middle it keeps: a run whose batches change shape
-    then grows step after step (measured: the 53 M LLaMA benchmark, batch 4 x 256 tokens, peaked at
-    3.0 GB with the default and 1.8 GB with a fixed threshold). A fixed threshold keeps the resident
-    memory at what the live tensors hold, which is what the planner estimates."""
+    then peaks above its live tensors. A fixed threshold keeps the resident memory at what the live
+    tensors hold, at the price of a page fault for every page of every large tensor, every step (the
+    53 M LLaMA benchmark: 15% lower peak, 1.8x the step time, so the LLM task keeps glibc's default and
+    estimates its heap instead; Flux, not measured at size on this CPU, keeps the fixed threshold)."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -226,6 +229,24 @@ def lean_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
+
+
+def cap_kernel_caches(entries: int) -> bool:
+    """Keep at most `entries` compiled CPU kernels in each of oneDNN's and ideep's caches (LRU).
+
+    Both caches hold a JIT-compiled kernel (and its scratch) for every matmul shape they have seen, 1024
+    of them by default, about half a MiB each: a job whose batches change width step by step (LLM rows
+    of varied length) grows by the kernels of every new width (measured: the 53 M LLaMA benchmark, 24
+    steps, +290 MiB over its run). Both libraries read the capacity once, when the first kernel is made,
+    so this takes effect in a process that has not run a CPU matmul yet (the daemon's worker, the CLI)
+    and changes nothing afterwards; a capacity the environment already sets is kept. True when set."""
+    import os
+
+    if any(name in os.environ for name in KERNEL_CACHE_ENV):
+        return False
+    for name in KERNEL_CACHE_ENV:
+        os.environ[name] = str(entries)
+    return True
 
 
 def measure_baseline(device: str, imports: tuple[str, ...] = ()) -> float:
@@ -311,6 +332,8 @@ def plan_memory(cfg, task, precision, resume_from: Path | None = None, agree: Ca
     device = device_kind(precision.device)
     if task.lean_allocator:
         lean_allocator()
+    if task.kernel_cache is not None and device == "cpu":
+        cap_kernel_caches(task.kernel_cache)
     model = task.memory_model(precision)
     estimated = model is not None
     model = model or MemoryModel(levers=[], estimate=lambda settings: {})

@@ -110,6 +110,9 @@ class Task:
     # whether the loop fixes glibc's mmap threshold (shared/training/memory.py `lean_allocator`): for
     # batches whose shapes change step to step; it costs a page fault for every large tensor
     lean_allocator: ClassVar[bool] = True
+    # on the CPU, how many compiled matmul kernels torch's oneDNN keeps (shared/training/memory.py
+    # `cap_kernel_caches`); None: the libraries' own 1024, for jobs whose shapes repeat step to step
+    kernel_cache: ClassVar[int | None] = None
 
     def __init__(self, cfg, reporter) -> None:
         self.cfg = cfg
