@@ -162,6 +162,8 @@ def test_samples_grid_preview_and_the_render_hook(trained_double_blocks):
     with Image.open(out / "flux_lora-grid.png") as grid:
         assert grid.size == (4 * 64, 14 + 64)  # base, 0.5, 0.8, 1.0 for the one prompt
     assert any("T5 freed" in line and "CLIP-L" not in line for line in rec.lines)  # CLIP-L trains: it stays
+    # the latents were cached, so the VAE's encoder left before training; the grid and preview only decode
+    assert any(line.startswith("Freed the VAE encoder") for line in rec.lines)
 
 
 def test_the_render_hook_takes_prompts_seeds_and_a_weight(tiny_flux, flux_images, tmp_path):

@@ -199,6 +199,13 @@ class FluxTask(Task):
         transformer took the device)."""
         if self.cfg.cache_latents != "no":
             self.latent_cache = build_latent_cache(self.cfg, self.model.vae, self.data, self.device, self.reporter)
+        if self.latent_cache is not None and self.model.vae.encoder is not None:
+            import gc
+
+            # a step reads the cache and a render only decodes: the encoder half leaves memory
+            self.model.vae.encoder = self.model.vae.quant_conv = None
+            gc.collect()
+            self.reporter.log("Freed the VAE encoder: the latent cache holds what it computed")
         return {"latents": self.latent_cache is not None, "text": self.text_cache is not None}
 
     # --- a step ----------------------------------------------------------------------------------
