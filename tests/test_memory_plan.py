@@ -140,7 +140,9 @@ def kernel_growth(capacity: str, **env) -> tuple[float, str]:
     import sys
     from pathlib import Path
 
-    env = {**{k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")},
+    from shared.training.memory import KERNEL_CACHE_ENV
+
+    env = {**{k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_ENV},
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1", **env}
     proc = subprocess.run([sys.executable, "-c", KERNELS, capacity], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -157,5 +159,5 @@ def test_capped_kernel_caches_stop_new_batch_widths_from_growing_the_process():
     capped, setting = kernel_growth("8")
     assert setting == "8"
     assert default > 20 and capped < default / 3, (default, capped)  # measured: about 90 MiB against 8
-    kept, setting = kernel_growth("8", ONEDNN_PRIMITIVE_CACHE_CAPACITY="2048")  # the user's own setting stays
+    _, setting = kernel_growth("8", ONEDNN_PRIMITIVE_CACHE_CAPACITY="2048")  # the user's own setting stays
     assert setting == "2048"

@@ -31,7 +31,7 @@ from shared.flux.text_cache import TextCache, default_cache_dir, free_text_encod
 from shared.flux.tokenizers import T5_MAX_LENGTH
 from shared.images.dataset import load_pixels
 from shared.images.kohya_files import save_lora_file
-from shared.images.latent_cache import build_latent_cache
+from shared.images.latent_cache import build_latent_cache, free_vae_encoder
 from shared.images.lora import inject_lora, is_lora_param
 from shared.images.previews import before_after_grid, save_png
 from shared.images.train_data import Sample, plan_data
@@ -199,11 +199,9 @@ class FluxTask(Task):
         transformer took the device)."""
         if self.cfg.cache_latents != "no":
             self.latent_cache = build_latent_cache(self.cfg, self.model.vae, self.data, self.device, self.reporter)
-        if self.latent_cache is not None and self.model.vae.encoder is not None:
+        if self.latent_cache is not None and free_vae_encoder(self.model.vae):
             import gc
 
-            # a step reads the cache and a render only decodes: the encoder half leaves memory
-            self.model.vae.encoder = self.model.vae.quant_conv = None
             gc.collect()
             self.reporter.log("Freed the VAE encoder: the latent cache holds what it computed")
         return {"latents": self.latent_cache is not None, "text": self.text_cache is not None}

@@ -87,6 +87,15 @@ class LatentCache:
             atomic_write(self.folder / f"{key}.safetensors", lambda p: save_file({"latent_dist": value}, str(p)))
 
 
+def free_vae_encoder(vae) -> bool:
+    """Drop the VAE's encoder half once every latent is cached: a step reads the cache and a render
+    only decodes. False when it was already gone."""
+    if vae.encoder is None:
+        return False
+    vae.encoder = vae.quant_conv = None
+    return True
+
+
 def build_latent_cache(cfg, vae, data, device, reporter, held_out=None) -> LatentCache:
     """Encode every image once with `vae` (an AutoencoderKL: SD's or Flux's), both ways when flips
     are on, at its bucket size and centre crop; the `held_out` validation images (another TrainData)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.images.dataset import load_pixels, tokenize
-from shared.images.latent_cache import build_latent_cache
+from shared.images.latent_cache import build_latent_cache, free_vae_encoder
 from shared.images.lora import (
     inject_lora,
     is_lora_param,
@@ -171,8 +171,7 @@ class SDTask(Task):
         import gc
 
         freed = []
-        if self.latent_cache is not None and self.model.vae.encoder is not None:
-            self.model.vae.encoder = self.model.vae.quant_conv = None
+        if self.latent_cache is not None and free_vae_encoder(self.model.vae):
             freed.append("the VAE encoder")
         if self.text_cache is not None and self.model.text_encoders:
             self.model.text_encoders = []
