@@ -39,6 +39,8 @@ VARIANTS = {
     "ours_fp32": ("ours (fp32, no caches)",
                   {"mixed_precision": "no", "cache_latents": "no", "cache_text_encoder_outputs": "no"}),
     "ours_compile": ("ours (defaults + compile)", {"compile": True}),
+    # on a card `channels_last: auto` is no until this variant has measured it (shared/training/speed.py)
+    "ours_channels_last": ("ours (defaults + channels_last: yes)", {"channels_last": "yes"}),
     "kohya": ("kohya sd-scripts (cached latents, bf16)", {}),
 }
 LABELS = {name: label for name, (label, _) in VARIANTS.items()}
@@ -299,6 +301,7 @@ def run(workdir: Path, size: str = "full", steps: int = 6, warmup: int = 2, roun
     init = workdir / "sd-lora-init.safetensors"
     # ours_fp32 first: the reference loops start from the LoRA weights it writes
     order = ["ours_fp32", "ref", "ref_best", "ours"] + ["ours_compile"] * compile + ["kohya"] * bool(kohya)
+    order += ["ours_channels_last"] * (device != "cpu")  # on the CPU, the defaults already resolve it
     runs: dict[str, list[dict]] = {v: [] for v in order}
     for r in range(rounds):
         k = r % len(order)

@@ -4,10 +4,10 @@ which lever pays on this machine, and by how much (issue 18: "measure each lever
 
     python -m benchmarks.sd_levers [--size full|tiny] [--steps N] [--warmup W] [--only a,b]
 
-Variants: `defaults` (mixed_precision auto, both caches, fused AdamW), `fp32` (mixed_precision: no),
-`no_caches` (cache_latents: no, cache_text_encoder_outputs: no), `foreach_adamw` (torch's multi-tensor
-AdamW instead of the fused one), `channels_last` (the UNet in channels-last memory format),
-`compile` (compile: true; the warm-up step is reported apart).
+Variants: `defaults` (mixed_precision auto, both caches, fused AdamW, channels_last auto), `fp32`
+(mixed_precision: no), `no_caches` (cache_latents: no, cache_text_encoder_outputs: no), `foreach_adamw`
+(torch's multi-tensor AdamW instead of the fused one), `contiguous` (channels_last: no), `compile`
+(compile: true; the warm-up step is reported apart).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ VARIANTS = {
     "fp32": {"mixed_precision": "no"},
     "no_caches": {"cache_latents": "no", "cache_text_encoder_outputs": "no"},
     "foreach_adamw": {},
-    "channels_last": {},
+    "contiguous": {"channels_last": "no"},
     "compile": {"compile": True},
 }
 
@@ -61,16 +61,6 @@ def worker(name: str, spec: dict) -> dict:
                 super().__init__(params, foreach=True, **kwargs)
 
         torch.optim.AdamW = ForeachAdamW  # shared/training/optim.py looks it up at each build
-    if name == "channels_last":  # a lever tried: convolutions on NHWC tensors
-        from shared.sd.task import SDTask
-
-        load = SDTask.load
-
-        def load_channels_last(self, precision):
-            load(self, precision)
-            self.model.unet.to(memory_format=torch.channels_last)
-
-        SDTask.load = load_channels_last
     cfg = config_from_dict(dict(
         base_model=spec["model"], train_data_dir=spec["data"], output_dir=spec["out"], resolution=spec["resolution"],
         batch_size=1, max_train_steps=spec["steps"], save_steps=0, lora_rank=8, lora_alpha=16.0, lora_dropout=0.0,

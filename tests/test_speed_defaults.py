@@ -250,3 +250,71 @@ def test_explicit_fp16_on_the_cpu_is_kept_and_the_log_says_what_fits_instead(sd_
     assert any(n.startswith("mixed_precision fp16 on cpu") and "mixed_precision: auto" in n for n in notes)
     _, notes = resolve_auto(load_config(sd_config(mixed_precision="no")), "sd", precision("no"))
     assert not any(n.startswith("mixed_precision") for n in notes)
+
+
+def _precision(device: str, mixed: str):
+    import contextlib
+
+    import torch
+
+    from shared.training.task import Precision
+
+    return Precision(torch.device(device), torch.bfloat16 if mixed == "bf16" else torch.float32, mixed,
+                     contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("device, mixed, expected", [("cpu", "bf16", "yes"), ("cpu", "no", "no"), ("cuda", "bf16", "no")])
+def test_channels_last_auto_is_on_where_it_was_measured_to_pay(sd_config, device, mixed, expected):
+    from shared.training.speed import resolve_auto
+
+    resolved, notes = resolve_auto(load_config(sd_config(mixed_precision=mixed)), "sd", _precision(device, mixed))
+    assert resolved.channels_last == expected
+    assert any(n.startswith(f"channels_last auto: {expected} (") for n in notes)
+    kept, _ = resolve_auto(load_config(sd_config(mixed_precision=mixed, channels_last="no")), "sd",
+                           _precision(device, mixed))
+    assert kept.channels_last == "no"  # an explicit value stands
+
+
+def test_channels_last_runs_the_unet_on_nhwc_and_trains_the_same_adapter(sd_config, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from shared.sd.task import SDTask
+    from shared.train import run_training
+
+    layouts = []
+    inject = SDTask._inject
+
+    def record(self):  # the base UNet's layout as the adapters are injected
+        layouts.append(self.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+        inject(self)
+
+    monkeypatch.setattr(SDTask, "_inject", record)
+    common = dict(max_train_steps=2, preview=False, lora_dropout=0.0, mixed_precision="no", conv_rank=4)
+    plain = run_training(load_config(sd_config(**common, channels_last="no")))
+    events = Events()
+    nhwc = run_training(load_config(sd_config(**common, channels_last="yes", output_dir=tmp_path / "c" / "c")), events)
+    assert layouts == [False, True]
+    assert any(line.startswith("UNet convolutions on channels-last tensors") for line in events.lines)
+    assert nhwc.losses == pytest.approx(plain.losses, rel=1e-4)
+    a, b = load_file(str(plain.output_path)), load_file(str(nhwc.output_path))
+    assert set(a) == set(b) and any(".conv" in k or "resnets" in k for k in b)  # LoCon convolutions saved too
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+def test_the_memory_plan_gives_up_channels_last_first_when_the_budget_is_short(sd_config):
+    from shared.sd.task import SDTask
+    from shared.training.memory import GiB, enumerate_plans, plan_job
+
+    # batch 1: a smaller micro-batch (2% slower on the CPU) would otherwise be the cheaper slowdown
+    cfg = load_config(sd_config(mixed_precision="bf16", channels_last="yes", batch_size=1, preview=False))
+    model = SDTask(cfg, Reporter()).memory_model(_precision("cpu", "bf16"))
+    values = {k: getattr(cfg, k) for lever in model.levers for k in lever.keys}
+    plans = enumerate_plans(model, values, baseline=0.0)
+    own = plans[0]
+    contiguous = next(p for p in plans if p.labels == ["channels_last: no"])
+    assert contiguous.total < own.total and contiguous.parts["channels_last"] == 0 < own.parts["channels_last"]
+    budget = (own.total + contiguous.total) / 2
+    plan = plan_job(model, values, device="cpu", budget=budget, baseline=0.0)
+    assert plan.changes == {"channels_last": "no"}  # 7% slower, before checkpointing's 33%
+    assert plan_job(model, values, device="cpu", budget=own.total + GiB, baseline=0.0).changes == {}

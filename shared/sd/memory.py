@@ -16,6 +16,8 @@ family its header names): no weight is read. The parts:
 - `caches`: latents and text-encoder outputs kept in RAM (CPU only; they are never on the card);
 - `compile`: with `compile: true`, what torch.compile keeps in the process (its graphs and generated
   code), by the UNet's number of modules, fitted to the tiny model and SD1.5 on this CPU;
+- `channels_last`: with `channels_last: yes`, what the UNet's NHWC convolution weights add (a share of
+  their size, fitted);
 - `tokenizers`: the CLIP tokenizers (their BPE vocabulary is read once before the baseline is measured);
 - `loading`: what loading and caching cost above the training peak: every weight is held while the
   caches are built (with the VAE encoding an image); a safetensors file is streamed tensor by tensor
@@ -59,6 +61,13 @@ TOKENIZER = 17 * 2**20  # a CLIP tokenizer's vocabulary and merge ranks as Pytho
 # what loading imports (the tokenizer's vocabulary ships in open_clip; a single file is converted by diffusers)
 IMPORTS = ("peft", "diffusers.pipelines", "diffusers.loaders.single_file_utils", "shared.images.clip_tokenizer", "open_clip")
 STEP_TIME = {"cache_latents": 0.8, "cache_text_encoder_outputs": 0.95}  # what a cache saves of a step
+# `channels_last: yes`: the process grows by this share of the UNet's convolution weights (their
+# NHWC copies are made at load, in the heap, and the heap does not give the freed contiguous ones'
+# pages back between the step's activations), fitted to SD1.5 at 256 px on this CPU: +521 and +528 MiB
+# over 1123 MiB of bf16 convolution weights. Turned off, a step takes this much longer (0.93x and
+# 0.96x the time with it, docs/benchmarks.md).
+CHANNELS_LAST = 0.47
+CONTIGUOUS_TIME = 1 / 0.945
 
 
 def unet_levels(config: dict) -> list[tuple[int, float, float]]:
@@ -193,6 +202,7 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
     latent_pixels = pixels // 64
     samples = bool(cfg.sample_prompts) or cfg.preview
     autocast = autocast_copies(unet, weight, compute)
+    nhwc = CHANNELS_LAST * sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Conv2d)) * weight
     compiled = max(COMPILE_MIN, COMPILE_BASE + COMPILE_PER_MODULE * sum(1 for _ in unet.modules()))
     loading = _loading_bytes(cfg, sum(params(m) for m in (unet, vae, *encoders)), sum(sizes.values()))
 
@@ -217,13 +227,14 @@ def sd_memory_model(cfg, precision, images: int, captions: int) -> MemoryModel:
             caches += (captions * tokens * hidden * weight) if text_cached else 0  # the encoders' type
         parts = {"compile": compiled if cfg.compile else 0.0, "weights": weights, "autocast": autocast, "tokenizers": TOKENIZER * len(encoders), "trainable": trainable_bytes(lora, s.get("optimizer", "adamw")),
                  "activations": work, "caches": caches}
+        parts["channels_last"] = nhwc if s["channels_last"] == "yes" else 0.0  # from the load on
         # before the caches free the encoders, every weight is loaded while the VAE encodes an image
         caching = sum(sizes.values()) + (VAE_ENCODE * top_vae * pixels * vae_bytes if latents_cached else 0)
-        parts["loading"] = max(0.0, max(loading, caching) - sum(parts.values()))
+        parts["loading"] = max(0.0, max(loading, caching) + parts["channels_last"] - sum(parts.values()))
         return parts
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device)]
-    levers += [lever for lever in (eight_bit_lever(cfg, device), *_cache_levers(cfg)) if lever]
+    levers += [lever for lever in (eight_bit_lever(cfg, device), *_cache_levers(cfg), _channels_last_lever(cfg)) if lever]
     hints = {"weights": "the model's size: mixed_precision bf16 stores the base in 2 bytes per weight",
              "activations": "resolution or batch_size, or set gradient_checkpointing: true",
              "trainable": "lora_rank (or conv_rank)", "caches": "the number of images, or cache_latents: disk",
@@ -257,6 +268,15 @@ def _cache_levers(cfg) -> list[Lever]:
             continue
         levers.append(Lever(key, (Choice({key: value}), Choice({key: on}, STEP_TIME[key], f"{key}: {on}"))))
     return levers
+
+
+def _channels_last_lever(cfg) -> Lever:
+    """The contiguous layout as the leaner, slower choice when `channels_last` is on (it trains the
+    same numbers, to rounding)."""
+    if cfg.channels_last != "yes":
+        return Lever("channels_last", (Choice({"channels_last": cfg.channels_last}),))
+    return Lever("channels_last", (Choice({"channels_last": "yes"}),
+                                   Choice({"channels_last": "no"}, CONTIGUOUS_TIME, "channels_last: no")))
 
 
 def _loading_bytes(cfg, n_params: int, stored: float) -> float:

@@ -73,6 +73,13 @@ class SDTask(Task):
                           f"stored in {str(self.weight_dtype).removeprefix('torch.')})")
         for module in (model.vae, *model.text_encoders, model.unet):  # already in their storage types
             module.requires_grad_(False).eval().to(self.device)
+        if cfg.channels_last == "yes":
+            # the frozen base only: the adapter's own convolutions (LoCon) keep the contiguous layout
+            # the saved files and states need; a convolution takes its output layout from either input
+            import torch
+
+            model.unet.to(memory_format=torch.channels_last)
+            self.reporter.log("UNet convolutions on channels-last tensors (channels_last: yes)")
         self.data = plan_data(cfg, model.resolution_multiple, self.reporter)
         self._inject()
         base = Path(cfg.base_model)
