@@ -36,6 +36,7 @@ VARIANTS = {
     "ref_best": ("HF Trainer + PEFT at its best (bf16, group_by_length)", {"bf16": True, "group_by_length": True}),
     "ours": ("ours (defaults)", {}),
     "ours_bf16": ("ours (mixed_precision: bf16)", {"mixed_precision": "bf16"}),
+    "ours_sdpa": ("ours (attention: sdpa)", {"attention": "sdpa"}),
     "ours_packed": ("ours (bf16, packing: true)", {"mixed_precision": "bf16", "packing": True}),
 }
 LABELS = {name: label for name, (label, _) in VARIANTS.items()}

@@ -1,6 +1,6 @@
 """The cheaper CPU LoRA dropout draws the same kind of mask as nn.Dropout: keeps 1 - p of the elements,
-scales them by 1 / (1 - p), is the identity in eval mode, follows the global seed, and replaces
-peft's dropout in every LoRA layer."""
+scales them by 1 / (1 - p), is the identity in eval mode, follows the global seed, keeps only its
+one-byte mask for the backward pass, and replaces peft's dropout in every LoRA layer."""
 
 import torch
 from torch import nn
@@ -28,6 +28,18 @@ def test_fast_dropout_keeps_one_minus_p_scaled_and_follows_the_seed():
     out = FastDropout(0.5).train()(z)
     out.sum().backward()
     torch.testing.assert_close(z.grad, (out != 0).float() * 2.0)
+
+
+def test_fast_dropout_keeps_one_byte_an_element_for_the_backward_pass():
+    # what the memory plan counts for it (shared/llm/memory.py DROPOUT): the mask, no copy of the input
+    saved = []
+    x = torch.randn(96, 130, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = FastDropout(0.25).train()(x)
+    assert sum(t.numel() * t.element_size() for t in saved) == x.numel()
+    y.backward(torch.full_like(y, 3.0))
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad, torch.where(y != 0, 4.0, 0.0).to(torch.bfloat16))  # 3 x 1 / (1 - 0.25)
 
 
 def test_every_lora_layer_gets_the_fast_dropout(tiny_llama):

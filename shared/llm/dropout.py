@@ -2,22 +2,24 @@
 
 peft applies `lora_dropout` to the input of every LoRA layer: with 7 adapted layers a block that is 7
 full-size masks a step. On the CPU torch draws a dropout mask with `bernoulli_`, one generator call per
-element (about 10 ns an element on one core here): in a LoRA step of a 50 M LLaMA in bf16 that was about a
-sixth of the step. `FastDropout` draws 16 random bits per element instead (one 64-bit draw gives three
-elements) and keeps an element when its bits are at or above p x 65536: the same Bernoulli(1 - p) keep
-rule to 1/65536, the same 1 / (1 - p) scale, from the same global generator (so a resumed run draws
-the masks an unbroken one does). On accelerators torch's own fused dropout is already cheap and is
-what runs.
+element (about 10 ns an element on one core here), and applying a bool mask (`masked_fill`, `where`,
+or a multiply by a bool tensor) converts it element by element, about 1 ns each. `FastDropout` draws
+16 random bits per element instead (one full 64-bit draw gives four elements) and keeps an element
+when its bits are at or above p x 65536: the same Bernoulli(1 - p) keep rule to 1/65536, the same
+1 / (1 - p) scale, from the same global generator (so a resumed run draws the masks an unbroken one
+does). The mask is applied and saved for the backward pass as one byte per element of 0/1 (`uint8`:
+a multiply by it vectorises, about 4x a bool mask's), so it holds what nn.Dropout's own mask holds.
+Forward and backward together: about 0.45 ms against 1.7 ms for a 480 x 512 bf16 input on one core
+here (2.5x the previous three-elements-a-draw `masked_fill` version), about a tenth of a 50 M LLaMA's
+LoRA step. On accelerators torch's own fused dropout is already cheap and is what runs.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
-_LITTLE_ENDIAN = sys.byteorder == "little"  # where the sign bit of an int64 sits among its 16-bit fields
+_INT64_MIN = -(2**63)  # random_(_INT64_MIN, None) fills an int64 with 64 uniform bits: four uniform int16 fields
 
 
 class FastDropout(nn.Dropout):
@@ -27,12 +29,11 @@ class FastDropout(nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
         n = x.numel()
-        # random_() fills an int64 with 63 uniform bits (it is never negative): three 16-bit fields of it
-        # are uniform on [-32768, 32767]; keep an element when its field is at or above the p-quantile
-        words = torch.empty((n + 2) // 3, dtype=torch.int64).random_().view(torch.int16).view(-1, 4)
-        keep = words >= round(self.p * 65536) - 32768
-        keep = (keep[:, :3] if _LITTLE_ENDIAN else keep[:, 1:]).reshape(-1)[:n].view(x.shape)
-        return (x * (1.0 / (1.0 - self.p))).masked_fill_(~keep, 0)
+        fields = torch.empty((n + 3) // 4, dtype=torch.int64).random_(_INT64_MIN, None).view(torch.int16)
+        # each field is uniform on [-32768, 32767]: keep when it is at or above the p-quantile
+        keep = (fields[:n] >= round(self.p * 65536) - 32768).view(torch.uint8).view(x.shape)
+        # autograd keeps only `keep` for this product (x * scale is not needed to differentiate it)
+        return x.mul(1.0 / (1.0 - self.p)).mul(keep)
 
 
 def use_fast_dropout(model) -> int:

@@ -12,7 +12,8 @@ read) and PEFT's target modules give the LoRA's size. The parts:
   `batch_size` longest rows, padded to the longest; `max_seq_len` tokens each where the data is not
   known), per token and layer in elements of the hidden and the MLP width, plus the attention weights
   where the kernel keeps them (where rows differ in length a batch is padded and passes a mask, and
-  the CPU's fused kernel then falls back to one that keeps them), plus the logits and their loss in
+  the CPU's fused kernel then falls back to one that keeps them; with `attention: eager` always: the
+  softmax's fp32 output and its copy in the compute type), plus the logits and their loss in
   fp32 (one chunk's, where the loss is chunked);
 - `heap` (CPU): what glibc's heap keeps beyond the live tensors. Freed activations go back to the
   heap, not to the system, and the next step's tensors, of other widths, fit its holes only in part,
@@ -26,7 +27,11 @@ are estimates until benchmarks/gpu measures them.
 
 from __future__ import annotations
 
+from shared.llm import attention as attention_choice
+from shared.llm.attention import EAGER_MAX_WIDTH
 from shared.training.memory import (
+    Choice,
+    Lever,
     MemoryModel,
     checkpointing_lever,
     device_kind,
@@ -94,26 +99,49 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
     # a batch whose rows all have the same length passes no mask and SDPA's fused kernel keeps no
     # attention weights; a padded one passes a mask, and the kernel that takes it keeps them
     padded = 0 if cfg.packing or len(set(longest)) == 1 else 1
+    # eager attention keeps the softmax's fp32 output and (below fp32) its copy in the compute type
+    eager_bytes = 4 + (compute if compute < 4 else 0)
+    auto_means = attention_choice.resolve("auto", precision.device, precision.mixed_precision)[0]  # or sdpa
 
-    def estimate(s) -> dict[str, float]:
-        rows = longest[: s["batch_size"]]  # the widest batch: the longest rows, padded to the first
+    def kept_by(rows: list[int], s, eager: bool) -> float:
+        """What a step on `rows` (padded to the first) keeps: the layers' activations and the logits."""
         tokens, width = len(rows) * rows[0], rows[0]
         per_token = HIDDEN * hidden + MLP * mlp + (DROPOUT * lora_per_layer * (1 + 1 / compute) if dropout else 0)
-        attention = ATTENTION_WEIGHTS * heads * width * padded
-        layer = tokens * (per_token + attention) * compute
+        attention = heads * width * eager_bytes if eager else ATTENTION_WEIGHTS * heads * width * padded * compute
+        layer = tokens * (per_token * compute + attention)
         if s["gradient_checkpointing"]:
             kept = tokens * CHECKPOINTED * hidden * compute * layers + layer
         else:
             kept = layer * layers
-        logits = min(tokens * vocab, chunk) * 4 * LOGITS
-        activations = kept + logits
+        return kept + min(tokens * vocab, chunk) * 4 * LOGITS
+
+    def estimate(s) -> dict[str, float]:
+        b, mode = s["batch_size"], s.get("attention")
+        mode = auto_means if mode == "auto" else mode
+        widest = longest[:b]  # the widest batch: the longest rows, padded to the first
+        activations = kept_by(widest, s, mode == "eager" or (mode == "auto" and widest[0] <= EAGER_MAX_WIDTH))
+        if mode == "auto":  # eager for the batches up to EAGER_MAX_WIDTH wide: the widest of them may keep more
+            narrow = [n for n in longest if n <= EAGER_MAX_WIDTH][:b]
+            if narrow:
+                activations = max(activations, kept_by(narrow, s, True))
         heap = HEAP * activations if device == "cpu" else 0.0  # CUDA: torch's caching allocator, counted as reserved
         return {"weights": float(weights), "autocast": autocast, "trainable": trainable_bytes(lora),
                 "activations": activations, "heap": heap}
 
-    levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device)]
+    levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device),
+              _attention_lever(cfg, precision)]
     hints = {"weights": "the model's size: load_in_4bit (CUDA) or mixed_precision bf16",
              "activations": "max_seq_len or batch_size, or set gradient_checkpointing: true",
              "heap": "max_seq_len or batch_size, or set gradient_checkpointing: true",
              "trainable": "lora_rank or target_modules"}
     return MemoryModel(levers=levers, estimate=estimate, hints=hints, imports=("peft",))
+
+
+def _attention_lever(cfg, precision) -> Lever:
+    """`attention`: eager, or `auto`'s eager for short batches (on a bf16 CPU), with sdpa as the leaner
+    fallback (the same numbers, to rounding; slower where `auto` chose eager); sdpa alone otherwise."""
+    value, _ = attention_choice.resolve(cfg.attention, precision.device, precision.mixed_precision)
+    if value == "sdpa":
+        return Lever("attention", (Choice({"attention": cfg.attention}),))
+    slower = attention_choice.SDPA_TIME if value == "auto" else 1.0
+    return Lever("attention", (Choice({"attention": value}), Choice({"attention": "sdpa"}, slower, "attention: sdpa")))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shared.llm import packing
+from shared.llm import attention, packing
 from shared.llm.batching import grouped_batches
 from shared.llm.data import IGNORE, build_data, collate
 from shared.llm.deploy import Targets
@@ -65,12 +65,15 @@ class LLMTask(Task):
                         self.cfg.trust_remote_code)  # before any code of the folder's runs
         quantization_config(self.cfg.load_in_4bit)  # what the device cannot do is refused before the data is read
         self._tokenize()  # the longest batch is what the estimate needs; load reuses the data
+        return llm_memory_model(self.cfg, precision, self._row_lengths())
+
+    def _row_lengths(self) -> list[int]:
+        """The token counts of the rows a step runs, longest first."""
         if self.objective:  # a pair runs as two rows (chosen, rejected) of its prompt and longer answer
             rows = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.data.train] * 2
         else:
             rows = [len(s.input_ids) for s in self.data.train]
-        lengths = sorted(rows, reverse=True)
-        return llm_memory_model(self.cfg, precision, lengths)
+        return sorted(rows, reverse=True)
 
     def _tokenize(self) -> None:
         """The tokenizer and the tokenized (packed) data, once: no lever changes them."""
@@ -95,9 +98,11 @@ class LLMTask(Task):
         self._tokenize()
         tokenizer, data = self.tokenizer, self.data
         self.targets = Targets(cfg, tokenizer, data.renderer.template if data.uses_template else None, reporter)
+        chosen, note = attention.resolve(cfg.attention, self.device, precision.mixed_precision)
+        reporter.log(note)
         model = load_causal_lm(base, trust_remote_code=cfg.trust_remote_code, dtype=precision.weight_dtype,
                                load_in_4bit=cfg.load_in_4bit,
-                               attn_implementation=packing.attention_for(self.device, precision.weight_dtype))
+                               attn_implementation=attention.implementation(chosen, self.device, precision.weight_dtype))
         use_cache = bool(getattr(model.config, "use_cache", True))
         n_params = sum(p.numel() for p in model.parameters())
         reporter.log(f"Loaded base model from {base} ({model_json.get('model_type')}, {n_params / 1e6:.1f}M parameters)")
@@ -111,6 +116,8 @@ class LLMTask(Task):
             )
         elif cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if chosen == "auto":  # eager or sdpa, batch by batch (shared/llm/attention.py)
+            attention.dispatch_by_width(model)
         self.model = model = add_lora(model, cfg, targets)
         if not cfg.load_in_4bit:
             model.to(self.device)

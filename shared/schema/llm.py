@@ -14,6 +14,11 @@ SETTINGS = (
             "attending only to itself; `auto`: on when the median sample is at most a quarter of max_seq_len (the log "
             "says which and why). Off: batches of samples of similar length.", tasks=LLM_ONLY,
             choices=("auto", True, False)),
+    Setting("attention", str, "auto", "How the model computes attention. sdpa: torch's fused kernels "
+            "(flash-attention 2 on CUDA when installed). eager: transformers' matmul + softmax, which keeps the "
+            "attention weights for the backward pass and trains rows of up to 256 tokens faster on a CPU under bf16. "
+            "auto: eager there, sdpa elsewhere; the memory plan falls back to sdpa when the weights do not fit.",
+            tasks=LLM_ONLY, choices=("auto", "sdpa", "eager")),
     Setting("val_split", float, 0.0, "Fraction of samples held out for eval loss and perplexity (0.1 = 10%; "
             "0: none).", tasks=LLM_ONLY, minimum=0, maximum=1, exclusive_maximum=True),
     Setting("trust_remote_code", bool, False, "Allow a model folder's own Python code (auto_map) to run. Only for "
