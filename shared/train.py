@@ -234,6 +234,8 @@ def train_task(cfg: TrainConfig, reporter: Reporter | None = None, *, deploy_dir
                     reporter.log(f"Saved checkpoint {path} and training state {state.name}")
                     with exported_weights(optimizer, ema):
                         judged = judge.evaluate(step, log_dir, checkpoint=path)
+                    # this evaluation may have made this checkpoint the best: the one it replaces is no longer spared
+                    states.prune(checkpoints, cfg.save_last_n, stem, spare=judge.keep_steps())
                     send(reporter, "checkpoint", step=step, path=str(path), state=str(state),
                          **judged.evaluation.metrics)
                     for kind, data in judged.events:  # the scores, and each verdict when first found

@@ -44,7 +44,7 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert curves["steps"] >= 2 and curves["max_abs_diff"] < 1e-4  # same seed, same start: same losses
 
     llm = result["llm"]
-    assert set(llm["variants"]) == {"ref", "ref_best", "ours", "ours_bf16", "ours_packed"}
+    assert set(llm["variants"]) == {"ref", "ref_best", "ours", "ours_bf16", "ours_sdpa", "ours_packed"}
     for row in llm["variants"].values():
         assert row["tokens_per_s"] > 0 and row["trained_tokens"] > 0 and row["peak_rss_mb"] > 0
         assert row["trained_tokens"] <= row["padded_tokens"]

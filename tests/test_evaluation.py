@@ -212,8 +212,9 @@ def test_an_llm_trained_with_eos_masked_away_never_stops_and_a_normal_one_stops(
 
 def test_a_rising_eval_loss_names_the_best_checkpoint_which_keep_last_n_spares(tiny_llama, chat_data, tmp_path):
     rec = Recorder()
+    # sdpa: these steps' eval loss was measured to rise after its low with it (eager's rounding moves the low)
     result = run_training(llm_config(tiny_llama, chat_data, tmp_path / "over", evaluation=True, val_split=0.25,
-                                     save_steps=25, save_last_n=2, sample_prompts=None), rec)
+                                     save_steps=25, save_last_n=2, sample_prompts=None, attention="sdpa"), rec)
     losses = [(d["step"], d["eval_loss"]) for d in events(rec, "checkpoint")]
     print("measured eval loss per checkpoint:", [(s, round(v, 3)) for s, v in losses])
     best = result.best_checkpoint
