@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 EAGER_MAX_WIDTH = 192  # tokens a row up to which eager attention trains faster on a bf16 CPU (see above)
-# a step of the 53 M benchmark with sdpa instead of `auto` takes this much longer (docs/benchmarks.md)
+# how much longer a step takes with sdpa than with `auto`: the 53 M benchmark ran 1.27x with eager on
+# every batch (docs/benchmarks.md); `auto` leaves the widest batches to sdpa, so a little less until measured
 SDPA_TIME = 1.2
 
 

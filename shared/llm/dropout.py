@@ -9,9 +9,9 @@ when its bits are at or above p x 65536: the same Bernoulli(1 - p) keep rule to 
 1 / (1 - p) scale, from the same global generator (so a resumed run draws the masks an unbroken one
 does). The mask is applied and saved for the backward pass as one byte per element of 0/1 (`uint8`:
 a multiply by it vectorises, about 4x a bool mask's), so it holds what nn.Dropout's own mask holds.
-Forward and backward together: about 0.45 ms against 1.7 ms for a 480 x 512 bf16 input on one core
-here (2.5x the previous three-elements-a-draw `masked_fill` version), about a tenth of a 50 M LLaMA's
-LoRA step. On accelerators torch's own fused dropout is already cheap and is what runs.
+Forward and backward together, a 480 x 512 bf16 input on one core here: 0.7-1.0 ms against 1.7 ms for
+the previous three-elements-a-draw `masked_fill` version; in 8 steps of the 53 M LLM benchmark the
+step time fell from 9.55 to 7.93 s (profiled). On accelerators torch's own fused dropout is already cheap and is what runs.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
     padded = 0 if cfg.packing or len(set(longest)) == 1 else 1
     # eager attention keeps the softmax's fp32 output and (below fp32) its copy in the compute type
     eager_bytes = 4 + (compute if compute < 4 else 0)
-    auto_means = attention_choice.resolve("auto", precision.device, precision.mixed_precision)[0]  # or sdpa
+    # what the config's `attention` runs here: `auto` (eager for short batches), eager or sdpa
+    resolved = attention_choice.resolve(cfg.attention, precision.device, precision.mixed_precision)[0]
 
     def kept_by(rows: list[int], s, eager: bool) -> float:
         """What a step on `rows` (padded to the first) keeps: the layers' activations and the logits."""
@@ -117,7 +118,7 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
 
     def estimate(s) -> dict[str, float]:
         b, mode = s["batch_size"], s.get("attention")
-        mode = auto_means if mode == "auto" else mode
+        mode = resolved if mode == cfg.attention else mode  # the config's own choice, as it runs here
         widest = longest[:b]  # the widest batch: the longest rows, padded to the first
         activations = kept_by(widest, s, mode == "eager" or (mode == "auto" and widest[0] <= EAGER_MAX_WIDTH))
         if mode == "auto":  # eager for the batches up to EAGER_MAX_WIDTH wide: the widest of them may keep more
@@ -129,7 +130,7 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
                 "activations": activations, "heap": heap}
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device),
-              _attention_lever(cfg, precision)]
+              _attention_lever(cfg.attention, resolved)]
     hints = {"weights": "the model's size: load_in_4bit (CUDA) or mixed_precision bf16",
              "activations": "max_seq_len or batch_size, or set gradient_checkpointing: true",
              "heap": "max_seq_len or batch_size, or set gradient_checkpointing: true",
@@ -137,11 +138,10 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
     return MemoryModel(levers=levers, estimate=estimate, hints=hints, imports=("peft",))
 
 
-def _attention_lever(cfg, precision) -> Lever:
+def _attention_lever(setting: str, resolved: str) -> Lever:
     """`attention`: eager, or `auto`'s eager for short batches (on a bf16 CPU), with sdpa as the leaner
     fallback (the same numbers, to rounding; slower where `auto` chose eager); sdpa alone otherwise."""
-    value, _ = attention_choice.resolve(cfg.attention, precision.device, precision.mixed_precision)
-    if value == "sdpa":
-        return Lever("attention", (Choice({"attention": cfg.attention}),))
-    slower = attention_choice.SDPA_TIME if value == "auto" else 1.0
-    return Lever("attention", (Choice({"attention": value}), Choice({"attention": "sdpa"}, slower, "attention: sdpa")))
+    if resolved == "sdpa":
+        return Lever("attention", (Choice({"attention": setting}),))
+    slower = attention_choice.SDPA_TIME if resolved == "auto" else 1.0
+    return Lever("attention", (Choice({"attention": setting}), Choice({"attention": "sdpa"}, slower, "attention: sdpa")))

@@ -65,15 +65,12 @@ class LLMTask(Task):
                         self.cfg.trust_remote_code)  # before any code of the folder's runs
         quantization_config(self.cfg.load_in_4bit)  # what the device cannot do is refused before the data is read
         self._tokenize()  # the longest batch is what the estimate needs; load reuses the data
-        return llm_memory_model(self.cfg, precision, self._row_lengths())
-
-    def _row_lengths(self) -> list[int]:
-        """The token counts of the rows a step runs, longest first."""
         if self.objective:  # a pair runs as two rows (chosen, rejected) of its prompt and longer answer
             rows = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.data.train] * 2
         else:
             rows = [len(s.input_ids) for s in self.data.train]
-        return sorted(rows, reverse=True)
+        lengths = sorted(rows, reverse=True)
+        return llm_memory_model(self.cfg, precision, lengths)
 
     def _tokenize(self) -> None:
         """The tokenizer and the tokenized (packed) data, once: no lever changes them."""

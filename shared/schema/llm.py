@@ -16,8 +16,9 @@ SETTINGS = (
             choices=("auto", True, False)),
     Setting("attention", str, "auto", "How the model computes attention. sdpa: torch's fused kernels "
             "(flash-attention 2 on CUDA when installed). eager: transformers' matmul + softmax, which keeps the "
-            "attention weights for the backward pass and trains rows of up to 256 tokens faster on a CPU under bf16. "
-            "auto: eager there, sdpa elsewhere; the memory plan falls back to sdpa when the weights do not fit.",
+            "attention weights for the backward pass and trains short rows faster on a CPU under bf16. auto: on a "
+            "CPU under bf16, eager for batches of up to 192 tokens a row and sdpa for longer ones; sdpa elsewhere. The "
+            "memory plan falls back to sdpa when eager's weights do not fit.",
             tasks=LLM_ONLY, choices=("auto", "sdpa", "eager")),
     Setting("val_split", float, 0.0, "Fraction of samples held out for eval loss and perplexity (0.1 = 10%; "
             "0: none).", tasks=LLM_ONLY, minimum=0, maximum=1, exclusive_maximum=True),
