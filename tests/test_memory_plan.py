@@ -161,3 +161,30 @@ def test_capped_kernel_caches_stop_new_batch_widths_from_growing_the_process():
     assert default > 20 and capped < default / 3, (default, capped)  # measured: about 90 MiB against 8
     _, setting = kernel_growth("8", ONEDNN_PRIMITIVE_CACHE_CAPACITY="2048")  # the user's own setting stays
     assert setting == "2048"
+
+
+def test_the_llm_estimate_counts_a_kernel_set_for_each_batch_width_up_to_the_cache_capacity(tiny_llama, chat_data,
+                                                                                            tmp_path, monkeypatch):
+    import contextlib
+
+    import torch
+
+    from shared.llm.memory import llm_memory_model
+    from shared.training.task import Precision
+    from tests.llm_fixtures import llm_config
+
+    def kernels(lengths, device="cpu"):
+        cfg = llm_config(tiny_llama, chat_data, tmp_path / "out", batch_size=4, max_seq_len=256, packing=False)
+        precision = Precision(torch.device(device), torch.bfloat16, "bf16", contextlib.nullcontext)
+        model = llm_memory_model(cfg, precision, lengths)
+        return model.estimate({"batch_size": 4, "gradient_checkpointing": False, "attention": "sdpa"})["kernels"]
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    one_width = kernels([100] * 16)  # every batch as wide as the last: one set of kernels
+    varied = list(range(200, 40, -1))  # 40 batches, each of its own width: more kernels than the cache keeps
+    assert 0 < one_width < kernels(varied[:8]) < kernels(varied)  # two widths, then the capacity
+    capped = kernels(varied)
+    assert capped == kernels(varied[:120])  # capped: more widths add nothing
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")  # the libraries' own capacity keeps more
+    assert kernels(varied) > capped
+    assert kernels(varied, device="cuda") == 0  # the GPU's kernels are not in the process's RSS

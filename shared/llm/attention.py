@@ -19,9 +19,9 @@
 from __future__ import annotations
 
 EAGER_MAX_WIDTH = 192  # tokens a row up to which eager attention trains faster on a bf16 CPU (see above)
-# how much longer a step takes with sdpa than with `auto`: the 53 M benchmark ran 1.27x with eager on
-# every batch (docs/benchmarks.md); `auto` leaves the widest batches to sdpa, so a little less until measured
-SDPA_TIME = 1.2
+# how much longer a job takes with sdpa than with `auto`: the 53 M benchmark, two rounds on an Intel
+# CPU with AMX, 1.06x and 1.08x (docs/benchmarks.md; on the AMD CPU eager on every batch was 1.27x)
+SDPA_TIME = 1.07
 
 
 def resolve(setting: str, device, mixed_precision: str) -> tuple[str, str]:

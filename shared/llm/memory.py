@@ -15,6 +15,8 @@ read) and PEFT's target modules give the LoRA's size. The parts:
   the CPU's fused kernel then falls back to one that keeps them; with `attention: eager` always: the
   softmax's fp32 output and its copy in the compute type), plus the logits and their loss in
   fp32 (one chunk's, where the loss is chunked);
+- `kernels` (CPU): the compiled matmul kernels oneDNN's cache keeps, one per shape: about 30 for
+  each batch width the data makes, up to the cache's capacity (64 in an LLM job);
 - `heap` (CPU): what glibc's heap keeps beyond the live tensors. Freed activations go back to the
   heap, not to the system, and the next step's tensors, of other widths, fit its holes only in part,
   so the resident peak rises above the live one by a share of the activations (the 53 M benchmark:
@@ -27,9 +29,12 @@ are estimates until benchmarks/gpu measures them.
 
 from __future__ import annotations
 
+import os
+
 from shared.llm import attention as attention_choice
 from shared.llm.attention import EAGER_MAX_WIDTH
 from shared.training.memory import (
+    KERNEL_CACHE_ENV,
     Choice,
     Lever,
     MemoryModel,
@@ -48,6 +53,12 @@ ATTENTION_WEIGHTS = 2.0  # heads x tokens per token and layer, when the attentio
 LOGITS = 3.0  # vocabulary-wide fp32 copies per token: the upcast logits, log-softmax, their gradient
 CHECKPOINTED = 1.0  # a checkpointed layer keeps its input (hidden width per token)
 HEAP = 0.8  # glibc's heap above the live tensors, as a share of the activations (CPU; see the docstring)
+# CPU: the compiled matmul kernels oneDNN keeps (shared/training/memory.py cap_kernel_caches), one per
+# shape: about 30 for each batch width a step makes (each linear shape's forward and two backward
+# products, the LoRA's, attention's), 1.3 MiB a bf16 kernel with its scratch, a tenth of that in fp32
+# (measured by widths of one layer, on AVX512-BF16 and on AMX)
+KERNELS_PER_WIDTH = 30
+KERNEL_BYTES = {2: 1.3 * 2**20, 4: 0.13 * 2**20}
 
 
 def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> MemoryModel:
@@ -127,7 +138,14 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
                 activations = max(activations, kept_by(narrow, s, True))
         heap = HEAP * activations if device == "cpu" else 0.0  # CUDA: torch's caching allocator, counted as reserved
         return {"weights": float(weights), "autocast": autocast, "trainable": trainable_bytes(lora),
-                "activations": activations, "heap": heap}
+                "activations": activations, "heap": heap, "kernels": kernels(b) if device == "cpu" else 0.0}
+
+    def kernels(b: int) -> float:
+        # every batch of the epoch may have its own width: at most one per batch and per row length
+        widths = min(-(-len(longest) // b), len(set(longest)))
+        capacity = os.environ.get(KERNEL_CACHE_ENV[0], "")  # set before the plan (plan_memory), or the user's
+        capacity = int(capacity) if capacity.isdigit() else 1024  # the library's default
+        return min(capacity, KERNELS_PER_WIDTH * widths) * KERNEL_BYTES[compute]
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device),
               _attention_lever(cfg.attention, resolved)]

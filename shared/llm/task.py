@@ -53,9 +53,12 @@ class LLMTask(Task):
     # 53 M LLaMA benchmark: 16 M page faults, 1.8x the step time) for a 15% lower peak; the estimate
     # counts what the heap keeps instead (shared/llm/memory.py HEAP)
     lean_allocator = False
-    # rows of varied length make a new batch width nearly every step, and with it new matmul kernels:
-    # capped, the benchmark's peak is 10% lower and its steps 4% faster than with the 1024 default
-    kernel_cache = 128
+    # rows of varied length make a new batch width nearly every step, and with it new matmul kernels
+    # (a bf16 one holds 1.2-1.5 MiB with its scratch, on AVX512-BF16 and AMX alike): capped at 64, the
+    # 53 M benchmark's peak is 9-18% lower than at 128 and 1024 with the same step time. Not lower: a
+    # layer's backward alone makes some 30 of them, and an LRU cache smaller than what one layer
+    # cycles through would miss on every call
+    kernel_cache = 64
 
     # --- set-up ----------------------------------------------------------------------------------
     def memory_model(self, precision: Precision):
