@@ -29,18 +29,16 @@ are estimates until benchmarks/gpu measures them.
 
 from __future__ import annotations
 
-import os
-
 from shared.llm import attention as attention_choice
 from shared.llm.attention import EAGER_MAX_WIDTH
 from shared.training.memory import (
-    KERNEL_CACHE_ENV,
     Choice,
     Lever,
     MemoryModel,
     checkpointing_lever,
     device_kind,
     dtype_bytes,
+    kernel_cache_capacity,
     micro_batch_lever,
     trainable_bytes,
 )
@@ -114,6 +112,7 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
     eager_bytes = 4 + (compute if compute < 4 else 0)
     # what the config's `attention` runs here: `auto` (eager for short batches), eager or sdpa
     resolved = attention_choice.resolve(cfg.attention, precision.device, precision.mixed_precision)[0]
+    capacity = kernel_cache_capacity()  # plan_memory has set the task's cap by now
 
     def kept_by(rows: list[int], s, eager: bool) -> float:
         """What a step on `rows` (padded to the first) keeps: the layers' activations and the logits."""
@@ -143,8 +142,6 @@ def llm_memory_model(cfg, precision, lengths: list[int] | None = None) -> Memory
     def kernels(b: int) -> float:
         # every batch of the epoch may have its own width: at most one per batch and per row length
         widths = min(-(-len(longest) // b), len(set(longest)))
-        capacity = os.environ.get(KERNEL_CACHE_ENV[0], "")  # set before the plan (plan_memory), or the user's
-        capacity = int(capacity) if capacity.isdigit() else 1024  # the library's default
         return min(capacity, KERNELS_PER_WIDTH * widths) * KERNEL_BYTES[compute]
 
     levers = [checkpointing_lever(cfg), micro_batch_lever(cfg, device),

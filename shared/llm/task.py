@@ -55,7 +55,8 @@ class LLMTask(Task):
     lean_allocator = False
     # rows of varied length make a new batch width nearly every step, and with it new matmul kernels
     # (a bf16 one holds 1.2-1.5 MiB with its scratch, on AVX512-BF16 and AMX alike): capped at 64, the
-    # 53 M benchmark's peak is 9-18% lower than at 128 and 1024 with the same step time. Not lower: a
+    # 53 M benchmark's default job peaks 9% lower than at 128 (2031 against 2227 MiB on an AMX CPU) at
+    # the same step time; 128 was 10% lower than the 1024 default on the AMD CPU. Not lower: a
     # layer's backward alone makes some 30 of them, and an LRU cache smaller than what one layer
     # cycles through would miss on every call
     kernel_cache = 64

@@ -49,6 +49,7 @@ BUDGET_PATTERN = r"auto|off|[0-9]+(\.[0-9]+)?"
 MMAP_THRESHOLD = 128 * 1024  # bytes; see lean_allocator
 # oneDNN's primitive cache and ideep's (torch's CPU kernels) keep a JIT-compiled kernel for every matmul shape
 KERNEL_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+KERNEL_CACHE_DEFAULT = 1024  # both libraries' own capacity
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,8 @@ def cap_kernel_caches(entries: int) -> bool:
 
     Both caches hold a JIT-compiled kernel (and its scratch) for every matmul shape they have seen, 1024
     of them by default, 1.2-1.5 MiB a bf16 matmul's (measured on AVX512-BF16 and AMX): a job whose
-    batches change width step by step (LLM rows of varied length) grows by the kernels of every new width (measured: the 53 M LLaMA benchmark, 24
-    steps, +290 MiB over its run). Both libraries read the capacity once, when the first kernel is made,
+    batches change width step by step (LLM rows of varied length) grows by the kernels of every new
+    width (measured: the 53 M LLaMA benchmark, 24 steps, +290 MiB over its run). Both libraries read the capacity once, when the first kernel is made,
     so this takes effect in a process that has not run a CPU matmul yet (the daemon's worker, the CLI)
     and changes nothing afterwards; a capacity the environment already sets is kept. True when set."""
     import os
@@ -247,6 +248,15 @@ def cap_kernel_caches(entries: int) -> bool:
     for name in KERNEL_CACHE_ENV:
         os.environ[name] = str(entries)
     return True
+
+
+def kernel_cache_capacity() -> int:
+    """How many compiled kernels oneDNN's cache keeps in this process: the environment's capacity
+    (`cap_kernel_caches`'s, or the user's own), else the library's default."""
+    import os
+
+    value = os.environ.get(KERNEL_CACHE_ENV[0], "")
+    return int(value) if value.isdigit() else KERNEL_CACHE_DEFAULT
 
 
 def measure_baseline(device: str, imports: tuple[str, ...] = ()) -> float:
